@@ -1,0 +1,243 @@
+"""``FeatureDistiller``: a frozen teacher, a student and a projector, and the FD loss.
+
+One training step (paper Fig. 2): both networks see the same augmented view; the teacher's
+full output token map is the target; the student's tokens go through the per-token projector;
+the loss is smooth-L1 against the standardised target, [CLS] weighted (losses/feature_distill.py).
+
+Images enter as pixels in [0, 1] (or uint8); each network normalises them with its own mean/std,
+so CLIP's statistics reach the CLIP teacher while the student keeps ImageNet's.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .losses import GRANULARITIES, NORMS, feature_distill_loss_parts
+from .models.masking import MASK_TYPES, make_mask
+from .models.projector import TokenProjector
+from .models.student import visible_index
+from .teachers.base import Teacher, TeacherError, to_2tuple
+
+ALIGN_MODES = ("auto", "resize", "interpolate", "none")
+CLS_TARGETS = ("auto", "teacher", "gap", "none")
+
+
+def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (x - mean) / std, in the images' dtype."""
+    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+class StudentBranch(nn.Module):
+    """The trainable part: student + projector. This (not the teacher) is what DDP wraps."""
+
+    def __init__(self, student: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.student = student
+        self.projector = projector
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                drop_masked: bool = False) -> torch.Tensor:
+        tokens = self.student.forward_tokens(images, mask, drop_masked) if drop_masked else \
+            self.student.forward_tokens(images, mask)  # (B, 1+N, Cs)
+        return self.projector(tokens)  # (B, 1+N, Ct)
+
+
+class FeatureDistiller(nn.Module):
+    """Feature distillation of ``teacher`` into ``student``.
+
+    Args:
+        teacher: a frozen :class:`~fdistill.teachers.Teacher` (see ``create_teacher``).
+        student: a network with ``forward_tokens(images, mask=None)`` -> (B, 1+N, C), attributes
+            ``embed_dim``, ``grid_size``, ``img_size``, ``mean``, ``std`` (``create_student``).
+        norm: target normalisation: ``standardize`` (paper) | ``l2`` | ``none``.
+        beta: smooth-L1 beta (paper 2.0).
+        cls_weight: prefix-token weight in the token-weighted mean (paper 10; official code 1).
+        granularity: ``full`` | ``gap`` | ``cls`` (paper Table 4).
+        cls_target: what the student's [CLS] learns: ``auto`` (the teacher's first prefix token
+            if it has one, else nothing), ``teacher``, ``gap`` (the teacher's average patch token),
+            ``none`` (the [CLS] is left out of the loss).
+        mask_ratio, mask_type: student input masking (paper Table 5), ``random`` | ``block``.
+        mask_teacher: also hide the masked patches from the teacher (set to the mean colour).
+        drop_masked: drop masked patches from the student's encoder (MAE-style) instead of
+            replacing them by the mask token; the loss then covers [CLS] + visible patches.
+        align: how a teacher grid that differs from the student's is matched: ``resize`` the
+            teacher's input so the grids agree, ``interpolate`` the teacher's patch map,
+            ``auto`` (resize when the teacher takes other sizes, else interpolate), ``none``.
+        teacher_img_size: explicit teacher input size (overrides the automatic choice).
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: nn.Module,
+        *,
+        norm: str = "standardize",
+        beta: float = 2.0,
+        cls_weight: float = 10.0,
+        granularity: str = "full",
+        cls_target: str = "auto",
+        mask_ratio: float = 0.0,
+        mask_type: str = "random",
+        mask_teacher: bool = False,
+        drop_masked: bool = False,
+        align: str = "auto",
+        teacher_img_size: Optional[int | Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if cls_target not in CLS_TARGETS:
+            raise ValueError(f"cls_target must be one of {CLS_TARGETS}, got {cls_target!r}")
+        if align not in ALIGN_MODES:
+            raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if not isinstance(teacher, Teacher):
+            raise TypeError("teacher must be a fdistill Teacher (use fdistill.create_teacher)")
+        if drop_masked and mask_ratio <= 0:
+            raise ValueError("drop_masked needs mask_ratio > 0")
+        if mask_teacher and mask_ratio <= 0:
+            raise ValueError("mask_teacher needs mask_ratio > 0")
+        self.teacher = teacher.freeze()
+        self.branch = StudentBranch(student, TokenProjector(student.embed_dim, teacher.embed_dim))
+        self.norm, self.beta, self.cls_weight, self.granularity = norm, float(beta), float(cls_weight), granularity
+        self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
+        self.mask_teacher, self.drop_masked = bool(mask_teacher), bool(drop_masked)
+
+        # [CLS] target
+        P_t = teacher.num_prefix_tokens
+        if cls_target == "auto":
+            cls_target = "teacher" if P_t > 0 else "none"
+        if cls_target == "teacher" and P_t == 0:
+            raise TeacherError(
+                f"{teacher.name} has no prefix token to be the [CLS] target; use cls_target='gap' or 'none'")
+        if granularity == "cls" and cls_target == "none":
+            raise ValueError("granularity='cls' needs a [CLS] target: the teacher has no prefix token; set cls_target='gap'")
+        self.cls_target = cls_target
+
+        # grid alignment
+        self.student_grid = tuple(student.grid_size)
+        self.align, self.teacher_img_size = self._plan_alignment(align, teacher_img_size)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @property
+    def student(self) -> nn.Module:
+        b = self.branch.module if hasattr(self.branch, "module") else self.branch  # DDP-wrapped or not
+        return b.student
+
+    @property
+    def projector(self) -> nn.Module:
+        b = self.branch.module if hasattr(self.branch, "module") else self.branch
+        return b.projector
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student + projector parameters (never the teacher's)."""
+        return (p for p in self.branch.parameters() if p.requires_grad)
+
+    def _plan_alignment(self, align: str, teacher_img_size) -> Tuple[str, Tuple[int, int]]:
+        t, sg = self.teacher, self.student_grid
+        s_img = to_2tuple(self.student.img_size)
+        if teacher_img_size is not None:
+            size = to_2tuple(teacher_img_size)
+            if not t.accepts_size(size):
+                raise TeacherError(f"{t.name} cannot take teacher_img_size={size}; it takes {t.img_size} only")
+        else:
+            size = s_img if t.accepts_size(s_img) else t.img_size
+        grid = t.grid_size(size)
+        if grid == sg:
+            return "none", size
+        if align in ("auto", "resize") and t.dynamic_img_size and t.patch_size and teacher_img_size is None:
+            cand = (sg[0] * t.patch_size, sg[1] * t.patch_size)
+            if t.grid_size(cand) == sg:
+                return "resize", cand
+        if align == "resize":
+            raise TeacherError(
+                f"cannot align grids by resizing: teacher {t.name} gives a {grid[0]}x{grid[1]} grid at {size}, "
+                f"student needs {sg[0]}x{sg[1]}, and the teacher "
+                + ("has a fixed input size" if not t.dynamic_img_size else f"cannot reach it with patch size {t.patch_size}")
+                + "; use align=interpolate or change the student's img_size/patch_size")
+        if align in ("auto", "interpolate"):
+            return "interpolate", size
+        raise TeacherError(
+            f"teacher grid {grid} (input {size}) differs from the student grid {sg} and align='none'; "
+            "use align=resize or align=interpolate")
+
+    def describe_alignment(self) -> str:
+        t = self.teacher
+        g = t.grid_size(self.teacher_img_size)
+        how = {"none": "grids match", "resize": "teacher input resized",
+               "interpolate": "teacher patch map interpolated"}[self.align]
+        return (f"student {self.student_grid[0]}x{self.student_grid[1]} tokens; teacher input "
+                f"{self.teacher_img_size[0]}x{self.teacher_img_size[1]} -> {g[0]}x{g[1]} tokens ({how})")
+
+    # -- the step -------------------------------------------------------------------------------
+    def make_mask(self, batch: int, device) -> Optional[torch.Tensor]:
+        if self.mask_ratio <= 0:
+            return None
+        return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
+
+    @torch.no_grad()
+    def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,
+        P = 1 when the student's [CLS] has a target, else 0."""
+        t = self.teacher
+        p = next(t.parameters(), None)
+        tdtype = p.dtype if p is not None and p.is_floating_point() else images.dtype
+        x = normalize_images(images.to(tdtype), t.mean, t.std)
+        if mask is not None and self.mask_teacher:
+            x = x * (1.0 - self._pixel_mask(mask, x))  # masked patches -> the mean colour
+        if tuple(x.shape[-2:]) != self.teacher_img_size:
+            x = F.interpolate(x, size=self.teacher_img_size, mode="bicubic", align_corners=False, antialias=True)
+        out = t.forward_tokens(x)
+        patches = out.patches  # (B, Nt, C)
+        if tuple(out.grid) != self.student_grid:
+            if self.align != "interpolate":
+                raise TeacherError(f"teacher grid {out.grid} != student grid {self.student_grid}")
+            B, _, C = patches.shape
+            fmap = patches.transpose(1, 2).reshape(B, C, *out.grid).float()
+            fmap = F.interpolate(fmap, size=self.student_grid, mode="bilinear", align_corners=False)
+            patches = fmap.flatten(2).transpose(1, 2).to(out.patches.dtype)
+        if self.cls_target == "teacher":
+            return torch.cat((out.prefix[:, :1], patches), dim=1)
+        if self.cls_target == "gap":
+            return torch.cat((patches.mean(dim=1, keepdim=True), patches), dim=1)
+        return patches
+
+    def _pixel_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B = mask.shape[0]
+        m = mask.view(B, 1, *self.student_grid).to(x.dtype)
+        return F.interpolate(m, size=x.shape[-2:], mode="nearest")
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One FD step's forward: (B, 3, H, W) pixels in [0, 1] (or uint8) -> ``loss`` and parts."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        B = images.shape[0]
+        mask = self.make_mask(B, images.device)
+        target = self.teacher_targets(images, mask)  # (B, P+N, Ct)
+        xs = normalize_images(images, self.student.mean, self.student.std)
+        pred = self.branch(xs, mask, self.drop_masked) if self.drop_masked else self.branch(xs, mask)
+        P = 0 if self.cls_target == "none" else 1
+        if P == 0:
+            pred = pred[:, 1:]
+        if self.drop_masked:
+            keep = visible_index(mask)  # (B, Nv): the student computed only these patches
+            C = target.shape[-1]
+            tp = torch.gather(target[:, P:], 1, keep.unsqueeze(-1).expand(-1, -1, C))
+            target = torch.cat((target[:, :P], tp), dim=1)
+        parts = feature_distill_loss_parts(
+            pred, target, beta=self.beta, norm=self.norm, cls_weight=self.cls_weight,
+            num_prefix_tokens=P, granularity=self.granularity,
+        )
+        if mask is not None:
+            parts["mask_fraction"] = mask.float().mean().detach()
+        return parts

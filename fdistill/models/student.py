@@ -1,0 +1,199 @@
+"""The FD student: a ViT with a [CLS] token and one relative-position-bias table shared by all
+layers (paper Sec. 3.2, "shared relative position bias"), built on timm's BEiT.
+
+timm's :class:`~timm.models.beit.Beit` already has everything the paper's student needs
+(shared or per-layer relative position bias, layer scale, drop path, attention through
+``F.scaled_dot_product_attention`` with the bias passed as an additive mask, gradient
+checkpointing). We subclass it only to add what FD needs on top:
+
+* a learned mask token for student input masking (paper Table 5), random or block-wise;
+* an MAE-style path that drops masked tokens from the encoder (cost falls with the ratio);
+* ``forward_tokens`` returning the full normalised token map (B, 1+N, C).
+
+Because the parameters keep BEiT's names, an exported student loads with
+``timm.create_model("beit_*", ...)`` (see :func:`timm_model_args`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models.beit import Beit
+from torch.utils.checkpoint import checkpoint
+
+POS_EMBEDS = ("shared_rpb", "rpb", "ape")
+
+#: Standard ViT widths (embed_dim, depth, num_heads), as in timm / DeiT / BEiT.
+STUDENT_SIZES: Dict[str, Tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+
+def _pos_embed_flags(pos_embed: str) -> dict:
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"unknown pos_embed {pos_embed!r}; expected one of {POS_EMBEDS}")
+    return dict(
+        use_abs_pos_emb=pos_embed == "ape",
+        use_rel_pos_bias=pos_embed == "rpb",
+        use_shared_rel_pos_bias=pos_embed == "shared_rpb",
+    )
+
+
+class FDStudent(Beit):
+    """BEiT-style ViT student. ``forward_tokens(x, mask)`` -> (B, 1+N, C) after the final norm."""
+
+    def __init__(self, *, pos_embed: str = "shared_rpb", **kwargs):
+        kwargs.setdefault("num_classes", 0)
+        kwargs.setdefault("global_pool", "token")  # keeps the final norm on the token map
+        super().__init__(**_pos_embed_flags(pos_embed), **kwargs)
+        self.pos_embed_type = pos_embed
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        self._timm_args: dict = {}
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.patch_embed.patch_size[0])
+
+    @property
+    def img_size(self) -> Tuple[int, int]:
+        return tuple(self.patch_embed.img_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set(super().no_weight_decay()) | {"mask_token"}
+
+    # -- forward --------------------------------------------------------------------------
+    def _run_blocks(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return x
+
+    def forward_tokens(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
+    ) -> torch.Tensor:
+        """Token map of normalised images.
+
+        Args:
+            x: (B, 3, H, W) images normalised with ``self.mean`` / ``self.std``.
+            mask: optional (B, N) bool, True where a patch is masked.
+            drop_masked: if True, masked patches are removed from the encoder (MAE-style)
+                instead of being replaced by the mask token; every row of ``mask`` must mask
+                the same number of patches. The output then holds [CLS] + the visible patches
+                in their original order: (B, 1 + N_visible, C).
+
+        Returns:
+            (B, 1 + N, C) tokens after the final norm ([CLS] first).
+        """
+        x = self.patch_embed(x)  # (B, N, C)
+        B, N, C = x.shape
+        if mask is not None:
+            if mask.shape != (B, N):
+                raise ValueError(f"mask must be (B, N) = {(B, N)}, got {tuple(mask.shape)}")
+            mask = mask.to(torch.bool)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1+N, 1+N)
+
+        if mask is not None and drop_masked:
+            keep = visible_index(mask)  # (B, Nv)
+            x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, C))
+            x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+Nv, C)
+            idx = torch.cat((keep.new_zeros(B, 1), keep + 1), dim=1)  # token ids incl. [CLS]
+            if self.pos_embed is not None:
+                pos = self.pos_embed.expand(B, -1, -1)
+                x = x + torch.gather(pos, 1, idx.unsqueeze(-1).expand(-1, -1, C))
+            if any(getattr(b.attn, "relative_position_bias_table", None) is not None for b in self.blocks):
+                raise ValueError("drop_masked needs pos_embed 'shared_rpb' or 'ape' (per-layer 'rpb' is not supported)")
+            if rel_pos_bias is not None:
+                # (H, T, T) -> (B, H, T', T'): rows and columns of the kept tokens
+                H = rel_pos_bias.shape[-3]
+                b = rel_pos_bias.expand(B, -1, -1, -1)
+                rows = idx[:, None, :, None].expand(-1, H, -1, b.shape[-1])
+                b = torch.gather(b, 2, rows)
+                cols = idx[:, None, None, :].expand(-1, H, idx.shape[1], -1)
+                rel_pos_bias = torch.gather(b, 3, cols)
+        else:
+            if mask is not None:
+                w = mask.unsqueeze(-1).to(x.dtype)
+                x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+            x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, C)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed
+        x = self.pos_drop(x)
+        x = self._run_blocks(x, rel_pos_bias)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_tokens(x, mask)
+
+    def timm_model_args(self) -> dict:
+        """Keyword arguments for ``timm.create_model('beit_base_patch16_224', **args)`` that
+        rebuild this network (without the mask token) from its exported weights."""
+        return dict(self._timm_args)
+
+
+def visible_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool mask -> (B, N_visible) sorted indices of the unmasked patches.
+
+    Every row must mask the same number of patches (``mask_ratio`` masks an exact count)."""
+    counts = (~mask).sum(dim=1)
+    n_vis = int(counts[0])
+    if not torch.equal(counts, counts.new_full(counts.shape, n_vis)):
+        raise ValueError("drop_masked needs the same number of masked patches in every image")
+    # stable sort puts visible (False=0) first, each group in index order
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, :n_vis]
+
+
+def create_student(
+    arch: str = "vit_base",
+    *,
+    img_size: int | Tuple[int, int] = 224,
+    patch_size: int = 16,
+    pos_embed: str = "shared_rpb",
+    drop_path_rate: float = 0.1,
+    init_values: Optional[float] = 0.1,
+    embed_dim: Optional[int] = None,
+    depth: Optional[int] = None,
+    num_heads: Optional[int] = None,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    grad_checkpointing: bool = False,
+) -> FDStudent:
+    """Build a randomly initialised FD student.
+
+    ``arch`` is one of :data:`STUDENT_SIZES` (``vit_tiny`` ... ``vit_huge``); ``embed_dim``,
+    ``depth`` and ``num_heads`` override its widths (tiny test models). Defaults follow the
+    official FD configs: shared relative position bias, layer scale 0.1, qkv bias, LN eps 1e-6.
+    """
+    if arch not in STUDENT_SIZES:
+        raise ValueError(f"unknown student arch {arch!r}; expected one of {sorted(STUDENT_SIZES)}")
+    d, L, h = STUDENT_SIZES[arch]
+    d, L, h = embed_dim or d, depth or L, num_heads or h
+    if d % h:
+        raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
+    args = dict(
+        img_size=img_size, patch_size=patch_size, embed_dim=d, depth=L, num_heads=h,
+        mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values, drop_path_rate=drop_path_rate,
+    )
+    model = FDStudent(pos_embed=pos_embed, **args)
+    model.set_grad_checkpointing(grad_checkpointing)
+    args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
+    model._timm_args = dict(args, num_classes=0, global_pool="token", **_pos_embed_flags(pos_embed))
+    model.arch = arch
+    return model

@@ -1,0 +1,146 @@
+"""``timm:<model name>`` teachers: any timm image model (ViT/CLIP/DINO/DeiT/MAE/EVA, Swin/SwinV2,
+ConvNets). ViTs give prefix + patch tokens; NHWC (Swin) and NCHW (CNN) maps become patch tokens."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .base import Teacher, TeacherError, TeacherTokens, tokens_from_map
+from .offline import prefer_offline_when_unreachable, pretrained_error
+
+
+class TimmTeacher(Teacher):
+    """Adapter for a timm model. ``after_norm=False`` takes the last block's tokens before the
+    final norm (via timm's ``forward_intermediates``)."""
+
+    def __init__(self, model: nn.Module, *, name: str, after_norm: bool = True, dynamic_img_size: bool = False,
+                 mean=None, std=None):
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config(model=model)
+        img_size = tuple(cfg["input_size"][-2:])
+        if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None) is not None:
+            img_size = tuple(model.patch_embed.img_size)
+        P = int(getattr(model, "num_prefix_tokens", 0) or 0) if f_is_tokens(model) else 0
+        info = getattr(model, "feature_info", None)
+        stride = None
+        if info:
+            last = info[-1] if isinstance(info, list) else info.info[-1]
+            stride = int(last.get("reduction")) if last.get("reduction") else None
+        if stride is None and hasattr(model, "patch_embed"):
+            stride = int(model.patch_embed.patch_size[0])
+        self.after_norm = bool(after_norm)
+        self.output_fmt = getattr(model, "output_fmt", None)
+        super().__init__(
+            model, name=name, embed_dim=int(model.num_features), patch_size=stride, num_prefix_tokens=P,
+            mean=mean or cfg["mean"], std=std or cfg["std"], img_size=img_size,
+            dynamic_img_size=dynamic_img_size,
+        )
+
+    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+        m, P = self.model, self.num_prefix_tokens
+        if self.after_norm:
+            f = m.forward_features(x)
+        else:
+            if not hasattr(m, "forward_intermediates"):
+                raise TeacherError(f"{self.name}: after_norm=False needs timm's forward_intermediates")
+            kw = dict(indices=1, norm=False, intermediates_only=True)
+            if f_is_tokens(m):
+                out = m.forward_intermediates(x, return_prefix_tokens=P > 0, output_fmt="NLC", **kw)[-1]
+                if P > 0:
+                    patches, prefix = out
+                    return TeacherTokens(prefix, patches, self._vit_grid(x))
+                return TeacherTokens(None, out, self._vit_grid(x))
+            f = m.forward_intermediates(x, **kw)[-1]  # NCHW
+            tokens, grid = tokens_from_map(f, "NCHW")
+            return TeacherTokens(None, tokens, grid)
+        if f.dim() == 4:
+            tokens, grid = tokens_from_map(f, self.output_fmt or "NCHW")
+            return TeacherTokens(None, tokens, grid)
+        if f.dim() != 3:
+            raise TeacherError(f"{self.name}: forward_features gave shape {tuple(f.shape)}; expected tokens or a map")
+        prefix = f[:, :P] if P > 0 else None
+        return TeacherTokens(prefix, f[:, P:], self._vit_grid(x))
+
+    def _vit_grid(self, x: torch.Tensor):
+        pe = self.model.patch_embed
+        if hasattr(pe, "dynamic_feat_size"):
+            return tuple(pe.dynamic_feat_size(x.shape[-2:]))
+        ps = pe.patch_size
+        return (x.shape[-2] // ps[0], x.shape[-1] // ps[1])
+
+
+def f_is_tokens(model: nn.Module) -> bool:
+    """ViT-like timm models (token output with a patch_embed) as opposed to spatial maps."""
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks") and getattr(model, "output_fmt", "NLC") != "NHWC"
+
+
+def create_timm_teacher(
+    name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: Optional[str] = None,
+    after_norm: bool = True,
+    img_size: Optional[int] = None,
+    dynamic_img_size: Optional[bool] = None,
+    mean: Optional[tuple] = None,
+    std: Optional[tuple] = None,
+    **model_kwargs,
+) -> TimmTeacher:
+    """Build a frozen timm teacher.
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_clip_224.openai``).
+        pretrained: load the tag's weights from the Hugging Face cache / hub.
+        checkpoint: a local weight file (safetensors or a PyTorch state dict, loaded with
+            ``weights_only=True``) used instead of the hub; timm's own key conversion applies.
+        after_norm: target after the final norm (the official configs' ``PRED_FEAT_AFTERNORM``).
+        img_size: input size if different from the model's default.
+        dynamic_img_size: let a ViT take other input sizes (needed to align grids by resizing);
+            by default turned on where the architecture supports it.
+        mean, std: override the input normalisation of the model's pretrained config.
+        model_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tiny test models).
+    """
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if checkpoint:
+        from pathlib import Path
+
+        if not Path(checkpoint).expanduser().is_file():
+            raise TeacherError(f"timm:{name}: checkpoint file not found: {checkpoint}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(checkpoint).expanduser()))
+        pretrained = True
+
+    def build(dyn: bool):
+        extra = dict(dynamic_img_size=True) if dyn else {}
+        return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
+
+    want_dyn = True if dynamic_img_size is None else bool(dynamic_img_size)
+    if pretrained and not checkpoint:
+        prefer_offline_when_unreachable()
+    try:
+        try:
+            model, dyn = build(want_dyn), want_dyn
+        except TypeError:
+            if dynamic_img_size:  # asked for explicitly
+                raise TeacherError(f"timm:{name} does not support dynamic_img_size")
+            model, dyn = build(False), False
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise TeacherError(f"timm has no model named {name!r} (see timm.list_models())") from e
+        if pretrained and not checkpoint:
+            raise pretrained_error(f"timm:{name}", e, "checkpoint=PATH") from e
+        raise
+    except Exception as e:  # hub / network errors come in many types
+        if pretrained and not checkpoint:
+            raise pretrained_error(f"timm:{name}", e, "checkpoint=PATH") from e
+        raise
+    if not hasattr(model, "patch_embed"):
+        dyn = True  # fully convolutional: any input size works
+    return TimmTeacher(model, name=f"timm:{name}", after_norm=after_norm, dynamic_img_size=dyn,
+                       mean=mean, std=std)
