@@ -1,0 +1,83 @@
+"""``fdistill`` entry point. Each subcommand lives in its own module under ``fdistill/cli/`` with
+``register(subparsers)``; handlers parse arguments and call one library function."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+#: modules that add subcommands, in the order ``fdistill --help`` lists them
+SUBCOMMAND_MODULES = ["distill", "evaluate", "diagnose", "demo"]
+
+#: errors that mean "bad input": printed as one line, exit code 2, no traceback
+USER_ERRORS = ()
+
+
+def _user_errors():
+    from ..config import ConfigError
+    from ..teachers.base import TeacherError
+    from ..weights import WeightsError
+
+    errs = [ConfigError, TeacherError, WeightsError, FileNotFoundError]
+    try:
+        from ..data.errors import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from ..engine.errors import RunError
+
+        errs.append(RunError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fdistill",
+        description="Feature Distillation (Wei et al., ICCV 2023): distil any pre-trained vision model into a "
+                    "ViT that fine-tunes better; evaluate and diagnose teacher and student side by side.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"fdistill {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # subcommand module not part of this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.func(args)
+    except _user_errors() as e:
+        if args.verbose:
+            raise
+        print(f"fdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
