@@ -57,6 +57,14 @@ def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None) 
 def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], *, strict: bool = True, what: str = "model"):
     """``model.load_state_dict`` with an error that lists the mismatching keys clearly."""
     own = model.state_dict()
+    # BatchNorm's num_batches_tracked counter is optional in a file (many published checkpoints drop
+    # it), so its absence is not a mismatch: the model's own counter is kept.
+    counters = [k for k in own if k.endswith("num_batches_tracked") and k not in state_dict]
+    if counters:
+        meta = getattr(state_dict, "_metadata", None)
+        state_dict = dict(state_dict, **{k: own[k] for k in counters})
+        if meta is not None:
+            state_dict = _with_metadata(state_dict, meta)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -71,3 +79,11 @@ def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], *, st
             msg.append(f"  unexpected ({len(unexpected)}): {unexpected[:10]}")
         raise WeightsError("\n".join(msg))
     return model.load_state_dict(state_dict, strict=strict)
+
+
+def _with_metadata(state_dict: Dict[str, torch.Tensor], meta) -> Dict[str, torch.Tensor]:
+    from collections import OrderedDict
+
+    out = OrderedDict(state_dict)
+    out._metadata = meta  # module versions drive torch's own state-dict conversions
+    return out
