@@ -1,0 +1,120 @@
+"""Classifiers for the loss landscape: a fine-tuned model as is, or a frozen backbone with a linear
+head fitted on its features.
+
+The loss landscape needs a loss, so a model that is not a classifier (a teacher, an FD student)
+first gets a linear head: features are the first prefix token ([CLS]) of the final token map,
+or the mean of the patch tokens when there is none (CNNs, models without [CLS]); the head is a
+multinomial logistic regression fitted by full-batch L-BFGS on those frozen features (a convex
+problem, so the fit is deterministic and needs no learning-rate schedule). The landscape then
+perturbs backbone and head together, like any classifier.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..teachers.base import Teacher
+
+
+class ImageClassifier(nn.Module):
+    """Wraps a classifier over normalised images so it takes raw images: uint8 (B, 3, H, W) or
+    float in [0, 1] -> normalised with ``mean``/``std`` -> ``model`` -> (B, K) logits.
+
+    Lets the landscape keep its images as uint8 (4x less memory than float) on the device."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return self.model((x - self.mean) / self.std)
+
+
+def pooled_features(backbone: Teacher, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, C): the first prefix token, else the patch-token mean."""
+    tok = backbone.forward_tokens(images)
+    return tok.prefix[:, 0] if tok.prefix is not None else tok.patches.mean(dim=1)
+
+
+class BackboneWithHead(nn.Module):
+    """An adapter (frozen backbone) + linear head: normalised images -> logits."""
+
+    def __init__(self, backbone: Teacher, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled_features(self.backbone, images))
+
+
+def fit_linear_head(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    weight_decay: float = 1e-4,
+    max_iter: int = 200,
+) -> nn.Linear:
+    """Multinomial logistic regression on (N, C) features by full-batch L-BFGS.
+
+    Features are used as given (no standardisation), so the head applies to the backbone's raw
+    output. ``weight_decay`` is the L2 penalty on the weights (not the bias), per sample."""
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(f"features must be (N, C) with N labels, got {tuple(features.shape)} and {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    x = features.detach().float()
+    y = labels.to(x.device)
+    head = nn.Linear(x.shape[1], num_classes).to(x.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(x), y) + 0.5 * weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    head.requires_grad_(False)
+    return head
+
+
+@torch.no_grad()
+def extract_features(backbone: Teacher, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                     device: Optional[torch.device | str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features and labels of ``batches`` of (uint8 or [0, 1] images, labels)."""
+    feats, labels = [], []
+    for images, y in batches:
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        feats.append(pooled_features(backbone, backbone.normalize(x)))
+        labels.append(y.to(feats[-1].device))
+    if not feats:
+        raise ValueError("no images to extract features from")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, *,
+                            device: Optional[torch.device | str] = None,
+                            weight_decay: float = 1e-4) -> Tuple[BackboneWithHead, float]:
+    """Fit a linear head on ``backbone``'s frozen features; returns the classifier (over
+    normalised images) and the head's training accuracy."""
+    feats, labels = extract_features(backbone, train_batches, device)
+    head = fit_linear_head(feats, labels, num_classes, weight_decay=weight_decay)
+    with torch.no_grad():
+        train_acc = float((head(feats).argmax(1) == labels).float().mean())
+    return BackboneWithHead(backbone, head), train_acc

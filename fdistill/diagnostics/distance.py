@@ -1,0 +1,175 @@
+"""Mean attention distance per head (paper Sec. 4.1, Figure 3; the measure of Dosovitskiy et al.,
+ViT, Figure 7 / Appendix D.7).
+
+For a query patch q and the patches k it attends to, the attention distance is
+``sum_k a_qk * d(q, k)`` with ``d`` the Euclidean distance between the two patches' grid
+positions times the patch size (pixels). It is averaged over query patches and images, one
+number per head. Heads whose number stays small attend locally; a layer whose heads all give the
+same number has "collapsed" (paper Fig. 3: deep layers of CLIP collapse, FD keeps them diverse).
+
+Two choices decide what the weights ``a_qk`` are:
+
+* prefix tokens ([CLS], registers) are never keys or queries: they have no grid position;
+* ``exclude_self`` drops the query's own patch (its distance is 0 anyway, so it matters only
+  with renormalisation);
+* ``renormalize`` divides the kept weights by their sum, so each query's number is an
+  expectation under a proper distribution over the kept patches. Without it, weight on prefix
+  tokens (and on the query itself) counts as distance 0, and a head that sends most of its mass
+  to [CLS] looks "local" whatever it does with the rest. The default is ``True``.
+
+Worked oracles (4x4 grid of 16-px patches, see tests): attention spread uniformly over the 16
+patches, or over all 17 tokens with renormalisation, gives 32.1282 px with the query kept; over
+the 15 other patches (``exclude_self=True, renormalize=True``) 34.2701 px = 32.1282 * 16/15.
+With ``renormalize=False`` uniform attention over the 16 patches gives 32.1282 px with or
+without ``exclude_self``. Identity attention gives 0; with ``exclude_self`` and renormalisation
+a query with no mass left contributes 0 (no division by zero).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Dict, Optional, Tuple
+
+import torch
+
+Size2 = Tuple[int, int]
+
+#: the library's default for ``renormalize`` (stated in every output of the CLI)
+DEFAULT_RENORMALIZE = True
+
+
+@lru_cache(maxsize=16)
+def _grid_distances_cpu(gh: int, gw: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                            indexing="ij")
+    pos = torch.stack((ys.reshape(-1), xs.reshape(-1)), dim=1)  # (N, 2) row-major, like patch tokens
+    return torch.cdist(pos, pos)  # (N, N) in patches
+
+
+def grid_distances(grid_size: Size2, patch_size: float | Size2, *, device=None,
+                   dtype=torch.float32) -> torch.Tensor:
+    """(N, N) pixel distances between the patches of a row-major ``grid_size`` token grid.
+
+    ``patch_size`` may be a pair (height, width) for non-square patches."""
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    ph, pw = (patch_size, patch_size) if not isinstance(patch_size, (tuple, list)) else patch_size
+    if ph == pw:
+        d = _grid_distances_cpu(gh, gw) * float(ph)
+    else:
+        ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64) * ph,
+                                torch.arange(gw, dtype=torch.float64) * pw, indexing="ij")
+        pos = torch.stack((ys.reshape(-1), xs.reshape(-1)), dim=1)
+        d = torch.cdist(pos, pos)
+    return d.to(device=device, dtype=dtype)
+
+
+def _check(attn: torch.Tensor, grid_size: Size2, num_prefix_tokens: int) -> int:
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attention must be (B, H, T, T), got {tuple(attn.shape)}")
+    n = int(grid_size[0]) * int(grid_size[1])
+    if attn.shape[-1] != num_prefix_tokens + n:
+        raise ValueError(
+            f"attention over {attn.shape[-1]} tokens does not match {num_prefix_tokens} prefix tokens + a "
+            f"{grid_size[0]}x{grid_size[1]} grid ({num_prefix_tokens + n} tokens)")
+    return n
+
+
+def attention_distance_sum(
+    attn: torch.Tensor,
+    distances: torch.Tensor,
+    *,
+    num_prefix_tokens: int = 1,
+    exclude_self: bool = True,
+    renormalize: bool = DEFAULT_RENORMALIZE,
+) -> torch.Tensor:
+    """Per-head SUM over images and query patches of the per-query attention distance (H,).
+
+    The streaming building block of :func:`attention_distance` (divide by ``B * N``). ``distances``
+    is :func:`grid_distances` for the grid, on ``attn``'s device. Runs in float32 at least."""
+    P = int(num_prefix_tokens)
+    a = attn[:, :, P:, P:]  # (B, H, N, N): patch queries -> patch keys
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    d = distances.to(a.dtype)
+    num = (a * d).sum(-1)  # (B, H, N); self has distance 0, so excluding it changes nothing here
+    if not renormalize:
+        return num.sum(dim=(0, 2))
+    mass = a.sum(-1)  # (B, H, N)
+    if exclude_self:
+        mass = mass - torch.diagonal(a, dim1=-2, dim2=-1)
+    # no mass left (e.g. identity attention without self): the query contributes 0
+    per_query = torch.where(mass > 0, num / mass.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(num))
+    return per_query.sum(dim=(0, 2))
+
+
+def attention_distance(
+    attn: torch.Tensor,
+    grid_size: Size2,
+    patch_size: float | Size2,
+    *,
+    num_prefix_tokens: int = 1,
+    exclude_self: bool = True,
+    renormalize: bool = DEFAULT_RENORMALIZE,
+) -> torch.Tensor:
+    """Mean attention distance in pixels per head, averaged over images and query patches.
+
+    Args:
+        attn: (B, H, T, T) attention probabilities (rows = queries), T = P + gh * gw with the
+            ``num_prefix_tokens`` prefix tokens first and patches in row-major order.
+        grid_size: (gh, gw) token grid.
+        patch_size: pixels per patch (the distance unit: one grid step = ``patch_size`` px).
+        num_prefix_tokens: P; prefix rows and columns are dropped (they have no position).
+        exclude_self: drop each query's weight on its own patch.
+        renormalize: divide the kept weights (patches, minus self if excluded) by their sum, so
+            each query's distance is an expectation over the kept patches (default ``True``). See
+            the module docstring for what each choice gives on uniform and identity attention.
+
+    Returns:
+        (H,) float32 tensor of mean distances in pixels.
+    """
+    n = _check(attn, grid_size, num_prefix_tokens)
+    d = grid_distances(grid_size, patch_size, device=attn.device)
+    s = attention_distance_sum(attn, d, num_prefix_tokens=num_prefix_tokens, exclude_self=exclude_self,
+                               renormalize=renormalize)
+    return (s / (attn.shape[0] * n)).float()
+
+
+class AttentionDistanceMeter:
+    """Streaming per-layer, per-head mean attention distance: feed (B, H, T, T) attention one
+    layer at a time with :meth:`update`, read (L, H) with :meth:`compute`. Keeps only (H,) sums
+    per layer on the device (no host sync until :meth:`compute`)."""
+
+    def __init__(self, grid_size: Size2, patch_size: float | Size2, *, num_prefix_tokens: int = 1,
+                 exclude_self: bool = True, renormalize: bool = DEFAULT_RENORMALIZE):
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+        self.patch_size = patch_size
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.exclude_self = bool(exclude_self)
+        self.renormalize = bool(renormalize)
+        self._sums: Dict[int, torch.Tensor] = {}
+        self._counts: Dict[int, int] = {}
+        self._dist: Optional[torch.Tensor] = None
+
+    def update(self, layer: int, attn: torch.Tensor) -> None:
+        n = _check(attn, self.grid_size, self.num_prefix_tokens)
+        if self._dist is None or self._dist.device != attn.device:
+            self._dist = grid_distances(self.grid_size, self.patch_size, device=attn.device)
+        s = attention_distance_sum(attn.detach(), self._dist, num_prefix_tokens=self.num_prefix_tokens,
+                                   exclude_self=self.exclude_self, renormalize=self.renormalize)
+        if layer in self._sums:
+            self._sums[layer] = self._sums[layer] + s.double()
+            self._counts[layer] += attn.shape[0] * n
+        else:
+            self._sums[layer] = s.double()
+            self._counts[layer] = attn.shape[0] * n
+
+    def compute(self) -> torch.Tensor:
+        """(L, H) mean distances in pixels, layers in index order (on the CPU)."""
+        if not self._sums:
+            raise RuntimeError("AttentionDistanceMeter has seen no attention")
+        layers = sorted(self._sums)
+        if layers != list(range(len(layers))):
+            raise RuntimeError(f"attention seen for layers {layers}, expected 0..{len(layers) - 1}")
+        heads = {self._sums[i].numel() for i in layers}
+        if len(heads) != 1:
+            raise RuntimeError(f"layers have different head counts {sorted(heads)}")
+        return torch.stack([(self._sums[i] / self._counts[i]).cpu() for i in layers]).float()
