@@ -1,0 +1,214 @@
+"""WebDataset tar shards: data too big for a file-system listing.
+
+A shard is a tar of samples grouped by key (``000123.jpg`` + optional ``000123.cls``), as
+written by ``webdataset.ShardWriter`` or ``tarp``. Shards are given as a brace pattern
+(``/data/in1k-{000000..001023}.tar``), a glob (``/data/in1k-*.tar``), several patterns
+joined by ``::``, or a list.
+
+Streaming order, per epoch: the shard list is shuffled with ``seed + epoch``, split by rank
+(``shards[rank::world]``) and then by DataLoader worker (``[worker::num_workers]``); each
+worker reads its shards in order, and the DataLoader takes batches from the workers in turn.
+Reading tars and expanding patterns is ``webdataset``'s (optional dependency, the
+``webdataset`` extra); decoding (PIL), the bad-sample policy and the per-sample seeding are
+the same as for image folders.
+
+Resume: :meth:`WebShardDataset.set_start` makes each worker skip, without decoding, the
+batches the DataLoader had taken from it (batch ``j`` comes from worker ``j % num_workers``).
+This is exact while every worker still has data, i.e. everywhere except the last, partial
+round of an epoch when workers hold unequal numbers of samples.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+import tarfile
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .errors import DataError
+from .seeding import sample_seed, seeded
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm")
+LABEL_KEYS = ("cls", "label", "cls.txt")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+#: shards whose tar header is opened at build time (all are checked to exist)
+MAX_HEADER_CHECKS = 64
+
+
+def _require_webdataset():
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        raise DataError("reading tar shards needs the optional dependency webdataset: "
+                        "pip install 'fdistill[webdataset]'") from None
+    return webdataset
+
+
+def looks_like_shards(spec: Union[str, Sequence[str]]) -> bool:
+    """True for a list of shards or a pattern / path naming ``.tar`` files."""
+    if not isinstance(spec, str):
+        return True
+    return any(part.strip().endswith(SHARD_SUFFIXES) or part.strip().endswith(SHARD_SUFFIXES[0] + "}")
+               for part in spec.split("::"))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def expand_shards(spec: Union[str, Sequence[str]]) -> List[str]:
+    """Brace-expand, then glob (local paths with ``*?[``), keeping the order given."""
+    wds = _require_webdataset()
+    patterns = list(spec) if not isinstance(spec, str) else wds.shardlists.expand_urls(spec)
+    urls: List[str] = []
+    for p in patterns:
+        p = os.path.expanduser(p) if _is_local(p) else p
+        if _is_local(p) and any(c in p for c in "*?["):
+            hits = sorted(glob.glob(p))
+            if not hits:
+                raise DataError(f"shard pattern {p!r} matches no file")
+            urls.extend(hits)
+        else:
+            urls.append(p)
+    if not urls:
+        raise DataError(f"shard spec {spec!r} names no shard")
+    return urls
+
+
+def check_shards(urls: Sequence[str]) -> None:
+    """Every local shard exists; the headers of up to :data:`MAX_HEADER_CHECKS` of them (spread
+    over the list) read as tar. Remote URLs are left to reading time."""
+    local = [u for u in urls if _is_local(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{len(missing)} of {len(urls)} shard(s) missing: {', '.join(missing[:3])}{more}")
+    step = max(1, len(local) // MAX_HEADER_CHECKS)
+    for u in local[::step]:
+        try:
+            with tarfile.open(u, mode="r:*") as tf:
+                first = tf.next()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"unreadable shard {u!r}: {type(e).__name__}: {e}") from None
+        if first is None:
+            raise DataError(f"shard {u!r} is an empty tar")
+
+
+def _decode_image(sample: dict) -> Image.Image:
+    for k in IMAGE_KEYS:
+        if k in sample:
+            with Image.open(io.BytesIO(sample[k])) as im:
+                im.load()
+                return im.convert("RGB")
+    raise ValueError(f"no image in sample (keys {sorted(k for k in sample if not k.startswith('__'))}, "
+                     f"expected one of {IMAGE_KEYS})")
+
+
+def _decode_label(sample: dict) -> int:
+    for k in LABEL_KEYS:
+        if k in sample:
+            try:
+                return int(sample[k].decode("utf-8").strip())
+            except ValueError:
+                return -1
+    return -1
+
+
+class WebShardDataset(IterableDataset):
+    """Samples streamed from tar shards, transformed with a per-sample seed.
+
+    Yields the same dicts as the map-style :class:`~fdistill.data.loader.DistillDataset`:
+    ``image`` (the transform's output), ``label`` (``.cls`` or -1), ``index`` (-1: streams have
+    no global index), ``skipped`` (bad samples stepped over just before this one). A sample's
+    augmentation is seeded by ``(seed, epoch, "<shard file name>/<key>")``: independent of
+    workers, ranks and resume.
+
+    Args:
+        urls: pattern(s) or list (see module doc); checked at construction (``check=True``).
+        transform: PIL RGB -> tensor (e.g. :func:`~fdistill.data.transforms.distill_transform`).
+        seed: augmentation and shard-shuffle seed.
+        shuffle_shards: shuffle the shard order per epoch.
+    """
+
+    def __init__(self, urls: Union[str, Sequence[str]], transform: Optional[Callable] = None, *, seed: int = 0,
+                 shuffle_shards: bool = True, check: bool = True):
+        self.spec = urls
+        self.urls = expand_shards(urls)
+        if check:
+            check_shards(self.urls)
+        self.transform, self.seed, self.shuffle_shards = transform, int(seed), bool(shuffle_shards)
+        self.epoch, self.start = 0, 0
+        self.num_replicas, self.rank, self.batch_size = 1, 0, 1
+
+    def __repr__(self) -> str:
+        return f"WebShardDataset({len(self.urls)} shards, seed={self.seed})"
+
+    def configure(self, *, num_replicas: int = 1, rank: int = 0, batch_size: int = 1) -> None:
+        """Set the rank split and the batch size (needed to resume); called by the loader."""
+        if num_replicas > len(self.urls):
+            raise DataError(f"{len(self.urls)} shard(s) cannot feed {num_replicas} ranks: split the data into "
+                            f"at least one shard per rank (better: several per DataLoader worker)")
+        self.num_replicas, self.rank, self.batch_size = int(num_replicas), int(rank), int(batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.start = 0
+        self.epoch = int(epoch)
+
+    def set_start(self, index: int) -> None:
+        """Resume after this rank consumed ``index`` samples of the epoch (rounded down to
+        whole batches)."""
+        if index < 0:
+            raise ValueError(f"start must be >= 0, got {index}")
+        self.start = int(index)
+
+    def shards_for(self, worker: int = 0, num_workers: int = 1) -> List[str]:
+        """The shards one worker of this rank reads this epoch, in order."""
+        order = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order[self.rank::self.num_replicas][worker::num_workers]
+
+    def __iter__(self) -> Iterator[dict]:
+        wds = _require_webdataset()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = self.shards_for(worker, num_workers)
+        if not shards:
+            if worker == 0:
+                log.warning("rank %d has no shard this epoch", self.rank)
+            return
+        # resume: batch j came from worker j % num_workers; skip this worker's batches before start
+        done_batches = self.start // max(1, self.batch_size)
+        skip = max(0, (done_batches - worker + num_workers - 1) // num_workers) * self.batch_size
+
+        def handler(exn: Exception) -> bool:
+            log.warning("skipping unreadable shard data (%s: %s)", type(exn).__name__, exn)
+            return True
+
+        pending_bad = 0
+        stream = wds.tariterators.tarfile_samples([{"url": u} for u in shards], handler=handler)
+        for sample in stream:
+            if skip > 0:  # resumed: already consumed, no decoding
+                skip -= 1
+                continue
+            url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+            try:
+                img = _decode_image(sample)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                pending_bad += 1
+                log.warning("skipping unreadable image %s in shard %s (%s: %s)", key, url, type(e).__name__, e)
+                continue
+            with seeded(sample_seed(self.seed, self.epoch, f"{os.path.basename(url)}/{key}")):
+                image = self.transform(img) if self.transform is not None else img
+            yield {"image": image, "label": _decode_label(sample), "index": -1, "skipped": pending_bad}
+            pending_bad = 0
+        if pending_bad:
+            log.warning("%d unreadable sample(s) at the end of worker %d's shards", pending_bad, worker)

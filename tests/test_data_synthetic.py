@@ -1,0 +1,142 @@
+"""SyntheticShapes: determinism, splits, balance, mask/box/caption consistency with the pixels."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fdistill.data import DataError, SyntheticShapes
+from fdistill.data.synthetic import COLOURS, SHAPE_FUNCS, SHAPES, ObjectSpec, SceneSpec
+
+
+def _pixels(ds, i):
+    return np.asarray(ds.sample(i)["image"])
+
+
+def _erode(mask):
+    """True where the 3x3 neighbourhood is all True (pixels fully inside the object)."""
+    p = np.pad(mask, 1, constant_values=False)
+    h, w = mask.shape
+    out = np.ones_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out &= p[dy:dy + h, dx:dx + w]
+    return out
+
+
+def test_deterministic_per_seed_split_index():
+    a, b = SyntheticShapes(50, 32, seed=3), SyntheticShapes(50, 32, seed=3)
+    for i in (0, 7, 49):
+        assert np.array_equal(_pixels(a, i), _pixels(b, i))
+        assert a.caption(i) == b.caption(i) == a.sample(i)["caption"]
+    c = SyntheticShapes(50, 32, seed=4)
+    assert sum(np.array_equal(_pixels(a, i), _pixels(c, i)) for i in range(10)) == 0
+    assert sum(a.caption(i) == c.caption(i) for i in range(10)) < 3
+    # random access order does not matter (no hidden state)
+    fresh = SyntheticShapes(50, 32, seed=3)
+    _ = fresh.sample(30)
+    assert np.array_equal(_pixels(fresh, 7), _pixels(a, 7))
+
+
+def test_train_and_val_differ():
+    tr, va = SyntheticShapes(40, 32, split="train"), SyntheticShapes(40, 32, split="val")
+    tr_px = {_pixels(tr, i).tobytes() for i in range(40)}
+    assert not any(_pixels(va, i).tobytes() in tr_px for i in range(40))
+
+
+def test_class_balance_and_labels():
+    ds = SyntheticShapes(103, 32)
+    labels = [ds[i][1] for i in range(len(ds))]
+    counts = np.bincount(labels, minlength=len(SHAPES))
+    assert len(ds.classes) >= 10 and counts.max() - counts.min() <= 1 and counts.sum() == 103
+    assert all(ds.sample(i)["attributes"]["shape"] == ds.classes[labels[i]] for i in range(20))
+
+
+def test_attributes_vary_independently_of_class():
+    ds = SyntheticShapes(400, 32)
+    by_class = {}
+    for i in range(400):
+        a = ds.sample(i)["attributes"]
+        by_class.setdefault(a["shape"], []).append(a)
+    for attrs in by_class.values():  # every class shows many colours, textures and backgrounds
+        assert len({a["colour"] for a in attrs}) >= 6
+        assert len({a["texture"] for a in attrs}) == 4
+        assert len({a["background"] for a in attrs}) == 4
+        assert len({a["size"] for a in attrs}) == 3
+    assert sum(len(a["distractors"]) > 0 for attrs in by_class.values() for a in attrs) > 100
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_mask_and_boxes_consistent_with_pixels(size):
+    ds = SyntheticShapes(60, size)
+    checked = 0
+    for i in range(60):
+        s = ds.sample(i)
+        img, mask, a = np.asarray(s["image"]).astype(int), s["mask"], s["attributes"]
+        assert mask.dtype == np.uint8 and mask.shape == (size, size)
+        ids = sorted(set(np.unique(mask).tolist()) - {0})
+        assert ids == list(range(1, 2 + len(a["distractors"])))  # every object visible, nothing else
+        assert len(s["boxes"]) == len(s["box_labels"]) == len(ids)
+        assert s["box_labels"][0] == s["label"]
+        for k, (x0, y0, x1, y1) in enumerate(s["boxes"]):
+            obj = mask == k + 1
+            inside = np.zeros_like(obj)
+            inside[y0:y1, x0:x1] = True
+            assert obj[inside].any() and not obj[~inside].any()  # box encloses the mask ...
+            assert obj[y0].any() and obj[y1 - 1].any() and obj[:, x0].any() and obj[:, x1 - 1].any()  # ... tightly
+        if a["texture"] == "solid":  # interior pixels carry exactly the object's colour
+            core = _erode(mask == 1)
+            if core.any():
+                assert np.abs(img[core] - np.asarray(a["rgb"])).max() <= 1
+                checked += 1
+        # the main object's area matches its shape's area at its radius (mask = coverage >= 1/2)
+        area = (mask == 1).sum()
+        assert 0.25 * math.pi * a["radius"] ** 2 < area < math.pi * (a["radius"] + 1) ** 2
+    assert checked >= 5
+
+
+def test_shapes_fit_the_unit_disk_and_differ():
+    g = np.linspace(-1.1, 1.1, 221, dtype=np.float32)
+    u, v = np.meshgrid(g, g)
+    masks = {}
+    for name, f in SHAPE_FUNCS.items():
+        m = f(u, v)
+        assert m.any() and (np.hypot(u[m], v[m]) <= 1.0 + 1e-3).all(), name
+        masks[name] = m
+    names = list(masks)
+    for i, p in enumerate(names):  # no two classes are the same silhouette
+        for q in names[i + 1:]:
+            iou = (masks[p] & masks[q]).sum() / (masks[p] | masks[q]).sum()
+            assert iou < 0.9, (p, q, iou)
+
+
+def test_caption_mentions_class_colour_and_texture():
+    ds = SyntheticShapes(50, 32)
+    words = {"striped": "striped", "dotted": "dotted", "checkered": "checkered"}
+    for i in range(50):
+        s = ds.sample(i)
+        a, cap = s["attributes"], s["caption"]
+        assert a["shape"] in cap and a["colour"] in cap and a["size"] in cap and a["position"] in cap
+        if a["texture"] in words:
+            assert words[a["texture"]] in cap
+        assert a["background"] in cap.lower()
+
+
+def test_caption_golden():
+    """A hand-built scene renders the caption this exact way."""
+    ds = SyntheticShapes(1, 32)
+    obj = ObjectSpec("triangle", 6.0, 6.0, 6.0, 0.0, "red", COLOURS["red"], "striped", 3.0, 0.0)
+    sc = SceneSpec(32, 2, obj, [], "noisy", ((0, 0, 0), (0, 0, 0)), 0.0, 4.0, 0, template=0)
+    assert ds._caption(sc) == "a small red striped triangle in the top left on a noisy background"
+
+
+def test_transform_and_errors():
+    ds = SyntheticShapes(5, 32, transform=lambda im: np.asarray(im).shape)
+    assert ds[0] == ((32, 32, 3), 0)
+    with pytest.raises(IndexError):
+        ds.sample(5)
+    with pytest.raises(DataError):
+        SyntheticShapes(10, 32, split="test")
+    with pytest.raises(DataError):
+        SyntheticShapes(0, 32)
