@@ -13,9 +13,12 @@ Reading tars and expanding patterns is ``webdataset``'s (optional dependency, th
 the same as for image folders.
 
 Resume: :meth:`WebShardDataset.set_start` makes each worker skip, without decoding, the
-batches the DataLoader had taken from it (batch ``j`` comes from worker ``j % num_workers``).
-This is exact while every worker still has data, i.e. everywhere except the last, partial
-round of an epoch when workers hold unequal numbers of samples.
+batches the DataLoader had taken from its stream (batch ``j`` comes from worker
+``j % num_workers``), and rotates the streams so the round robin continues where it stopped.
+This is exact for the same ``num_workers`` while every worker still has data, i.e.
+everywhere except the last, partial round of an epoch when workers hold unequal numbers of
+samples, and when no bad sample was dropped before the resume point (skipped samples are not
+decoded, so a dropped one shifts the stream by one sample).
 """
 from __future__ import annotations
 
@@ -180,14 +183,17 @@ class WebShardDataset(IterableDataset):
         wds = _require_webdataset()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        shards = self.shards_for(worker, num_workers)
+        # resume: in the uninterrupted epoch batch j came from worker j % num_workers. The DataLoader
+        # restarts its round robin at worker 0, so worker w takes over the stream of worker
+        # (w + done) % num_workers, skipping (undecoded) the batches that worker had delivered.
+        done = self.start // max(1, self.batch_size)
+        role = (worker + done) % num_workers
+        shards = self.shards_for(role, num_workers)
         if not shards:
             if worker == 0:
                 log.warning("rank %d has no shard this epoch", self.rank)
             return
-        # resume: batch j came from worker j % num_workers; skip this worker's batches before start
-        done_batches = self.start // max(1, self.batch_size)
-        skip = max(0, (done_batches - worker + num_workers - 1) // num_workers) * self.batch_size
+        skip = max(0, -(-(done - role) // num_workers)) * self.batch_size
 
         def handler(exn: Exception) -> bool:
             log.warning("skipping unreadable shard data (%s: %s)", type(exn).__name__, exn)
