@@ -1,0 +1,98 @@
+"""``fdistill distill | info | validate-config | export``: argument parsing only; the work is in
+:mod:`fdistill.engine` and :mod:`fdistill.config.distill`."""
+from __future__ import annotations
+
+import argparse
+
+OVERRIDES_HELP = "config overrides, dotted keys: optim.base_lr=1e-3 train.epochs=100"
+
+
+def _load_config(path, overrides, data=None, output=None):
+    from ..config import build_config
+    from ..config.distill import DistillConfig
+
+    extra = list(overrides or [])
+    if data is not None:
+        extra.append(f"data.path={data}")
+    if output is not None:
+        extra.append(f"train.output={output}")
+    return build_config(DistillConfig, path, extra)
+
+
+def _distill(args) -> int:
+    from ..engine import distill
+
+    cfg = _load_config(args.config, args.overrides, args.data, args.output)
+    result = distill(cfg, resume=args.resume)
+    return 0 if result.complete or result.stopped_by else 1
+
+
+def _info(args) -> int:
+    from ..engine.info import describe_run
+
+    print(describe_run(_load_config(args.config, args.overrides)))
+    return 0
+
+
+def _validate(args) -> int:
+    from ..config import to_dict
+    from ..config.distill import validate_without_building
+
+    cfg = _load_config(args.config, args.overrides)
+    validate_without_building(cfg)
+    if args.print:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(f"{args.config}: valid ({cfg.teacher.spec} -> {cfg.student.arch}, {cfg.train.epochs:g} epochs)")
+    return 0
+
+
+def _export(args) -> int:
+    from ..engine.export import export_student
+
+    out = export_student(args.run, format=args.format, output=args.output, verify=not args.no_verify)
+    print(f"exported the student ({args.format}) to {out}")
+    if args.format == "timm":
+        print(f"  load it with: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill", help="run feature distillation from a config (use torchrun for several GPUs)",
+        description="Distil a teacher into an FD student as a config says. Resumes from the newest valid "
+                    "checkpoint in the output folder by default; SIGTERM/SIGUSR1 checkpoint and stop cleanly. "
+                    "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main distill ...")
+    p.add_argument("--config", required=True, metavar="FILE", help="a YAML recipe, e.g. configs/distill/tiny_cpu.yaml")
+    p.add_argument("--data", metavar="PATH", help="training images (sets data.path): a folder, tar shards or synthetic:N")
+    p.add_argument("--output", metavar="DIR", help="run folder (sets train.output)")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from the newest valid checkpoint in the run folder (default); "
+                        "none: start fresh; PATH: a checkpoint file or run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.set_defaults(func=_distill)
+
+    p = sub.add_parser("info", help="show what a distillation config builds: sizes, FLOPs, token grids, lr",
+                       description="Build the config's teacher and student on CPU and report parameters, FLOPs per "
+                                   "image, token grids and their alignment, and the learning rate per GPU count.")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("validate-config", help="check a distillation config without building anything",
+                       description="Check keys, types and values of a config (with overrides) and exit.")
+    p.add_argument("config", metavar="FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--print", action="store_true", help="also print the resolved config")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("export", help="write a run's student for timm (or as safetensors)",
+                       description="Export the student of a run folder (its newest valid checkpoint) or a checkpoint.")
+    p.add_argument("run", metavar="RUN_OR_CKPT")
+    p.add_argument("--format", choices=["timm", "safetensors"], default="timm",
+                   help="timm: a folder timm.create_model('local-dir:DIR', pretrained=True) loads (default); "
+                        "safetensors: student + projector weights and a JSON description")
+    p.add_argument("--output", metavar="DIR", help="export folder (default RUN/export_FORMAT)")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading a timm export to compare features")
+    p.set_defaults(func=_export)

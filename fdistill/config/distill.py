@@ -1,0 +1,405 @@
+"""The distillation run's config schema (``fdistill distill``) and the ``build_*`` functions.
+
+The schema is plain dataclasses (validated in ``__post_init__``; types and unknown keys are
+checked by :func:`fdistill.config.build_config`). The ``build_*`` functions below are the only
+places that read a :class:`DistillConfig`; everything they call takes plain arguments.
+
+Defaults follow the official FD pre-training configs (SwinTransformer/Feature-Distillation,
+``config.py`` + ``configs/pretrain/fd_pretrain__clip_vit_base__img224__300ep.yaml``):
+AdamW (0.9, 0.999), eps 1e-8, weight decay 0.05, base lr 3e-4 per 512 images, warm-up 10
+epochs from 5e-7, cosine to 5e-6, gradient clipping 3.0, batch 128 per GPU.
+
+    cfg = build_config(DistillConfig, "configs/distill/tiny_cpu.yaml", ["optim.base_lr=1e-3"])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+from .core import ConfigError
+
+__all__ = [
+    "TeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig", "OptimConfig", "TrainConfig",
+    "DistillConfig", "RESUME_SAFE_KEYS", "resolve_precision", "resolve_lr", "build_teacher", "build_student",
+    "build_distiller", "build_optimizer", "build_scheduler", "build_dataset", "build_loader",
+    "student_args_of", "validate_without_building", "data_img_size",
+]
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class TeacherConfig:
+    #: a teacher spec: ``timm:<model>``, ``open_clip:<arch>/<tag>``, ``hf:<repo>``, ``python:<file>:<fn>``
+    spec: str = "timm:vit_base_patch16_clip_224.openai"
+    #: extra keyword arguments of the teacher factory (``checkpoint``, ``pretrained``, model sizes...)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: target = tokens after the teacher's final norm (official ``PRED_FEAT_AFTERNORM: True``)
+    after_norm: bool = True
+    #: teacher weights' dtype; ``auto`` follows ``train.precision`` (bf16 teacher in a bf16 run)
+    dtype: Precision = "auto"
+
+    def __post_init__(self):
+        _check(isinstance(self.spec, str) and ":" in self.spec,
+               f"teacher.spec {self.spec!r} must look like '<source>:<name>', e.g. 'timm:vit_base_patch16_clip_224.openai'")
+
+
+@dataclass
+class StudentConfig:
+    #: ``vit_tiny|vit_small|vit_base|vit_large|vit_huge`` (the FD ViT with shared relative position
+    #: bias), or ``timm:<model>`` for any timm backbone producing a token map (e.g. a Swin)
+    arch: str = "vit_base"
+    img_size: int = 224
+    patch_size: int = 16
+    pos_embed: Literal["shared_rpb", "rpb", "ape"] = "shared_rpb"
+    drop_path_rate: float = 0.1
+    #: layer-scale initial value (official ``INIT_VALUES: 0.1``); null turns layer scale off
+    init_values: Optional[float] = 0.1
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    #: activation checkpointing (recompute blocks in backward: less memory, ~30% more compute)
+    grad_checkpointing: bool = False
+    #: extra ``timm.create_model`` arguments of a ``timm:`` student (e.g. ``window_size: 14``)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from ..models.student import STUDENT_SIZES
+
+        _check(self.arch in STUDENT_SIZES or (self.arch.startswith("timm:") and len(self.arch) > 5),
+               f"student.arch {self.arch!r} must be one of {sorted(STUDENT_SIZES)} or 'timm:<model name>'")
+        _check(self.img_size > 0 and self.patch_size > 0, "student.img_size and student.patch_size must be > 0")
+        _check(self.img_size % self.patch_size == 0 or self.arch.startswith("timm:"),
+               f"student.img_size {self.img_size} must be a multiple of student.patch_size {self.patch_size}")
+        _check(0.0 <= self.drop_path_rate < 1.0, f"student.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for k in ("embed_dim", "depth", "num_heads"):
+            v = getattr(self, k)
+            _check(v is None or v > 0, f"student.{k} must be > 0, got {v}")
+        _check(not self.kwargs or self.arch.startswith("timm:"), "student.kwargs is only for 'timm:' students")
+
+
+@dataclass
+class DistillLossConfig:
+    """The FD objective and its options (see :class:`fdistill.FeatureDistiller`)."""
+
+    norm: Literal["standardize", "l2", "none"] = "standardize"
+    beta: float = 2.0
+    #: prefix-token weight in the loss: 10 in the paper's text, 1 in the official code
+    cls_weight: float = 10.0
+    granularity: Literal["full", "gap", "cls"] = "full"
+    cls_target: Literal["auto", "teacher", "gap", "none"] = "auto"
+    mask_ratio: float = 0.0
+    mask_type: Literal["random", "block"] = "random"
+    mask_teacher: bool = False
+    drop_masked: bool = False
+    align: Literal["auto", "resize", "interpolate", "none"] = "auto"
+    teacher_img_size: Optional[int] = None
+
+    def __post_init__(self):
+        _check(self.beta > 0, f"distill.beta must be > 0, got {self.beta}")
+        _check(self.cls_weight >= 0, f"distill.cls_weight must be >= 0, got {self.cls_weight}")
+        _check(0.0 <= self.mask_ratio < 1.0, f"distill.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(not self.drop_masked or self.mask_ratio > 0, "distill.drop_masked needs distill.mask_ratio > 0")
+        _check(not self.mask_teacher or self.mask_ratio > 0, "distill.mask_teacher needs distill.mask_ratio > 0")
+
+
+@dataclass
+class DataConfig:
+    #: an image folder (recursively), a webdataset shard pattern, or a dataset name the data layer
+    #: knows (e.g. ``synthetic``); ``fdistill distill --data PATH`` sets it
+    path: str = ""
+    #: training crop size; null = the student's ``img_size``
+    img_size: Optional[int] = None
+    #: RandomResizedCrop area range (official 300-epoch configs: 0.08; 100-epoch: 0.67)
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    #: horizontal-flip probability
+    hflip: float = 0.5
+    #: images per GPU (per process) per micro-step
+    batch_size: int = 128
+    num_workers: int = 8
+    #: epoch length in images for tar-shard streams, whose length is unknown (ImageNet-1k: 1281167);
+    #: folders and ``synthetic:N`` know their length
+    samples_per_epoch: Optional[int] = None
+    #: extra keyword arguments of :func:`fdistill.data.build_distill_dataset` (e.g. ``interpolation``)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self.img_size is None or self.img_size > 0, f"data.img_size must be > 0, got {self.img_size}")
+        _check(0 < self.scale[0] <= self.scale[1] <= 1.0, f"data.scale must be 0 < min <= max <= 1, got {self.scale}")
+        _check(0 < self.ratio[0] <= self.ratio[1], f"data.ratio must be 0 < min <= max, got {self.ratio}")
+        _check(0.0 <= self.hflip <= 1.0, f"data.hflip is a probability, got {self.hflip}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up + cosine, per optimizer step (official FD ``lr_scheduler.py``)."""
+
+    #: learning rate per ``lr_batch_denominator`` images: lr = base_lr * total_batch / denominator,
+    #: total_batch = batch_size * processes * accum_steps (the official linear scaling rule)
+    base_lr: float = 3e-4
+    #: absolute peak learning rate; when set, base_lr is ignored and warmup_lr/min_lr are absolute
+    lr: Optional[float] = None
+    lr_batch_denominator: int = 512
+    weight_decay: float = 0.05
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 10.0
+    #: warm-up start and cosine floor, scaled like base_lr (as the official code does) unless lr is set
+    warmup_lr: float = 5e-7
+    min_lr: float = 5e-6
+    #: max global gradient norm; 0 turns clipping off
+    clip_grad: float = 3.0
+    #: micro-batches per optimizer step (gradient accumulation)
+    accum_steps: int = 1
+    #: fused AdamW kernel; null = use it where torch has one (CUDA, CPU)
+    fused: Optional[bool] = None
+
+    def __post_init__(self):
+        _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
+        _check(self.lr is None or self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.lr_batch_denominator > 0, "optim.lr_batch_denominator must be > 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps must be > 0")
+        _check(self.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.warmup_lr >= 0 and self.min_lr >= 0, "optim.warmup_lr and optim.min_lr must be >= 0")
+        _check(self.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 = off), got {self.clip_grad}")
+        _check(self.accum_steps >= 1, f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 300.0
+    #: stop after this many optimizer steps (the schedule still spans ``epochs``)
+    max_steps: Optional[int] = None
+    #: ``auto``: bf16 autocast on a GPU that supports it, fp32 on CPU. ``fp16`` uses a loss scaler
+    precision: Precision = "auto"
+    #: torch.compile the training forward (falls back to eager, with a warning, if it fails)
+    compile: bool = False
+    seed: int = 0
+    #: optimizer steps between metric lines / progress-bar updates (the only host syncs)
+    log_interval: int = 50
+    #: optimizer steps between checkpoints (one is also written at the end and on SIGTERM/SIGUSR1)
+    ckpt_interval: int = 1000
+    #: checkpoints kept in ``<output>/checkpoints`` (older ones are deleted)
+    keep_last: int = 3
+    #: stop with an error after this many non-finite losses in a row (each such step is skipped)
+    max_nonfinite: int = 20
+    tensorboard: bool = False
+    output: str = "runs/distill"
+    #: ``cuda`` | ``cpu`` | ``auto`` (cuda when available)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    def __post_init__(self):
+        _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.log_interval >= 1, "train.log_interval must be >= 1")
+        _check(self.ckpt_interval >= 1, "train.ckpt_interval must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last must be >= 1")
+        _check(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
+        _check(bool(self.output), "train.output must name a folder")
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillLossConfig = field(default_factory=DistillLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.student.arch.startswith("timm:") and self.distill.mask_ratio > 0:
+            raise ConfigError(
+                f"distill.mask_ratio > 0 needs the FD ViT student; {self.student.arch} (a timm backbone) "
+                "has no mask token: set distill.mask_ratio=0 or a student.arch like vit_base")
+
+
+#: dotted config keys that may change when a run resumes (logging, length, where files go,
+#: how fast it runs). Every other key changes the model, the data or the optimisation, and a
+#: checkpoint written under another value is refused.
+RESUME_SAFE_KEYS = (
+    "train.epochs", "train.max_steps", "train.log_interval", "train.ckpt_interval", "train.keep_last",
+    "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device",
+    "data.path", "data.num_workers", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
+)
+
+
+# -- derived values ------------------------------------------------------------------------------
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``."""
+    if precision != "auto":
+        if precision == "bf16" and device_type == "cuda":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")
+        return precision
+    if device_type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve_lr(optim: OptimConfig, total_batch: int) -> Tuple[float, float, float]:
+    """(peak lr, warm-up start lr, final lr) for a global batch of ``total_batch`` images.
+
+    Official FD (``main_fd.py``) scales all three linearly by ``total_batch / 512``; an
+    absolute ``optim.lr`` takes the three values as given."""
+    if optim.lr is not None:
+        return optim.lr, optim.warmup_lr, optim.min_lr
+    s = total_batch / optim.lr_batch_denominator
+    return optim.base_lr * s, optim.warmup_lr * s, optim.min_lr * s
+
+
+def student_args_of(cfg: DistillConfig) -> Dict[str, Any]:
+    """The ``create_student`` keyword arguments of this config (stored in every checkpoint)."""
+    s = cfg.student
+    if s.arch.startswith("timm:"):
+        return dict(arch=s.arch, img_size=s.img_size, drop_path_rate=s.drop_path_rate,
+                    grad_checkpointing=s.grad_checkpointing, **({"kwargs": dict(s.kwargs)} if s.kwargs else {}))
+    return dict(arch=s.arch, img_size=s.img_size, patch_size=s.patch_size, pos_embed=s.pos_embed,
+                drop_path_rate=s.drop_path_rate, init_values=s.init_values, embed_dim=s.embed_dim,
+                depth=s.depth, num_heads=s.num_heads, grad_checkpointing=s.grad_checkpointing)
+
+
+# -- builders: the only readers of a DistillConfig -----------------------------------------------
+def build_teacher(cfg: DistillConfig, *, device=None, precision: str = "fp32"):
+    """The frozen teacher of ``cfg.teacher``, on ``device``, in the dtype ``teacher.dtype`` asks
+    (``auto``: the run's autocast dtype, so a bf16 run keeps a bf16 teacher)."""
+    import torch
+
+    from ..teachers import TeacherError, create_teacher
+
+    kwargs = dict(cfg.teacher.kwargs)
+    if not cfg.teacher.after_norm:
+        kwargs["after_norm"] = False
+    try:
+        teacher = create_teacher(cfg.teacher.spec, **kwargs)
+    except TypeError as e:  # a factory that does not take a kwarg given in the config
+        raise TeacherError(f"teacher {cfg.teacher.spec}: {e} (check teacher.kwargs / teacher.after_norm)") from e
+    dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return teacher.to(device=device, dtype=torch_dtype)
+
+
+def build_student(cfg: DistillConfig):
+    """The randomly initialised student of ``cfg.student``."""
+    from ..models.student import create_student
+
+    args = student_args_of(cfg)
+    if args["arch"].startswith("timm:"):
+        from ..models.timm_student import create_timm_student
+
+        return create_timm_student(args.pop("arch")[5:], **{**args.pop("kwargs", {}), **args})
+    return create_student(**args)
+
+
+def build_distiller(cfg: DistillConfig, *, device=None, precision: str = "fp32", teacher=None):
+    """Teacher + student + projector + loss (:class:`fdistill.FeatureDistiller`) of ``cfg``."""
+    from ..distiller import FeatureDistiller
+
+    teacher = teacher if teacher is not None else build_teacher(cfg, device=device, precision=precision)
+    student = build_student(cfg)
+    d = cfg.distill
+    try:
+        distiller = FeatureDistiller(
+            teacher, student, norm=d.norm, beta=d.beta, cls_weight=d.cls_weight, granularity=d.granularity,
+            cls_target=d.cls_target, mask_ratio=d.mask_ratio, mask_type=d.mask_type, mask_teacher=d.mask_teacher,
+            drop_masked=d.drop_masked, align=d.align, teacher_img_size=d.teacher_img_size,
+        )
+    except ValueError as e:  # option combinations the distiller refuses
+        raise ConfigError(f"distill: {e}") from e
+    if d.mask_ratio == 0 or d.drop_masked:
+        # the mask token takes no part in the loss: freeze it so DDP needs no unused-parameter search
+        mt = getattr(distiller.student, "mask_token", None)
+        if mt is not None:
+            mt.requires_grad_(False)
+    return distiller.to(device) if device is not None else distiller
+
+
+def build_optimizer(cfg: DistillConfig, model, *, total_batch: int):
+    """AdamW over the trainable parameters of ``model`` (student + projector), see
+    :func:`fdistill.engine.optim.create_adamw`."""
+    from ..engine.optim import create_adamw
+
+    o = cfg.optim
+    lr, _, _ = resolve_lr(o, total_batch)
+    return create_adamw(model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=o.fused)
+
+
+def build_scheduler(cfg: DistillConfig, optimizer, *, steps_per_epoch: int, total_batch: int):
+    """Per-step warm-up + cosine of ``cfg.optim`` over ``cfg.train.epochs`` epochs."""
+    from ..engine.schedule import create_warmup_cosine
+
+    o = cfg.optim
+    lr, warmup_lr, min_lr = resolve_lr(o, total_batch)
+    total = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    warmup = min(int(round(o.warmup_epochs * steps_per_epoch)), total)
+    return create_warmup_cosine(optimizer, peak_lr=lr, total_steps=total, warmup_steps=warmup,
+                                warmup_lr=warmup_lr, min_lr=min_lr)
+
+
+def data_img_size(cfg: DistillConfig) -> int:
+    return cfg.data.img_size or cfg.student.img_size
+
+
+def build_dataset(cfg: DistillConfig):
+    """The training dataset of ``cfg.data`` (uint8 crops, augmentation a pure function of
+    (seed, epoch, index)); see :func:`fdistill.data.build_distill_dataset`."""
+    from ..data import build_distill_dataset
+
+    d = cfg.data
+    if not d.path:
+        raise ConfigError("no training data: set data.path or pass --data PATH")
+    return build_distill_dataset(d.path, img_size=data_img_size(cfg), scale=tuple(d.scale), ratio=tuple(d.ratio),
+                                 hflip=d.hflip, seed=cfg.train.seed, **d.kwargs)
+
+
+def build_loader(cfg: DistillConfig, dataset, *, num_replicas: int, rank: int, epoch: int = 0,
+                 start_index: int = 0, pin_memory: bool = False):
+    """This process's loader over ``dataset`` (see :func:`fdistill.data.build_distill_loader`);
+    the loop moves it with ``loader.set_epoch(epoch, start_index)``, ``start_index`` being the
+    samples this rank had consumed in the epoch, so a resumed run sees exactly what it would
+    have seen."""
+    from ..data import build_distill_loader
+
+    d = cfg.data
+    return build_distill_loader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                                epoch=epoch, start_index=start_index, num_replicas=num_replicas, rank=rank,
+                                drop_last=True, pin_memory=pin_memory)
+
+
+def validate_without_building(cfg: DistillConfig) -> None:
+    """Checks beyond the schema that need no model: the teacher's source is known, timm model
+    names exist, a local data folder exists. Raises ConfigError."""
+    from ..teachers.registry import TEACHER_SOURCES, _CUSTOM
+
+    source, _, name = cfg.teacher.spec.partition(":")
+    known = set(TEACHER_SOURCES) | set(_CUSTOM)
+    if source not in known:
+        raise ConfigError(f"teacher.spec: unknown source {source!r}; expected one of {sorted(known)}")
+    import timm
+
+    if source == "timm" and not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"teacher.spec: timm has no model {name!r}")
+    if cfg.student.arch.startswith("timm:") and not timm.is_model(cfg.student.arch[5:]):
+        raise ConfigError(f"student.arch: timm has no model {cfg.student.arch[5:]!r}")
+    p = cfg.data.path
+    if p and not p.startswith("synthetic") and ".tar" not in p and "://" not in p:
+        from pathlib import Path
+
+        if not Path(p).expanduser().exists():
+            raise ConfigError(f"data.path {p!r} does not exist")

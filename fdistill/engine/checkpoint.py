@@ -1,0 +1,162 @@
+"""Run checkpoints: written atomically, loaded safely, the newest valid one found.
+
+A checkpoint is one ``torch.save`` file, ``<run>/checkpoints/ckpt_<step:08d>.pt``, holding only
+values that ``torch.load(weights_only=True)`` accepts (tensors, dicts, lists, tuples, numbers,
+strings)::
+
+    {"format": "fdistill-checkpoint", "version": 1,
+     "config": <resolved config dict>, "student_args": <create_student kwargs>,
+     "model": {"student": state_dict, "projector": state_dict},
+     "teacher": {"spec", "kwargs", "embed_dim", "num_prefix_tokens"},
+     "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {"per_rank": [...]},
+     "progress": {"epoch", "step", "micro_in_epoch", "samples_in_epoch", "samples", ...}}
+
+Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over
+the final name (``os.replace`` is atomic on POSIX) and the folder is fsync'ed: a crash at any
+moment leaves either the old set of checkpoints or the new one, never a half-written file
+under a checkpoint name. ``torch.load`` does not verify the zip records' CRCs, so
+:func:`load_checkpoint` checks them first: a corrupted (not only truncated) file is detected.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .errors import RunError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fdistill-checkpoint"
+VERSION = 1
+CKPT_DIR = "checkpoints"
+_NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
+
+__all__ = ["FORMAT", "VERSION", "CKPT_DIR", "checkpoint_path", "list_checkpoints", "save_checkpoint",
+           "load_checkpoint", "latest_valid_checkpoint", "find_resume_checkpoint", "prune_checkpoints",
+           "clean_partial_writes"]
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    """``<run>/checkpoints`` (a checkpoints folder itself is accepted too)."""
+    p = Path(run_dir)
+    return p if p.name == CKPT_DIR and not (p / CKPT_DIR).is_dir() else p / CKPT_DIR
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"ckpt_{int(step):08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
+    """Checkpoint files of a run, oldest (lowest step) first."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, obj: Dict[str, Any]) -> Path:
+    """Write ``obj`` to ``path`` atomically (temporary file, flush, fsync, rename, fsync folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Dict[str, Any]:
+    """Load a run checkpoint with ``weights_only=True`` (no arbitrary code runs).
+
+    Raises :class:`RunError` if the file is missing, truncated, corrupted (zip CRC check when
+    ``verify``), or not an fdistill checkpoint of a version this code reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path}")
+    if verify:
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise RunError(f"checkpoint {path} is truncated or corrupt ({e})") from e
+        except Exception as e:  # zlib errors and the like inside a damaged record
+            raise RunError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e})") from e
+        if bad is not None:
+            raise RunError(f"checkpoint {path} is corrupt (bad CRC in record {bad!r})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot load checkpoint {path} safely: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise RunError(f"{path} is not an fdistill checkpoint (no format={FORMAT!r})")
+    if int(ckpt.get("version", -1)) > VERSION:
+        raise RunError(f"{path} has checkpoint version {ckpt.get('version')}; this fdistill reads up to {VERSION}")
+    missing = [k for k in ("config", "student_args", "model", "progress") if k not in ckpt]
+    if missing:
+        raise RunError(f"checkpoint {path} lacks {missing}")
+    return ckpt
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """The newest checkpoint of ``run_dir`` that loads, and its contents; ``(None, None)`` if none.
+
+    Newer files that fail to load (truncated, corrupt) are reported with ``logging.warning``
+    and skipped; they are left in place for inspection."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            return p, load_checkpoint(p)
+        except RunError as e:
+            log.warning("skipping unusable checkpoint: %s", e)
+    return None, None
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """Path of the newest checkpoint of ``run_dir`` that loads (see :func:`find_resume_checkpoint`)."""
+    return find_resume_checkpoint(run_dir)[0]
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> List[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints; returns the deleted paths."""
+    ckpts = list_checkpoints(run_dir)
+    doomed = ckpts[:-keep_last] if keep_last > 0 else ckpts
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def clean_partial_writes(run_dir: str | os.PathLike) -> List[Path]:
+    """Remove temporary files left by a crash in the middle of :func:`save_checkpoint`."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    stale = [p for p in d.glob(".ckpt_*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

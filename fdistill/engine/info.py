@@ -1,0 +1,82 @@
+"""``fdistill info``: what a config will build and what one step costs, before running it.
+
+Parameters are counted on the built models; FLOPs per image are counted by
+:class:`torch.utils.flop_counter.FlopCounterMode` on one image (matmuls, convolutions and
+attention, as multiply-adds x 2). One training image costs a teacher forward plus a student +
+projector forward and backward (backward ~ 2x forward): ``teacher + 3 x (student + projector)``.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import yaml
+
+from ..config import to_dict
+from ..config.distill import DistillConfig, build_distiller, data_img_size, resolve_lr
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def forward_flops(fn, *args) -> int:
+    """FLOPs of ``fn(*args)`` (2 per multiply-add), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def _fmt(n: float, unit: str = "") -> str:
+    for k, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= k:
+            return f"{n / k:.2f} {s}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -> str:
+    """A text report: resolved config, teacher/student/projector sizes and FLOPs, token grids and
+    how they are aligned, global batch and learning rate for a few process counts."""
+    d = build_distiller(cfg, device=torch.device("cpu"), precision="fp32").eval()
+    t, s, proj = d.teacher, d.student, d.projector
+    img = data_img_size(cfg)
+    x = torch.rand(1, 3, img, img)
+    from ..distiller import normalize_images
+
+    t_in = torch.nn.functional.interpolate(x, size=d.teacher_img_size, mode="bilinear") \
+        if tuple(x.shape[-2:]) != tuple(d.teacher_img_size) else x
+    t_flops = forward_flops(lambda z: t.forward_tokens(normalize_images(z, t.mean, t.std)), t_in)
+    s_tokens = s.forward_tokens(normalize_images(x, s.mean, s.std))
+    s_flops = forward_flops(lambda z: s.forward_tokens(normalize_images(z, s.mean, s.std)), x)
+    p_flops = forward_flops(proj, s_tokens)
+    train_flops = t_flops + 3 * (s_flops + p_flops)
+
+    lines: List[str] = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), ""]
+    lines += [
+        "# models",
+        f"teacher   {cfg.teacher.spec}: {_fmt(count_params(t), 'params')}, width {t.embed_dim}, "
+        f"{t.num_prefix_tokens} prefix token(s), patch {t.patch_size}, frozen; {_fmt(t_flops, 'FLOPs')}/image forward",
+        f"student   {cfg.student.arch}: {_fmt(count_params(s), 'params')}, width {s.embed_dim}, "
+        f"grid {s.grid_size[0]}x{s.grid_size[1]}, drop path {cfg.student.drop_path_rate}; "
+        f"{_fmt(s_flops, 'FLOPs')}/image forward",
+        f"projector {s.embed_dim} -> {t.embed_dim} per token: {_fmt(count_params(proj), 'params')}",
+        f"alignment {d.describe_alignment()}",
+        f"[CLS]     target: {d.cls_target}; loss: norm={d.norm}, beta={d.beta}, cls_weight={d.cls_weight}, "
+        f"granularity={d.granularity}" + (f", mask {d.mask_ratio:.0%} {d.mask_type}" if d.mask_ratio else ""),
+        f"cost      {_fmt(train_flops, 'FLOPs')} per training image (teacher fwd + 3 x student/projector fwd)",
+        "",
+        "# optimisation (global batch = data.batch_size x processes x optim.accum_steps)",
+    ]
+    for n in processes:
+        tb = cfg.data.batch_size * n * cfg.optim.accum_steps
+        lr, wlr, mlr = resolve_lr(cfg.optim, tb)
+        lines.append(f"{n:>3} process(es): global batch {tb:>5}, peak lr {lr:.3g} (warm-up from {wlr:.3g}, "
+                     f"cosine to {mlr:.3g})")
+    lines.append(f"schedule: {cfg.train.epochs:g} epochs, {cfg.optim.warmup_epochs:g} warm-up; "
+                 f"precision {cfg.train.precision}; compile {cfg.train.compile}")
+    return "\n".join(lines)
+

@@ -1,0 +1,177 @@
+"""Training metrics without host syncs in the step, and where they are written.
+
+:class:`StepMetrics` accumulates losses, gradient norms and non-finite counts in device
+tensors (no ``.item()`` per step); :meth:`StepMetrics.collect` reduces them over ranks and
+brings them to the host once per log interval. :class:`RunLog` (rank 0 only) writes one JSON
+object per interval to ``metrics.jsonl``, drives the tqdm bar (loss, lr, img/s, ETA) and,
+optionally, TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .distributed import DistEnv, all_reduce_sum_
+
+log = logging.getLogger(__name__)
+
+# rank-local sums, summed over ranks at collect time
+_LOCAL = ("loss", "loss_prefix", "loss_patch", "mask_fraction", "finite_micro", "micro")
+
+
+class StepMetrics:
+    """Device-side running sums between two log points."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.local = torch.zeros(len(_LOCAL), device=device, dtype=torch.float64)
+        self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)  # same on all ranks
+        self.steps = 0  # host counters (no sync needed)
+        self.images = 0
+        self.skipped = 0
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)  # skipped steps since last collect
+        self.streak = torch.zeros((), device=device, dtype=torch.int64)  # consecutive skipped steps (kept)
+        self.t0 = time.perf_counter()
+
+    def add_micro(self, out: Dict[str, torch.Tensor]) -> None:
+        """One micro-batch's loss parts (0-dim tensors); non-finite ones are left out of the means."""
+        loss = out["loss"].detach()
+        ok = torch.isfinite(loss)
+        vals = torch.stack([loss.float(), out.get("loss_prefix", loss).detach().float(),
+                            out.get("loss_patch", loss).detach().float(),
+                            out.get("mask_fraction", torch.zeros((), device=loss.device)).float()]).double()
+        vals = torch.where(ok, vals, torch.zeros_like(vals))
+        self.local += torch.cat([vals, ok.double().view(1), vals.new_ones(1)])
+
+    def add_step(self, grad_norm: torch.Tensor, ok: torch.Tensor, images: int, skipped: int = 0) -> None:
+        """One optimizer step: its global gradient norm and whether it was applied."""
+        self.grad_norm += torch.where(ok, grad_norm.detach().double(), torch.zeros((), device=self.device,
+                                                                                   dtype=torch.float64))
+        bad = (~ok).to(torch.int64)
+        self.nonfinite += bad
+        self.streak.mul_(1 - bad).add_(bad)
+        self.steps += 1
+        self.images += images
+        self.skipped += int(skipped)
+
+    def collect(self, env: DistEnv) -> Dict[str, float]:
+        """Reduce over ranks, sync once, reset the interval sums; returns the interval's means."""
+        local = all_reduce_sum_(self.local.clone(), env)
+        skipped = all_reduce_sum_(torch.tensor([float(self.skipped)], device=self.device, dtype=torch.float64), env)
+        host = torch.cat([local, self.grad_norm.view(1), self.nonfinite.double().view(1),
+                          self.streak.double().view(1), skipped]).tolist()  # the one host sync
+        n = dict(zip(_LOCAL, host[:len(_LOCAL)]))
+        grad_norm, nonfinite, streak, skipped_all = host[len(_LOCAL):]
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        good = max(n["finite_micro"], 1.0)
+        applied = self.steps - int(nonfinite)
+        out = {
+            "loss": n["loss"] / good if n["finite_micro"] else math.nan,
+            "loss_prefix": n["loss_prefix"] / good if n["finite_micro"] else math.nan,
+            "loss_patch": n["loss_patch"] / good if n["finite_micro"] else math.nan,
+            "grad_norm": grad_norm / applied if applied else math.nan,
+            "nonfinite": int(nonfinite),
+            "nonfinite_streak": int(streak),
+            "skipped_images": int(skipped_all),
+            "images_per_s": self.images * env.world_size / dt,
+            "step_time_s": dt / max(self.steps, 1),
+        }
+        if n["mask_fraction"]:
+            out["mask_fraction"] = n["mask_fraction"] / good
+        self.local.zero_()
+        self.grad_norm.zero_()
+        self.nonfinite.zero_()
+        self.steps = self.images = self.skipped = 0
+        self.t0 = now
+        return out
+
+    def current_streak(self) -> int:
+        """Consecutive skipped steps so far (a host sync: call at log / checkpoint time only)."""
+        return int(self.streak.item())
+
+
+class RunLog:
+    """Rank 0's outputs: ``metrics.jsonl``, the progress bar, TensorBoard, console lines.
+
+    Every method is a no-op on other ranks (``enabled=False``)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
+                 tensorboard: bool = False, desc: str = "distill"):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        self.file = open(self.path, "a", buffering=1)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+                        smoothing=0.05, mininterval=1.0)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("train.tensorboard=true but tensorboard is not installed (pip install 'fdistill[tensorboard]')")
+            else:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run rewrites the records its checkpoint does not cover (logged after it)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['images_per_s']:.1f}", refresh=False)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def message(self, text: str) -> None:
+        """A line on the console that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()

@@ -1,0 +1,74 @@
+"""AdamW for the student + projector, without weight decay where it does harm.
+
+No weight decay on biases and normalisation weights (every tensor with ndim <= 1), on position
+embeddings and relative-position-bias tables, and on the [CLS] and mask tokens -- the official
+FD ``get_pretrain_param_groups`` rule, which reads each model's ``no_weight_decay()``. The
+grouping itself is timm's :func:`~timm.optim.param_groups_weight_decay`; here we only collect
+the exclusions of *every* sub-module (the student sits under ``student.`` in the trainable
+branch, so its own ``no_weight_decay()`` names need that prefix).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Set
+
+import torch
+import torch.nn as nn
+from timm.optim import param_groups_weight_decay
+
+log = logging.getLogger(__name__)
+
+#: excluded whatever a model's ``no_weight_decay()`` says (patterns over full parameter names)
+ALWAYS_NO_DECAY = ("*pos_embed", "*cls_token", "*mask_token", "*relative_position_bias_table",
+                   "*absolute_pos_embed", "*logit_scale")
+
+
+def no_weight_decay_patterns(model: nn.Module) -> Set[str]:
+    """Name patterns (fnmatch) of parameters that get no weight decay, from every sub-module's
+    ``no_weight_decay()`` / ``no_weight_decay_keywords()`` plus :data:`ALWAYS_NO_DECAY`."""
+    pats = set(ALWAYS_NO_DECAY)
+    for prefix, mod in model.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        if hasattr(mod, "no_weight_decay") and callable(mod.no_weight_decay):
+            pats |= {pre + n for n in mod.no_weight_decay()}
+        if hasattr(mod, "no_weight_decay_keywords") and callable(mod.no_weight_decay_keywords):
+            pats |= {f"{pre}*{k}*" for k in mod.no_weight_decay_keywords()}
+    return pats
+
+
+def fused_available(params: List[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for these parameters' device and dtype."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=params[0].device, dtype=params[0].dtype, requires_grad=True)],
+                          fused=True)
+        return True
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+def create_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.999), eps: float = 1e-8,
+                 fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters in two groups (decay / no decay).
+
+    ``fused=None`` uses the fused kernel where torch has one (CUDA and CPU float tensors): one
+    kernel per step instead of a loop, and it can skip a step on a device-side flag
+    (``optimizer.found_inf``) without a host sync, which the training loop uses for non-finite
+    losses."""
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_patterns(model))
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if fused is None:
+        fused = fused_available(params)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                            fused=True if fused else None)
+    n_no = sum(p.numel() for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    log.debug("AdamW(lr=%g, wd=%g, fused=%s): %d tensors, %d params without weight decay", lr, weight_decay, fused,
+              len(params), n_no)
+    return opt
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True when ``optimizer.step()`` honours a device-side ``found_inf`` flag (fused Adam/AdamW)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
