@@ -148,36 +148,64 @@ def _install_mha(model: nn.Module, cap: AttentionCapture, undo: list) -> int:
     return n
 
 
-def _hf_targets(model: nn.Module) -> List[Tuple[str, nn.Module, int]]:
-    """(qualified name, module, output index) of every HF attention module ``output_attentions`` reads."""
+def _hf_rules(model: nn.Module) -> list:
+    """(target class, class-name suffix, output index, layer name) of every attention recorder the
+    model's Hugging Face families declare (``_can_record_outputs["attentions"]``).
+
+    Found on the PreTrainedModel instances inside ``model`` and, for towers that are plain
+    modules (``CLIPModel.vision_model`` is a ``CLIPVisionTransformer``), on the PreTrainedModel
+    classes of the same ``transformers.models.*`` source file."""
+    import sys
+
     try:
         from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import OutputRecorder
     except ImportError:
         return []
-    found: Dict[int, Tuple[str, nn.Module, int]] = {}
-    for root_name, root in model.named_modules():
-        if not isinstance(root, PreTrainedModel):
-            continue
-        specs = (root.can_record_outputs or {}).get("attentions")
+    try:
+        from transformers.utils.output_capturing import OutputRecorder
+    except ImportError:  # transformers 4.5x kept it in utils.generic; older ones have no recorders
+        try:
+            from transformers.utils.generic import OutputRecorder
+        except ImportError:
+            return []
+    declared = []
+    files = set()
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            declared.append(m.can_record_outputs or {})
+        if type(m).__module__.startswith("transformers.models."):
+            files.add(type(m).__module__)
+    for f in sorted(files):
+        for obj in vars(sys.modules[f]).values():
+            if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj._can_record_outputs:
+                declared.append(obj._can_record_outputs)
+    rules = []
+    for d in declared:
+        specs = d.get("attentions")
         if specs is None:
             continue
-        specs = specs if isinstance(specs, list) else [specs]
-        rules = []
-        for s in specs:
+        for s in specs if isinstance(specs, list) else [specs]:
             if isinstance(s, OutputRecorder):
-                rules.append((s.target_class, s.class_name, s.index, s.layer_name))
+                rule = (s.target_class, s.class_name, s.index, s.layer_name)
             elif isinstance(s, str):
-                rules.append((None, s, 1, None))
+                rule = (None, s, 1, None)
             else:
-                rules.append((s, None, 1, None))
-        for name, m in root.named_modules():
-            qual = f"{root_name}.{name}".strip(".")
-            for cls, cls_name, index, layer_name in rules:
-                if (cls is not None and isinstance(m, cls)) or (cls_name is not None and qual.endswith(cls_name)):
-                    if layer_name is not None and f".{layer_name.strip('.')}." not in f".{qual}.":
-                        continue
-                    found.setdefault(id(m), (qual, m, index))
+                rule = (s, None, 1, None)
+            if rule not in rules:
+                rules.append(rule)
+    return rules
+
+
+def _hf_targets(model: nn.Module) -> List[Tuple[str, nn.Module, int]]:
+    """(qualified name, module, output index) of every HF attention module ``output_attentions`` reads."""
+    rules = _hf_rules(model)
+    found: Dict[int, Tuple[str, nn.Module, int]] = {}
+    for qual, m in model.named_modules():
+        for cls, cls_name, index, layer_name in rules:
+            if (cls is not None and isinstance(m, cls)) or (cls_name is not None and qual.endswith(cls_name)):
+                if layer_name is not None and f".{layer_name.strip('.')}." not in f".{qual}.":
+                    continue
+                found.setdefault(id(m), (qual, m, index))
     return list(found.values())
 
 
@@ -225,7 +253,10 @@ def _unsupported_hint(model: nn.Module) -> str:
     kinds = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
                     if "attention" in type(m).__name__.lower()})
     if kinds:
-        return f" (found attention modules of unsupported types: {', '.join(kinds[:6])})"
+        hf = any(k.startswith("transformers.") for k in kinds)
+        return (f" (found attention modules of unsupported types: {', '.join(kinds[:6])}"
+                + ("; Hugging Face models need a transformers version whose models declare "
+                   "_can_record_outputs, 4.54 or newer" if hf else "") + ")")
     return " (it has no attention modules at all, e.g. a CNN)"
 
 

@@ -1,0 +1,155 @@
+"""The paper's diagnostic figures (matplotlib, Agg backend; PNG).
+
+* :func:`plot_attention_distance`: Figure 3 style, one panel per model, x = layer, y = mean
+  attention distance (px), one dot per head, shared y axis;
+* :func:`plot_attention_maps`: Figure 4 style, one row per model, one column per chosen layer;
+* :func:`plot_loss_landscape`: Figure 5 style, one column per model, loss (top) and accuracy
+  (bottom) against alpha, one curve per random direction.
+
+Each takes plain data (lists / tensors) and a path; files are written atomically.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _caption(fig, text: Optional[str]) -> None:
+    if text:
+        fig.text(0.5, -0.01, "\n".join(textwrap.wrap(text, 150)), ha="center", va="top", fontsize=8.5,
+                 color="#333333")
+
+
+def _title(label: str, width: int = 38) -> str:
+    return label if len(label) <= width else "..." + label[-(width - 3):]
+
+
+def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None) -> Path:
+    """``models``: dicts with ``label`` and ``distance_px`` ((L, H) nested lists or a tensor),
+    optionally ``patch_size`` / ``grid`` for the panel title."""
+    plt = _plt()
+    n = len(models)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.4), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], models):
+        d = torch.as_tensor(m["distance_px"], dtype=torch.float32)  # (L, H)
+        L, H = d.shape
+        layers = torch.arange(1, L + 1, dtype=torch.float32)
+        ax.scatter(layers.repeat_interleave(H), d.reshape(-1), s=14, alpha=0.75, color="#1f77b4",
+                   edgecolors="none", label="one head")
+        ax.plot(layers, d.mean(1), color="#d62728", lw=1.0, alpha=0.8, label="mean over heads")
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(1, L + 1) if L <= 16 else range(1, L + 1, max(1, L // 8)))
+        sub = ""
+        if m.get("patch_size") and m.get("grid"):
+            g = m["grid"]
+            sub = f"\n{m['patch_size']} px patches, {g[0]}x{g[1]} grid, {H} heads"
+        ax.set_title(_title(m["label"]) + sub, fontsize=9.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean attention distance (px)")
+    axes[0][0].set_ylim(bottom=0)
+    axes[0][-1].legend(fontsize=7.5, loc="lower right")
+    _caption(fig, caption)
+    return _save(fig, path)
+
+
+def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None,
+                        clip_quantile: float = 0.99) -> Path:
+    """``models``: dicts with ``label``, ``maps`` ({1-based layer: (T, T)}) and
+    ``num_prefix_tokens``. Each panel's colour scale runs from 0 to the ``clip_quantile`` of its
+    values (the [CLS] column would otherwise wash out the patch structure)."""
+    plt = _plt()
+    rows = len(models)
+    cols = max(len(m["maps"]) for m in models)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.4, 2.75 * rows + 0.3), squeeze=False)
+    for r, m in enumerate(models):
+        items = sorted(m["maps"].items())
+        P = int(m.get("num_prefix_tokens", 0))
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(items):
+                ax.axis("off")
+                continue
+            layer, a = items[c]
+            a = torch.as_tensor(a, dtype=torch.float32)
+            vmax = float(torch.quantile(a.flatten()[:: max(1, a.numel() // 200_000)], clip_quantile))
+            ax.imshow(a.numpy(), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), interpolation="nearest")
+            if P > 0:  # separate prefix tokens from patches
+                ax.axhline(P - 0.5, color="white", lw=0.5, alpha=0.7)
+                ax.axvline(P - 0.5, color="white", lw=0.5, alpha=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"layer {layer}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{_title(m['label'], 30)}\nquery token", fontsize=8.5)
+            if r == rows - 1:
+                ax.set_xlabel("key token", fontsize=8.5)
+    _caption(fig, caption)
+    return _save(fig, path)
+
+
+def plot_loss_landscape(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None) -> Path:
+    """``models``: dicts with ``label``, ``alphas``, ``seeds``, ``loss`` and ``accuracy`` (one list
+    per direction, accuracy in [0, 1])."""
+    plt = _plt()
+    n = len(models)
+    fig, axes = plt.subplots(2, n, figsize=(3.8 * n + 0.6, 6.0), sharex=True, sharey="row", squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for c, m in enumerate(models):
+        a = m["alphas"]
+        for i, seed in enumerate(m["seeds"]):
+            axes[0][c].plot(a, m["loss"][i], color=colors(i % 10), lw=1.3, label=f"direction seed {seed}")
+            axes[1][c].plot(a, [100.0 * v for v in m["accuracy"][i]], color=colors(i % 10), lw=1.3)
+        axes[0][c].set_title(_title(m["label"]), fontsize=9.5)
+        for ax in (axes[0][c], axes[1][c]):
+            ax.axvline(0.0, color="gray", lw=0.6, ls=":")
+            ax.grid(alpha=0.3)
+        axes[1][c].set_xlabel(r"$\alpha$ (step along a filter-normalised direction)")
+    axes[0][0].set_ylabel("cross-entropy loss")
+    axes[1][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="upper center")
+    _caption(fig, caption)
+    return _save(fig, path)
+
+
+def figure_png_ok(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a readable PNG (used by tests and the report)."""
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def save_json_atomic(obj, path: str | os.PathLike) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
