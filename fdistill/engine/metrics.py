@@ -56,7 +56,7 @@ class StepMetrics:
                                                                                    dtype=torch.float64))
         bad = (~ok).to(torch.int64)
         self.nonfinite += bad
-        self.streak.mul_(1 - bad).add_(bad)
+        self.streak.add_(bad).mul_(bad)  # +1 on a skipped step, back to 0 on an applied one
         self.steps += 1
         self.images += images
         self.skipped += int(skipped)
