@@ -1,0 +1,113 @@
+"""Every file under configs/ validates against its schema, and the distillation recipes hold the
+official FD settings they claim to reproduce."""
+from pathlib import Path
+
+import pytest
+
+from fdistill.config import ConfigError, build_config, load_yaml
+from fdistill.config.distill import DistillConfig, validate_without_building
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def _eval_schemas():
+    try:
+        from fdistill.config import finetune
+    except ImportError:
+        return []
+    names = ("FinetuneConfig", "LinprobeConfig", "SweepConfig", "KnnConfig", "ZeroshotConfig")
+    return [getattr(finetune, n) for n in names if hasattr(finetune, n)]
+
+
+def _schemas_for(path: Path):
+    """configs/distill/* -> the distillation schema; anything else -> one of the evaluation schemas."""
+    folder = path.relative_to(REPO / "configs").parts[0]
+    return [DistillConfig] if folder == "distill" else _eval_schemas()
+
+
+def test_there_are_recipes():
+    names = {p.name for p in CONFIGS}
+    for n in ("clip_vit_base_300ep.yaml", "clip_vit_base_100ep.yaml", "clip_vit_large_300ep.yaml",
+              "dino_vit_base_300ep.yaml", "deit_vit_base_300ep.yaml", "mae_vit_base_300ep.yaml",
+              "esvit_swin_base_300ep.yaml", "tiny_cpu.yaml"):
+        assert n in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_config_validates(path):
+    schemas = _schemas_for(path)
+    if not schemas:
+        pytest.fail(f"no schema known for {path}")
+    errors = []
+    for schema in schemas:
+        try:
+            cfg = build_config(schema, path)
+        except ConfigError as e:
+            errors.append(f"{schema.__name__}: {e}")
+            continue
+        if schema is DistillConfig:
+            validate_without_building(cfg)
+        return
+    pytest.fail(f"{path} validates against none of its schemas:\n" + "\n".join(errors))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "distill" in p.parts], ids=lambda p: p.name)
+def test_distill_recipes_say_what_they_reproduce(path):
+    head = path.read_text().split("\n\n")[0].lower()
+    assert "reproduce" in head or "smoke" in head or "no official config" in head
+    if path.name != "tiny_cpu.yaml":
+        assert "expect" in path.read_text().lower()
+
+
+def _cfg(name, *ov):
+    return build_config(DistillConfig, REPO / "configs" / "distill" / name, list(ov))
+
+
+def test_clip_vit_base_300ep_is_the_official_recipe():
+    c = _cfg("clip_vit_base_300ep.yaml")
+    assert (c.student.arch, c.student.patch_size, c.student.img_size, c.student.pos_embed) == ("vit_base", 16, 224,
+                                                                                              "shared_rpb")
+    assert c.student.drop_path_rate == 0.2 and c.student.init_values == 0.1
+    o = c.optim
+    assert (o.base_lr, o.lr, o.lr_batch_denominator, o.weight_decay, o.clip_grad) == (3e-4, None, 512, 0.05, 3.0)
+    assert (o.warmup_epochs, o.warmup_lr, o.min_lr, tuple(o.betas), o.eps) == (10, 5e-7, 5e-6, (0.9, 0.999), 1e-8)
+    assert c.data.batch_size == 128 and tuple(c.data.scale) == (0.08, 1.0) and c.train.epochs == 300
+    assert c.teacher.after_norm and c.distill.norm == "standardize" and c.distill.beta == 2.0
+    assert c.teacher.spec == "timm:vit_base_patch16_clip_224.openai"
+
+
+def test_other_recipes_differ_from_the_base_where_the_official_configs_do():
+    c = _cfg("clip_vit_base_100ep.yaml")
+    assert c.train.epochs == 100 and c.student.drop_path_rate == 0.1 and tuple(c.data.scale) == (0.67, 1.0)
+    c = _cfg("clip_vit_large_300ep.yaml")
+    assert (c.student.arch, c.student.patch_size, c.student.drop_path_rate) == ("vit_large", 14, 0.3)
+    assert c.teacher.spec == "timm:vit_large_patch14_clip_224.openai"
+    for name, spec in (("dino_vit_base_300ep.yaml", "timm:vit_base_patch16_224.dino"),
+                       ("deit_vit_base_300ep.yaml", "timm:deit_base_patch16_224.fb_in1k"),
+                       ("mae_vit_base_300ep.yaml", "timm:vit_base_patch16_224.mae")):
+        c = _cfg(name)
+        assert c.teacher.spec == spec and c.student.drop_path_rate == 0.3 and c.optim.base_lr == 3e-4
+    c = _cfg("esvit_swin_base_300ep.yaml")
+    assert c.student.arch.startswith("timm:swin") and c.student.drop_path_rate == 0.3
+    assert (c.optim.base_lr, c.optim.warmup_lr, c.optim.min_lr) == (2e-4, 1e-6, 1e-5)
+    outputs = {_cfg(p.name).train.output for p in CONFIGS if "distill" in p.parts}
+    assert len(outputs) == len([p for p in CONFIGS if "distill" in p.parts])  # no two recipes share a run folder
+
+
+def test_unknown_keys_and_wrong_types_are_rejected_with_a_suggestion(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("_base_: " + str(REPO / "configs/distill/tiny_cpu.yaml") + "\noptim:\n  warmup_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.warmup_epoch'; did you mean 'optim.warmup_epochs'"):
+        build_config(DistillConfig, bad)
+    with pytest.raises(ConfigError, match="data.batch_size: expected an integer"):
+        _cfg("tiny_cpu.yaml", "data.batch_size=big")
+    with pytest.raises(ConfigError, match="distill.norm: 'layernorm' is not one of"):
+        _cfg("tiny_cpu.yaml", "distill.norm=layernorm")
+    with pytest.raises(ConfigError, match="drop_path_rate must be in"):
+        _cfg("tiny_cpu.yaml", "student.drop_path_rate=1.5")
+    with pytest.raises(ConfigError, match="drop_masked needs"):
+        _cfg("tiny_cpu.yaml", "distill.drop_masked=true")
+    with pytest.raises(ConfigError, match="student.arch"):
+        _cfg("tiny_cpu.yaml", "student.arch=vit_gigantic")
+    assert load_yaml(REPO / "configs/distill/clip_vit_large_300ep.yaml")["student"]["patch_size"] == 14
