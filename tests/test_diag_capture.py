@@ -8,6 +8,16 @@ import torch.nn.functional as F
 from fdistill.diagnostics import AttentionCaptureError, capture_attention
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other processes
+    load the CPUs (OpenMP threads then wait on each other); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Recorder:
     def __init__(self):
         self.maps = {}
@@ -208,3 +218,21 @@ def test_windowed_attention_rejected_when_tokens_given(tiny_vit_teacher):
     with pytest.raises(AttentionCaptureError, match="attends over 17 tokens"):
         with capture_attention(tiny_vit_teacher, lambda i, a: None, expected_tokens=50):
             tiny_vit_teacher.forward_tokens(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("name,kw,prefix", [
+    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2), 1),  # EvaAttention with rotary embeddings
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=2), 5),  # [CLS] + 4 registers
+])
+def test_other_timm_families(name, kw, prefix):
+    from fdistill import create_teacher
+
+    t = create_teacher(f"timm:{name}", pretrained=False, **kw)
+    x = torch.randn(2, 3, 28, 28)
+    ref = t.forward_tokens(x).full()
+    rec = _Recorder()
+    with capture_attention(t, rec, expected_tokens=prefix + 4) as cap:
+        out = t.forward_tokens(x).full()
+    assert cap.families == ["timm"] and cap.num_layers == 2
+    assert torch.allclose(out, ref, atol=1e-5)
+    _check_rows([m[0] for m in rec.maps.values()], prefix + 4)

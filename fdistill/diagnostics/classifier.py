@@ -61,8 +61,8 @@ def fit_linear_head(
     labels: torch.Tensor,
     num_classes: int,
     *,
-    weight_decay: float = 1e-4,
-    max_iter: int = 200,
+    weight_decay: float = 1e-3,
+    max_iter: int = 100,
 ) -> nn.Linear:
     """Multinomial logistic regression on (N, C) features by full-batch L-BFGS.
 
@@ -110,7 +110,7 @@ def extract_features(backbone: Teacher, batches: Iterable[Tuple[torch.Tensor, to
 
 def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, *,
                             device: Optional[torch.device | str] = None,
-                            weight_decay: float = 1e-4) -> Tuple[BackboneWithHead, float]:
+                            weight_decay: float = 1e-3) -> Tuple[BackboneWithHead, float]:
     """Fit a linear head on ``backbone``'s frozen features; returns the classifier (over
     normalised images) and the head's training accuracy."""
     feats, labels = extract_features(backbone, train_batches, device)

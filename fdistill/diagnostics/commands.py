@@ -297,7 +297,7 @@ class LandscapeOptions:
     alpha_range: float = 1.0
     head_split: str = "train"
     head_images: Optional[int] = DEFAULT_HEAD_IMAGES
-    head_weight_decay: float = 1e-4
+    head_weight_decay: float = 1e-3
 
 
 def _check_classes(dm: DiagnosticModel, data_classes: List[str], num_outputs: int) -> None:

@@ -38,8 +38,10 @@ def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 
 def _caption(fig, text: Optional[str]) -> None:
+    fig.tight_layout()
     if text:
-        fig.text(0.5, -0.01, "\n".join(textwrap.wrap(text, 150)), ha="center", va="top", fontsize=8.5,
+        width = max(70, min(170, int(fig.get_figwidth() * 17)))  # characters per line ~ figure width
+        fig.text(0.5, -0.01, "\n".join(textwrap.wrap(text, width)), ha="center", va="top", fontsize=8.5,
                  color="#333333")
 
 
@@ -83,7 +85,7 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
     plt = _plt()
     rows = len(models)
     cols = max(len(m["maps"]) for m in models)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.4, 2.75 * rows + 0.3), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.4, 2.75 * rows + 0.3), squeeze=False)
     for r, m in enumerate(models):
         items = sorted(m["maps"].items())
         P = int(m.get("num_prefix_tokens", 0))
@@ -95,7 +97,11 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
             layer, a = items[c]
             a = torch.as_tensor(a, dtype=torch.float32)
             vmax = float(torch.quantile(a.flatten()[:: max(1, a.numel() // 200_000)], clip_quantile))
-            ax.imshow(a.numpy(), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), interpolation="nearest")
+            im = ax.imshow(a.numpy(), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), interpolation="nearest")
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            cb.ax.tick_params(labelsize=6.5)
+            cb.locator = _plt().MaxNLocator(3)
+            cb.update_ticks()
             if P > 0:  # separate prefix tokens from patches
                 ax.axhline(P - 0.5, color="white", lw=0.5, alpha=0.7)
                 ax.axvline(P - 0.5, color="white", lw=0.5, alpha=0.7)
@@ -127,6 +133,8 @@ def plot_loss_landscape(models: Sequence[Dict], path: str | os.PathLike, *, capt
             ax.axvline(0.0, color="gray", lw=0.6, ls=":")
             ax.grid(alpha=0.3)
         axes[1][c].set_xlabel(r"$\alpha$ (step along a filter-normalised direction)")
+    for ax in axes.flat:
+        ax.ticklabel_format(axis="y", useOffset=False)
     axes[0][0].set_ylabel("cross-entropy loss")
     axes[1][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="upper center")
