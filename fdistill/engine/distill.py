@@ -149,7 +149,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the fp32 recipe) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    seed_everything(tc.seed + env.rank)  # as the official code: a different drop-path stream per rank
+    seed_everything(tc.seed)  # the same initial weights on every rank (a random-init teacher included)
     run_dir = Path(tc.output).expanduser()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +184,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     # model, optimizer, schedule, loss scaler
     distiller = build_distiller(cfg, device=device, precision=precision)
     distiller.train()
+    seed_everything(tc.seed + env.rank)  # as the official code: each rank its own drop-path/mask stream
     optimizer = build_optimizer(cfg, distiller.branch, total_batch=total_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=steps_per_epoch, total_batch=total_batch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
