@@ -130,3 +130,21 @@ def test_linear_head_fits_separable_data():
     head = fit_linear_head(x, y, 3)
     assert (head(x).argmax(1) == y).all()
     assert not head.weight.requires_grad
+
+
+def test_diverged_points_are_inf_in_memory_null_in_json(tmp_path):
+    import json
+
+    from fdistill.diagnostics.plots import plot_loss_landscape, save_json_atomic
+
+    class Diverged(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), float("nan"))
+
+    loss, acc = evaluate_classifier(Diverged(), [(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))])
+    assert loss == float("inf") and acc == 0.0
+    m = dict(label="m", alphas=[-1.0, 0.0, 1.0], seeds=[0], loss=[[float("inf"), 0.5, 2.0]], accuracy=[[0.1, 0.9, 0.5]])
+    png = plot_loss_landscape([m], tmp_path / "l.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    save_json_atomic(dict(models=[m]), tmp_path / "l.json")
+    assert json.loads((tmp_path / "l.json").read_text())["models"][0]["loss"][0] == [None, 0.5, 2.0]

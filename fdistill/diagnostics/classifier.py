@@ -94,10 +94,15 @@ def fit_linear_head(
 
 @torch.no_grad()
 def extract_features(backbone: Teacher, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                     device: Optional[torch.device | str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     device: Optional[torch.device | str] = None,
+                     progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled features and labels of ``batches`` of (uint8 or [0, 1] images, labels)."""
+    from tqdm.auto import tqdm
+
     feats, labels = [], []
-    for images, y in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for images, y in tqdm(batches, total=total, desc=f"features {backbone.name}", unit="batch",
+                          disable=not progress, leave=False):
         if device is not None:
             images = images.to(device, non_blocking=True)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
@@ -109,11 +114,11 @@ def extract_features(backbone: Teacher, batches: Iterable[Tuple[torch.Tensor, to
 
 
 def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, *,
-                            device: Optional[torch.device | str] = None,
-                            weight_decay: float = 1e-3) -> Tuple[BackboneWithHead, float]:
+                            device: Optional[torch.device | str] = None, weight_decay: float = 1e-3,
+                            progress: bool = True) -> Tuple[BackboneWithHead, float]:
     """Fit a linear head on ``backbone``'s frozen features; returns the classifier (over
     normalised images) and the head's training accuracy."""
-    feats, labels = extract_features(backbone, train_batches, device)
+    feats, labels = extract_features(backbone, train_batches, device, progress=progress)
     head = fit_linear_head(feats, labels, num_classes, weight_decay=weight_decay)
     with torch.no_grad():
         train_acc = float((head(feats).argmax(1) == labels).float().mean())

@@ -332,7 +332,7 @@ def landscape_for_model(dm: DiagnosticModel, data: DataOptions, opts: LandscapeO
             raise DataError(f"{data.data} has no class labels: a loss landscape needs a labelled dataset")
         torch.manual_seed(data.seed)
         clf, train_acc = linear_probe_classifier(dm.adapter, fit, len(fit.classes), device=device,
-                                                 weight_decay=opts.head_weight_decay)
+                                                 weight_decay=opts.head_weight_decay, progress=progress)
         how = (f"frozen backbone + linear head fitted on {fit.num_images} {opts.head_split} images "
                f"(train accuracy {100 * train_acc:.1f}%)")
         head_info = dict(head_split=opts.head_split, head_images=fit.num_images, head_train_accuracy=train_acc)
@@ -362,7 +362,7 @@ def landscape_summary(m: Dict[str, Any]) -> Dict[str, float]:
         idx = [at(-a), at(a)]
         losses = [m["loss"][d][i] for d in range(len(m["loss"])) for i in idx]
         accs = [m["accuracy"][d][i] for d in range(len(m["accuracy"])) for i in idx]
-        out[f"loss_at_{a:g}"] = sum(losses) / len(losses)
+        out[f"loss_at_{a:g}"] = sum(losses) / len(losses)  # inf if a point diverged
         out[f"accuracy_at_{a:g}"] = sum(accs) / len(accs)
     return out
 

@@ -74,7 +74,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
         if logits.dim() != 2:
             raise ValueError(f"classifier must return (B, num_classes) logits, got {tuple(logits.shape)}")
         ls = F.cross_entropy(logits.float(), y, reduction="sum").double()
-        c = (logits.argmax(dim=1) == y).sum()
+        c = ((logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)).sum()  # NaN rows are wrong
         loss_sum = ls if loss_sum is None else loss_sum + ls
         correct = c if correct is None else correct + c
         n += y.shape[0]

@@ -10,6 +10,7 @@ Each takes plain data (lists / tensors) and a path; files are written atomically
 """
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 from pathlib import Path
@@ -126,16 +127,23 @@ def plot_loss_landscape(models: Sequence[Dict], path: str | os.PathLike, *, capt
     for c, m in enumerate(models):
         a = m["alphas"]
         for i, seed in enumerate(m["seeds"]):
-            axes[0][c].plot(a, m["loss"][i], color=colors(i % 10), lw=1.3, label=f"direction seed {seed}")
+            loss = [_finite_or_nan(v) for v in m["loss"][i]]  # a diverged point leaves a gap
+            axes[0][c].plot(a, loss, color=colors(i % 10), lw=1.3, label=f"direction seed {seed}")
             axes[1][c].plot(a, [100.0 * v for v in m["accuracy"][i]], color=colors(i % 10), lw=1.3)
         axes[0][c].set_title(_title(m["label"]), fontsize=9.5)
         for ax in (axes[0][c], axes[1][c]):
             ax.axvline(0.0, color="gray", lw=0.6, ls=":")
             ax.grid(alpha=0.3)
         axes[1][c].set_xlabel(r"$\alpha$ (step along a filter-normalised direction)")
-    for ax in axes.flat:
+    # the loss often spans decades (a few tenths at the minimum, 1e5+ far out when BatchNorm statistics
+    # no longer fit the moved weights): then a log axis keeps the basin readable
+    vals = [v for m in models for curve in m["loss"] for v in curve if v is not None and 0 < v < float("inf")]
+    log_y = bool(vals) and max(vals) / min(vals) > 20
+    if log_y:
+        axes[0][0].set_yscale("log")
+    for ax in axes.flat[0 if not log_y else n:]:
         ax.ticklabel_format(axis="y", useOffset=False)
-    axes[0][0].set_ylabel("cross-entropy loss")
+    axes[0][0].set_ylabel("cross-entropy loss" + (" (log scale)" if log_y else ""))
     axes[1][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="upper center")
     _caption(fig, caption)
@@ -148,14 +156,31 @@ def figure_png_ok(path: str | os.PathLike) -> bool:
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _finite_or_nan(v) -> float:
+    return float("nan") if v is None or not math.isfinite(v) else float(v)
+
+
+def _json_safe(obj):
+    """Non-finite floats -> None (strict JSON has no NaN / Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def save_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as strict JSON (non-finite numbers become null) atomically."""
     import json
 
+    obj = _json_safe(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
