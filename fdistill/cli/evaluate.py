@@ -1,0 +1,142 @@
+"""``fdistill finetune | linprobe | knn | zeroshot``: argument parsing only; the work is in
+:mod:`fdistill.eval.commands` (configs: :mod:`fdistill.config.finetune`)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+OVERRIDES_HELP = "recipe overrides, dotted keys: optim.layer_decay=0.65 data.batch_size=64 epochs=10"
+MODEL_HELP = ("a teacher spec (timm:..., open_clip:ARCH/TAG, hf:REPO, python:FILE:FN), a distillation run folder "
+              "or checkpoint (the FD student), or an exported model folder")
+
+
+def _schema(command: str):
+    from ..config.finetune import FinetuneConfig, KnnConfig, LinprobeConfig, ZeroshotConfig
+
+    return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig, "zeroshot": ZeroshotConfig}[command]
+
+
+def _kwargs_list(raw, n_models: int):
+    from ..config import ConfigError
+
+    parsed = []
+    for r in raw or []:
+        try:
+            v = json.loads(r)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-kwargs {r!r} is not valid JSON: {e}") from e
+        if not isinstance(v, dict):
+            raise ConfigError(f"--model-kwargs must be a JSON object, got {r!r}")
+        parsed.append(v)
+    if not parsed:
+        return [None] * n_models
+    if len(parsed) != n_models:
+        raise ConfigError(f"give --model-kwargs once per model ({n_models}), in order ('{{}}' for none); got {len(parsed)}")
+    return parsed
+
+
+def _config(args):
+    from ..config import build_config
+
+    extra = list(args.overrides or [])
+    for flag, key in getattr(args, "_flag_keys", ()):
+        v = getattr(args, flag, None)
+        if v is not None and v is not False:
+            extra.append(f"{key}={json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if getattr(args, "download", False):
+        extra.append("data.download=true")
+    if getattr(args, "device", None):
+        extra.append(f"device={args.device}")
+    return build_config(_schema(args.command), args.config, extra)
+
+
+def _run(args) -> int:
+    from ..config import ConfigError
+    from ..eval.commands import COMMANDS, compare
+
+    cfg = _config(args)
+    models = args.compare if args.compare else ([args.model] if args.model else [])
+    if not models:
+        raise ConfigError(f"{args.command}: give --model SPEC (or --compare A B ...)")
+    if args.model and args.compare:
+        raise ConfigError("give either --model or --compare, not both")
+    kws = _kwargs_list(args.model_kwargs, len(models))
+    data = {"val": args.val}
+    if args.command == "zeroshot":
+        if not (args.val or args.train):
+            raise ConfigError("zeroshot: give the evaluation images with --val PATH")
+        data = {"val": args.val or args.train}
+    else:
+        if not args.train:
+            raise ConfigError(f"{args.command}: give the training images with --train PATH")
+        data["train"] = args.train
+    if args.command == "finetune":
+        if not args.output:
+            raise ConfigError("finetune: give an output folder with --output DIR")
+        data["resume"] = None if args.resume in ("none", "None", "") else args.resume
+    if len(models) > 1 or args.compare:
+        compare(args.command, cfg, models=models, model_kwargs=kws, output=args.output, **data)
+    else:
+        COMMANDS[args.command](cfg, model=models[0], model_kwargs=kws[0], output=args.output, **data)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+    p.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
+    p.add_argument("--model-kwargs", action="append", metavar="JSON",
+                   help="keyword arguments for the model's spec as JSON, e.g. '{\"weights\": \"r56.safetensors\"}'; "
+                        "with --compare give it once per model, in order ('{}' for none)")
+    p.add_argument("--compare", nargs="+", metavar="SPEC",
+                   help="run several models with the same recipe and print them side by side (writes compare.json)")
+    if train:
+        p.add_argument("--train", metavar="PATH", help="training images: a folder with class sub-folders (or a root "
+                                                       "with train/ and val/), 'synthetic[:N]', or a torchvision "
+                                                       "name such as cifar10")
+    p.add_argument("--val", metavar="PATH", help="evaluation images (default: the val split of --train)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
+    p.add_argument("--output", metavar="DIR", help="where metrics.json (and, for finetune, weights) go")
+    p.add_argument("--config", metavar="FILE", help="a YAML recipe (default: the schema's defaults, see configs/)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="sets device=")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.set_defaults(func=_run, train=None)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a model for image classification (BEiT/MAE recipe, layer-wise lr decay)",
+        description="End-to-end fine-tuning with AdamW + layer-wise lr decay, drop path, RandAugment, mixup/cutmix, "
+                    "label smoothing, warm-up + cosine, optional EMA; top-1/top-5; best and last weights; resumable. "
+                    "Default recipe: the official FD CLIP ViT-B/16 fine-tuning (configs/finetune/vit_base.yaml). "
+                    "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main finetune ...")
+    _common(p)
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from OUTPUT/checkpoints/last.pt if present (default); none: start over")
+    p.set_defaults(_flag_keys=())
+
+    p = sub.add_parser(
+        "linprobe", help="linear probe on frozen features (MAE recipe, or a fast sweep of heads)",
+        description="MAE linear probing (BatchNorm without affine + linear head, LARS, 90 epochs) with mode=standard; "
+                    "--fast extracts features once and trains a grid of heads (features x learning rates) in one pass.")
+    _common(p)
+    p.add_argument("--fast", dest="mode", action="store_const", const="fast", help="sets mode=fast (the sweep)")
+    p.add_argument("--feature", help="standard mode: cls | avg | cls+avg | last<n> | auto")
+    p.set_defaults(_flag_keys=(("mode", "mode"), ("feature", "feature")))
+
+    p = sub.add_parser("knn", help="weighted k-NN classification on frozen features (DINO: k=20, T=0.07)",
+                       description="Weighted k-NN on L2-normalised frozen features, streamed over the test set.")
+    _common(p)
+    p.add_argument("--k", type=int, nargs="+", help="neighbour counts (first one -> top1/top5)")
+    p.add_argument("--feature", help="cls | avg | cls+avg | last<n> | auto")
+    p.set_defaults(_flag_keys=(("k", "k"), ("feature", "feature")))
+
+    p = sub.add_parser(
+        "zeroshot", help="CLIP zero-shot classification (teacher, or FD student through its projector)",
+        description="Class-name prompts through the CLIP text tower vs image embeddings. For an FD student distilled "
+                    "from a CLIP teacher: student [CLS] -> projector -> the teacher's projection, teacher side by side.")
+    _common(p)
+    p.add_argument("--templates", help="openai (80 prompts) | simple | a text file, one template per line with {}")
+    p.add_argument("--classnames", metavar="FILE", help="class names, one per line, in the dataset's class order")
+    p.add_argument("--text-model", metavar="SPEC", help="text tower for a timm CLIP image tower: open_clip:ARCH/TAG")
+    p.add_argument("--teacher", metavar="SPEC", help="teacher of an FD student (default: the one its run recorded)")
+    p.set_defaults(_flag_keys=(("templates", "templates"), ("classnames", "classnames"),
+                               ("text_model", "text_model"), ("teacher", "teacher")))

@@ -1,0 +1,306 @@
+"""Config schemas of the evaluation commands (``fdistill finetune | linprobe | knn | zeroshot``)
+and the ``build_*`` functions, the only readers of these configs: each turns a config into the
+plain keyword arguments of a library function in :mod:`fdistill.eval`.
+
+Fine-tuning defaults reproduce the official FD fine-tuning recipe for CLIP ViT-B/16
+(SwinTransformer/Feature-Distillation, ``config.py`` + ``configs/finetune/
+fd_finetune__clip_vit_base__img224__300ep.yaml``, ``main_finetune.py``): AdamW (0.9, 0.999),
+eps 1e-8, weight decay 0.05, base lr 1.25e-3 per 512 images, layer decay 0.6, drop path 0.3,
+100 epochs with 20 warm-up epochs from 2.5e-7, cosine to 2.5e-7, gradient clipping 5.0,
+label smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment ``rand-m9-mstd0.5-inc1``, colour
+jitter 0.4, random erasing 0.25, bicubic, mean pooling, per-layer relative position bias.
+
+Linear probing follows MAE's ``main_linprobe.py`` (He et al., CVPR 2022, Appendix A.2): LARS,
+base lr 0.1 per 256 images, weight decay 0, 90 epochs (10 warm-up), batch 16384,
+RandomResizedCrop + flip, BatchNorm without affine before the linear head. k-NN follows DINO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+from .core import ConfigError
+
+__all__ = [
+    "EvalDataConfig", "AugConfig", "FinetuneOptimConfig", "FinetuneConfig", "LinprobeConfig", "SweepConfig",
+    "KnnConfig", "ZeroshotConfig", "resolve_finetune_lr", "build_finetune_recipe", "build_train_transform_args",
+    "build_linprobe_recipe", "build_sweep_recipe", "build_knn_recipe", "build_zeroshot_recipe",
+]
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class EvalDataConfig:
+    #: input size; null = the model's own (``img_size`` of the loaded model)
+    img_size: Optional[int] = None
+    #: images per process per step (the global batch is this x processes)
+    batch_size: int = 128
+    num_workers: int = 8
+    #: evaluation centre-crop fraction; null = 0.875, or 1.0 for images of 32 px or less
+    crop_pct: Optional[float] = None
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    #: let torchvision download a named dataset (``cifar10``...) into the data root
+    download: bool = False
+
+    def __post_init__(self):
+        _check(self.img_size is None or self.img_size > 0, f"data.img_size must be > 0, got {self.img_size}")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.crop_pct is None or 0 < self.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+
+
+@dataclass
+class AugConfig:
+    """Fine-tuning augmentation (official FD / BEiT ``AUG``)."""
+
+    #: timm RandAugment policy; "none" turns it off
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    #: random-erasing probability (mode ``pixel``, one box)
+    re_prob: float = 0.25
+    #: RandomResizedCrop area range (images of 32 px or less use RandomCrop(padding=4) instead)
+    scale: Tuple[float, float] = (0.08, 1.0)
+    #: mixup alpha / cutmix alpha (0 turns each off); label smoothing is applied inside mixup
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+
+    def __post_init__(self):
+        _check(0 <= self.re_prob <= 1, f"aug.re_prob is a probability, got {self.re_prob}")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "aug.mixup and aug.cutmix must be >= 0")
+        _check(0 <= self.label_smoothing < 1, f"aug.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, f"aug.scale must be 0 < min <= max <= 1, got {self.scale}")
+
+
+@dataclass
+class FinetuneOptimConfig:
+    """AdamW + layer-wise lr decay, warm-up + cosine per step (official ``lr_scheduler.py``)."""
+
+    #: lr per ``lr_batch_denominator`` images: lr = base_lr * global_batch / denominator
+    base_lr: float = 1.25e-3
+    #: absolute peak lr; when set, base_lr is ignored and warmup_lr/min_lr are absolute too
+    lr: Optional[float] = None
+    lr_batch_denominator: int = 512
+    warmup_lr: float = 2.5e-7
+    min_lr: float = 2.5e-7
+    weight_decay: float = 0.05
+    #: lr scale of layer i = layer_decay ** (L + 1 - i); 1.0 turns it off
+    layer_decay: float = 0.6
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    #: max global gradient norm; 0 turns clipping off
+    clip_grad: float = 5.0
+
+    def __post_init__(self):
+        _check(self.base_lr > 0 and (self.lr is None or self.lr > 0), "optim.base_lr / optim.lr must be > 0")
+        _check(0 < self.layer_decay <= 1, f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 = off)")
+        _check(self.lr_batch_denominator > 0, "optim.lr_batch_denominator must be > 0")
+
+
+@dataclass
+class FinetuneModelConfig:
+    #: ``avg`` = mean of the patch tokens + fc_norm (official FD); ``token`` = [CLS]
+    global_pool: Literal["avg", "token"] = "avg"
+    drop_path: float = 0.3
+
+    def __post_init__(self):
+        _check(0 <= self.drop_path < 1, f"model.drop_path must be in [0, 1), got {self.drop_path}")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+    def __post_init__(self):
+        _check(0 < self.decay < 1, f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    #: stop after this many optimizer steps (smoke tests); the schedule then spans them
+    max_steps: Optional[int] = None
+    #: evaluate (and checkpoint) every this many epochs, and after the last
+    eval_interval: int = 1
+    log_interval: int = 50
+    precision: Precision = "auto"
+    device: Device = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _check(self.eval_interval >= 1 and self.log_interval >= 1, "eval_interval and log_interval must be >= 1")
+
+
+@dataclass
+class SweepConfig:
+    """Fast linear probe: features extracted once, every (feature, lr) head trained in one pass."""
+
+    #: token features: ``cls``, ``avg``, ``cls+avg``, ``last<n>`` (concatenated [CLS] of the last n blocks)
+    features: List[str] = field(default_factory=lambda: ["cls", "avg", "cls+avg", "last4"])
+    #: base learning rates (per 256 images, LARS) tried for every feature
+    base_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    epochs: int = 50
+    warmup_epochs: float = 5.0
+    batch_size: int = 1024
+
+    def __post_init__(self):
+        _check(0 <= self.warmup_epochs <= self.epochs, "sweep.warmup_epochs must be in [0, sweep.epochs]")
+        _check(bool(self.features) and bool(self.base_lrs), "sweep.features and sweep.base_lrs must not be empty")
+        _check(all(lr > 0 for lr in self.base_lrs), "sweep.base_lrs must be > 0")
+        _check(self.epochs >= 1 and self.batch_size >= 1, "sweep.epochs and sweep.batch_size must be >= 1")
+
+
+@dataclass
+class LinprobeConfig:
+    #: ``standard``: MAE's recipe (augmented images through the frozen model every epoch);
+    #: ``fast``: cached features, a sweep of heads (see ``sweep``)
+    mode: Literal["standard", "fast"] = "standard"
+    data: EvalDataConfig = field(default_factory=lambda: EvalDataConfig(batch_size=16384))
+    #: standard mode: ``cls`` | ``avg`` | ``cls+avg`` | ``last<n>``; ``auto`` = cls, or avg without [CLS]
+    feature: str = "auto"
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    base_lr: float = 0.1
+    lr: Optional[float] = None
+    lr_batch_denominator: int = 256
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    #: RandomResizedCrop + flip on the training images (MAE); off = the evaluation view
+    augment: bool = True
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    precision: Precision = "auto"
+    device: Device = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]")
+        _check(self.base_lr > 0 and (self.lr is None or self.lr > 0), "base_lr / lr must be > 0")
+
+
+@dataclass
+class KnnConfig:
+    data: EvalDataConfig = field(default_factory=lambda: EvalDataConfig(batch_size=256))
+    #: ``auto`` = [CLS] (DINO), or the mean patch token for models without one
+    feature: str = "auto"
+    #: neighbour counts; the first one gives top1/top5, all are reported (DINO: 10, 20, 100, 200)
+    k: List[int] = field(default_factory=lambda: [20])
+    temperature: float = 0.07
+    precision: Precision = "auto"
+    device: Device = "auto"
+
+    def __post_init__(self):
+        _check(bool(self.k) and all(k >= 1 for k in self.k), "k must be a non-empty list of positive integers")
+        _check(self.temperature > 0, "temperature must be > 0")
+
+
+@dataclass
+class ZeroshotConfig:
+    data: EvalDataConfig = field(default_factory=lambda: EvalDataConfig(batch_size=256))
+    #: ``openai`` (the 80 ImageNet prompts), ``simple`` (a short built-in set), or a text file (one per line, ``{}``)
+    templates: str = "openai"
+    #: a text file of class names, one per line (default: the dataset's folder names, ImageNet
+    #: synsets mapped to readable names)
+    classnames: Optional[str] = None
+    #: text tower for a model without one (a timm CLIP image tower): ``open_clip:<arch>/<tag>``
+    text_model: Optional[str] = None
+    text_model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: teacher of an FD student (default: the run's own teacher spec and kwargs)
+    teacher: Optional[str] = None
+    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: also evaluate the teacher next to an FD student
+    with_teacher: bool = True
+    precision: Precision = "auto"
+    device: Device = "auto"
+
+
+# -- builders ----------------------------------------------------------------------------------------
+def resolve_finetune_lr(optim: FinetuneOptimConfig, global_batch: int) -> Tuple[float, float, float]:
+    """(peak lr, warm-up start lr, final lr) for ``global_batch`` images per step: the official
+    ``main_finetune.py`` scales all three by ``global_batch / 512``; an absolute ``optim.lr``
+    takes them as given."""
+    if optim.lr is not None:
+        return optim.lr, optim.warmup_lr, optim.min_lr
+    s = global_batch / optim.lr_batch_denominator
+    return optim.base_lr * s, optim.warmup_lr * s, optim.min_lr * s
+
+
+def _precision(p: str, device_type: str) -> str:
+    from .distill import resolve_precision
+
+    return resolve_precision(p, device_type)
+
+
+def build_train_transform_args(cfg: FinetuneConfig) -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.eval.data.train_transform` (besides size, mean, std)."""
+    a = cfg.aug
+    return dict(auto_augment=a.auto_augment, color_jitter=a.color_jitter, re_prob=a.re_prob,
+                scale=tuple(a.scale), interpolation=cfg.data.interpolation)
+
+
+def build_finetune_recipe(cfg: FinetuneConfig, *, world_size: int = 1, device_type: str = "cpu") -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.eval.finetune.finetune` (the training recipe)."""
+    lr, warmup_lr, min_lr = resolve_finetune_lr(cfg.optim, cfg.data.batch_size * world_size)
+    a = cfg.aug
+    mixup = None
+    if a.mixup > 0 or a.cutmix > 0:
+        mixup = dict(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                     switch_prob=a.mixup_switch_prob, mode=a.mixup_mode)
+    return dict(
+        global_pool=cfg.model.global_pool, drop_path_rate=cfg.model.drop_path,
+        epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, max_steps=cfg.max_steps,
+        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        clip_grad=cfg.optim.clip_grad, mixup=mixup, label_smoothing=a.label_smoothing,
+        ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
+        precision=_precision(cfg.precision, device_type), eval_interval=cfg.eval_interval,
+        log_interval=cfg.log_interval, seed=cfg.seed,
+    )
+
+
+def build_linprobe_recipe(cfg: LinprobeConfig, *, world_size: int = 1, device_type: str = "cpu") -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.eval.linear_probe.linear_probe` (standard mode)."""
+    gb = cfg.data.batch_size * world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * gb / cfg.lr_batch_denominator
+    return dict(feature=cfg.feature, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, lr=lr,
+                weight_decay=cfg.weight_decay, momentum=cfg.momentum, batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.num_workers, precision=_precision(cfg.precision, device_type), seed=cfg.seed)
+
+
+def build_sweep_recipe(cfg: LinprobeConfig) -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.eval.linear_probe.linear_probe_sweep` (fast mode)."""
+    s = cfg.sweep
+    lrs = [b * s.batch_size / cfg.lr_batch_denominator for b in s.base_lrs]
+    return dict(lrs=lrs, epochs=s.epochs, batch_size=s.batch_size, weight_decay=cfg.weight_decay,
+                momentum=cfg.momentum, warmup_epochs=s.warmup_epochs, seed=cfg.seed)
+
+
+def build_knn_recipe(cfg: KnnConfig) -> Dict[str, Any]:
+    return dict(ks=list(cfg.k), T=cfg.temperature)
+
+
+def build_zeroshot_recipe(cfg: ZeroshotConfig) -> Dict[str, Any]:
+    return dict(templates=cfg.templates, classnames=cfg.classnames)

@@ -1,0 +1,300 @@
+"""Image classifiers for fine-tuning, built from any model :func:`fdistill.models.loading.load_model`
+returns, and rebuilt from a fine-tuning output folder (:func:`load_classifier`).
+
+Three constructions (:func:`build_classifier`):
+
+* **FD student** (:class:`~fdistill.models.loading.StudentAdapter`): rebuilt as a timm ``Beit``
+  with a *per-layer* relative position bias and mean pooling, as the official FD fine-tuning
+  configs do (``USE_RPB: True, USE_SHARED_RPB: False, USE_MEAN_POOLING: True``). The shared table
+  is copied into every block's ``attn.relative_position_bias_table`` (official
+  ``utils.remap_pretrained_keys_vit``), which leaves the token outputs unchanged; the final
+  ``norm`` becomes an identity and a fresh ``fc_norm`` follows the pooling (as the official
+  loader, which drops the pre-trained final norm when mean pooling). Drop path is the recipe's.
+* **timm teacher**: the timm model itself, ``reset_classifier(num_classes, global_pool)``, the new
+  head initialised small (std 2e-5, as MAE), drop path set on its blocks.
+* **anything else** (open_clip, HF, ``python:`` models): :class:`AdapterClassifier`, a head over
+  the adapter's ``forward_tokens``: mean of the patch tokens -> LayerNorm (``avg``) or the first
+  prefix token (``token``) -> Linear. Layer decay still works on it (blocks are found by
+  parameter name, :mod:`fdistill.eval.layer_decay`); drop path only where its blocks have
+  timm-style ``drop_path`` slots.
+
+A fine-tuning output folder holds ``classifier.json`` (how to rebuild the network, classes,
+input mean/std/size) and ``model_best.safetensors`` / ``model_last.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..teachers.base import Teacher, TeacherError
+from ..weights import WeightsError, load_state_dict_file
+from .layer_decay import set_drop_path
+
+log = logging.getLogger(__name__)
+
+__all__ = ["beit_from_student", "AdapterClassifier", "build_classifier", "save_classifier_spec",
+           "load_classifier", "LoadedClassifier", "CLASSIFIER_FORMAT", "rebuild_classifier"]
+
+CLASSIFIER_FORMAT = "fdistill-classifier"
+GLOBAL_POOLS = ("avg", "token")
+#: teacher-factory keywords that do not change a timm network's architecture
+_TIMM_TEACHER_ONLY = ("pretrained", "checkpoint", "after_norm", "mean", "std", "dynamic_img_size")
+
+
+class LoadedClassifier(NamedTuple):
+    """A rebuilt classifier: ``model`` maps images normalised with ``mean``/``std`` (size
+    ``img_size``) to (B, len(classes)) logits; ``info`` is the folder's ``classifier.json``."""
+
+    model: nn.Module
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    classes: List[str]
+    img_size: Tuple[int, int]
+    info: Dict[str, Any]
+
+
+def _init_head(head: nn.Module) -> None:
+    """MAE / BEiT fine-tuning head init: tiny weights (trunc-normal std 2e-5), zero bias."""
+    from timm.layers import trunc_normal_
+
+    if isinstance(head, nn.Linear):
+        trunc_normal_(head.weight, std=2e-5)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
+# -- FD student -> timm Beit with per-layer relative position bias ---------------------------------
+def beit_from_student(student: nn.Module, *, num_classes: int, global_pool: str = "avg",
+                      drop_path_rate: float = 0.1) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The FD student as a timm ``Beit`` classifier with per-layer relative position bias.
+
+    Args:
+        student: an :class:`~fdistill.models.student.FDStudent` (from ``create_student`` or a run).
+        num_classes: classifier outputs (0: no head, features only).
+        global_pool: ``avg`` (official FD fine-tuning: mean of the patch tokens, final norm
+            replaced by a fresh ``fc_norm``) or ``token`` ([CLS] after the student's final norm).
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+
+    Returns:
+        ``(model, beit_kwargs)``: ``timm.models.beit.Beit(**beit_kwargs)`` rebuilds the network.
+        Its blocks compute exactly the student's token map: ``model.forward_features(x)`` equals
+        the student's tokens before its final norm (``avg``) or after it (``token``).
+    """
+    from timm.models.beit import Beit
+
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    args = dict(student.timm_model_args()) if hasattr(student, "timm_model_args") else {}
+    if not args:
+        raise TeacherError("the student carries no architecture arguments (build it with create_student)")
+    args.update(num_classes=int(num_classes), global_pool=global_pool, drop_path_rate=float(drop_path_rate),
+                use_rel_pos_bias=True, use_shared_rel_pos_bias=False)
+    args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
+    model = Beit(**args)
+
+    sd = {k: v for k, v in student.state_dict().items()
+          if k != "mask_token" and not k.startswith("rel_pos_bias.")}
+    L = len(model.blocks)
+    shared = getattr(student, "rel_pos_bias", None)
+    for i in range(L):
+        key = f"blocks.{i}.attn.relative_position_bias_table"
+        if shared is not None:  # official remap: the shared table into every layer
+            sd[key] = shared.relative_position_bias_table.detach().clone()
+        elif key not in sd:  # 'ape' student: a zero bias adds nothing
+            sd[key] = torch.zeros_like(model.state_dict()[key])
+    if global_pool == "avg":
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    own = model.state_dict()
+    unexpected = sorted(k for k in sd if k not in own)
+    shapes = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if unexpected or shapes:
+        raise WeightsError(f"student weights do not fit the fine-tuning Beit: unexpected {unexpected[:8]}, "
+                           f"shape mismatch {shapes[:8]}")
+    missing = [k for k in own if k not in sd]
+    fresh = ("head.", "fc_norm.")
+    bad = [k for k in missing if not (k.startswith(fresh) or k.endswith("relative_position_index"))]
+    if bad:
+        raise WeightsError(f"the student lacks weights the fine-tuning Beit needs: {bad[:8]}")
+    model.load_state_dict(sd, strict=False)
+    _init_head(model.head)
+    model.mean, model.std = tuple(student.mean), tuple(student.std)
+    return model, args
+
+
+# -- generic head over an adapter ----------------------------------------------------------------------
+class AdapterClassifier(nn.Module):
+    """A linear classifier over any adapter's token map: ``avg`` = mean of the patch tokens ->
+    LayerNorm (BEiT/MAE mean pooling), ``token`` = first prefix token. Input: images normalised
+    with ``adapter.mean``/``adapter.std``."""
+
+    def __init__(self, adapter: Teacher, num_classes: int, global_pool: str = "avg"):
+        super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token" and adapter.num_prefix_tokens == 0:
+            raise TeacherError(f"{adapter.name} has no prefix token; use global_pool=avg")
+        self.backbone = adapter
+        self.global_pool = global_pool
+        self.fc_norm = nn.LayerNorm(adapter.embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.head = nn.Linear(adapter.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        _init_head(self.head)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.backbone.forward_tokens(x)
+        if self.global_pool == "avg":
+            return self.fc_norm(t.patches.mean(dim=1))  # (B, C)
+        return t.prefix[:, 0]  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))  # (B, num_classes)
+
+
+# -- one entry point -------------------------------------------------------------------------------------
+def build_classifier(
+    adapter: Teacher,
+    num_classes: int,
+    *,
+    global_pool: str = "avg",
+    drop_path_rate: float = 0.1,
+    source: Optional[Dict[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A trainable classifier for ``adapter`` (see module docstring) and the ``spec`` dict that
+    :func:`rebuild_classifier` needs.
+
+    Args:
+        adapter: from ``load_model`` (frozen or not; the classifier is trainable).
+        num_classes: number of classes.
+        global_pool: ``avg`` (mean of patch tokens) or ``token`` ([CLS]).
+        drop_path_rate: stochastic depth of the last block.
+        source: ``{"spec": ..., "kwargs": {...}}`` the adapter was loaded with (needed to rebuild
+            timm and generic classifiers later).
+    """
+    from ..models.loading import StudentAdapter
+
+    source = dict(source or {})
+    base = dict(num_classes=int(num_classes), global_pool=global_pool, mean=list(adapter.mean),
+                std=list(adapter.std), img_size=list(adapter.img_size), source=source)
+    if isinstance(adapter, StudentAdapter):
+        model, args = beit_from_student(adapter.model, num_classes=num_classes, global_pool=global_pool,
+                                        drop_path_rate=drop_path_rate)
+        return model, dict(base, kind="beit", args=args)
+    timm_name = _timm_name(adapter)
+    if timm_name is not None:
+        model = adapter.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        pool = "token" if global_pool == "token" else "avg"
+        if pool == "token" and adapter.num_prefix_tokens == 0:
+            raise TeacherError(f"{adapter.name} has no class token; use global_pool=avg")
+        model.reset_classifier(int(num_classes), pool)
+        _init_head(model.get_classifier())
+        if drop_path_rate > 0 and set_drop_path(model, drop_path_rate) == 0:
+            log.warning("%s has no drop-path slots; drop_path_rate=%s is ignored", adapter.name, drop_path_rate)
+        kwargs = {k: v for k, v in dict(source.get("kwargs") or {}).items() if k not in _TIMM_TEACHER_ONLY}
+        return model.train(), dict(base, kind="timm", name=timm_name, model_kwargs=kwargs,
+                                   dynamic_img_size=bool(adapter.dynamic_img_size))
+    adapter.unfreeze()
+    model = AdapterClassifier(adapter, num_classes, global_pool)
+    if drop_path_rate > 0 and set_drop_path(adapter.model, drop_path_rate) == 0:
+        log.warning("%s has no timm-style drop-path slots; drop_path_rate=%s is ignored", adapter.name,
+                    drop_path_rate)
+    return model.train(), dict(base, kind="adapter")
+
+
+def _timm_name(adapter: Teacher) -> Optional[str]:
+    try:
+        from ..teachers.timm_teacher import TimmTeacher
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(adapter, TimmTeacher) and adapter.name.startswith("timm:"):
+        return adapter.name[len("timm:"):]
+    return None
+
+
+def rebuild_classifier(spec: Dict[str, Any]) -> nn.Module:
+    """The (untrained) network a ``classifier.json`` spec describes; load its weights after."""
+    kind = spec.get("kind")
+    n, pool = int(spec["num_classes"]), spec["global_pool"]
+    if kind == "beit":
+        from timm.models.beit import Beit
+
+        return Beit(**spec["args"])
+    if kind == "timm":
+        import timm
+
+        extra = dict(dynamic_img_size=True) if spec.get("dynamic_img_size") else {}
+        try:
+            model = timm.create_model(spec["name"], pretrained=False, **spec.get("model_kwargs", {}), **extra)
+        except TypeError:
+            model = timm.create_model(spec["name"], pretrained=False, **spec.get("model_kwargs", {}))
+        model.reset_classifier(n, "token" if pool == "token" else "avg")
+        return model
+    if kind == "adapter":
+        from ..models.loading import load_model
+
+        src = spec.get("source") or {}
+        if not src.get("spec"):
+            raise WeightsError("classifier.json does not say which model the classifier was built on")
+        adapter = load_model(src["spec"], frozen=False, **(src.get("kwargs") or {}))
+        return AdapterClassifier(adapter, n, pool)
+    raise WeightsError(f"unknown classifier kind {kind!r} in classifier.json")
+
+
+def save_classifier_spec(spec: Dict[str, Any], classes: Sequence[str], out_dir: str | os.PathLike) -> Path:
+    """Write ``classifier.json`` atomically."""
+    p = Path(out_dir) / "classifier.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(format=CLASSIFIER_FORMAT, version=1, classes=list(classes), **spec)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
+
+
+def load_classifier(path: str | os.PathLike, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedClassifier:
+    """Rebuild a fine-tuned classifier from a ``fdistill finetune`` output folder.
+
+    Args:
+        path: the output folder, or one of its ``model_*.safetensors`` files.
+        which: ``best`` (highest validation top-1; falls back to ``last``) or ``last``.
+
+    Returns:
+        :class:`LoadedClassifier` ``(model, mean, std, classes, img_size, info)``, the model in
+        eval mode: images normalised with ``mean``/``std`` -> logits.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        folder, weights = p.parent, p
+    else:
+        folder = p
+        if not (folder / "classifier.json").is_file():
+            raise WeightsError(f"{folder} is not a fine-tuning output folder (no classifier.json)")
+        order = ["model_best.safetensors", "model_last.safetensors"] if which == "best" else ["model_last.safetensors"]
+        weights = next((folder / w for w in order if (folder / w).is_file()), None)
+        if weights is None:
+            raise WeightsError(f"{folder} holds no {' or '.join(order)} (fine-tuning not finished an epoch?)")
+    spec_path = folder / "classifier.json"
+    if not spec_path.is_file():
+        raise WeightsError(f"{spec_path} not found next to {weights.name}")
+    try:
+        info = json.loads(spec_path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{spec_path} is not valid JSON: {e}") from e
+    if info.get("format") != CLASSIFIER_FORMAT:
+        raise WeightsError(f"{spec_path} is not an fdistill classifier description")
+    model = rebuild_classifier(info)
+    from ..weights import load_into
+
+    load_into(model, load_state_dict_file(weights), what=f"classifier {info.get('kind')} from {weights}")
+    model.to(device).eval()
+    return LoadedClassifier(model, tuple(info["mean"]), tuple(info["std"]), list(info.get("classes") or []),
+                            tuple(info["img_size"]), info)

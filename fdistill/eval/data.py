@@ -1,0 +1,101 @@
+"""Datasets, transforms and loaders for evaluation.
+
+Transforms come from timm (``create_transform``): the fine-tuning train transform is the
+official FD / BEiT one (RandomResizedCrop, flip, colour jitter 0.4, RandAugment
+``rand-m9-mstd0.5-inc1``, random erasing 0.25, bicubic), normalised with the *model's* mean/std
+(random erasing fills with normal noise in normalised space). Images of 32 px or less get a
+``RandomCrop(size, padding=4)`` instead of the resized crop, as the official ``build_transform``.
+
+Evaluation images come from the data layer's ``eval_transform`` (resize + centre crop, uint8);
+each model normalises them with its own statistics on the device (:func:`normalize`), so one
+loader serves a CLIP teacher and an ImageNet-normalised student side by side.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
+           "to_float_images"]
+
+
+def train_transform(
+    img_size: int | Tuple[int, int],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1",
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    color_jitter: float = 0.4,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+) -> Callable:
+    """timm's ImageNet training transform (see module docstring); output normalised (3, H, W)."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    size = img_size if isinstance(img_size, int) else tuple(img_size)
+    tf = create_transform(
+        input_size=size, is_training=True, color_jitter=color_jitter if color_jitter > 0 else None,
+        auto_augment=auto_augment if auto_augment and auto_augment != "none" else None,
+        re_prob=re_prob, re_mode=re_mode, re_count=1, interpolation=interpolation, mean=tuple(mean),
+        std=tuple(std), scale=tuple(scale), hflip=hflip,
+    )
+    hw = (size, size) if isinstance(size, int) else size
+    if max(hw) <= 32:  # official build_transform: small images are padded and cropped, not resized
+        tf.transforms[0] = T.RandomCrop(hw, padding=4)
+    return tf
+
+
+def load_dataset(path_or_name: str, split: str, transform: Callable, *, download: bool = False) -> Dataset:
+    """A labelled classification dataset (image folder with class sub-folders, ``synthetic`` or a
+    torchvision name) through :func:`fdistill.data.build_classification_dataset`."""
+    from ..data import build_classification_dataset
+
+    ds = build_classification_dataset(str(path_or_name), split, transform, download=download)
+    if not dataset_classes(ds):
+        from ..data import DataError
+
+        raise DataError(f"{path_or_name!r} ({split}) has no class labels; evaluation needs class sub-folders")
+    return ds
+
+
+def dataset_classes(ds: Dataset) -> list:
+    """Class names of a dataset (``.classes``, looking through ``Subset`` wrappers)."""
+    while not hasattr(ds, "classes") and hasattr(ds, "dataset"):
+        ds = ds.dataset
+    return list(getattr(ds, "classes", []) or [])
+
+
+def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 4, drop_last: bool = False,
+                sampler=None, seed: int = 0, device: str | torch.device = "cpu") -> DataLoader:
+    """A DataLoader; ``num_workers`` is capped at the CPUs this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cpus = os.cpu_count() or 1
+    workers = max(0, min(int(num_workers), cpus))
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=workers, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False, generator=g,
+    )
+
+
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (0..255) or float images -> float in [0, 1] scale."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [0, 1] -> (x - mean) / std."""
+    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s

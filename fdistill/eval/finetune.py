@@ -1,0 +1,427 @@
+"""End-to-end fine-tuning for image classification, BEiT / MAE / official-FD style (paper Sec. 4.1,
+Table 1: the same recipe for the teacher and its distilled student).
+
+Everything that the field's libraries do comes from timm: AdamW (``create_optimizer_v2``) over
+layer-decay parameter groups (``param_groups_layer_decay``, :mod:`fdistill.eval.layer_decay`),
+warm-up + cosine per step (``CosineLRScheduler``, as the official ``lr_scheduler.py``),
+mixup / cutmix with label smoothing (``Mixup`` + ``SoftTargetCrossEntropy``), RandAugment and
+random erasing (``create_transform``, :mod:`fdistill.eval.data`), EMA (``ModelEmaV3``). This
+module is only the loop around them: mixed precision, gradient clipping, evaluation (top-1 /
+top-5) after every ``eval_interval`` epochs, best and last weights, and resumable checkpoints.
+
+Output folder::
+
+    classifier.json              how to rebuild the network (fdistill.eval.load_classifier)
+    model_best.safetensors       weights with the best validation top-1 (model or EMA)
+    model_last.safetensors       weights after the last evaluation
+    checkpoints/last.pt          full training state (atomic; resume with resume="auto")
+    log.jsonl                    one line per evaluation
+    metrics.json                 written by the command layer
+
+Resuming (``resume="auto"`` or a path) restores model, optimizer, loss scaler, EMA, RNG states,
+the step counter and the sampler position, so a run stopped mid-epoch (``max_steps``, SIGTERM /
+SIGUSR1) continues with exactly the batches it had not seen. The learning-rate schedule is a
+function of the step and the current ``epochs``/``max_steps``, so those two may change on resume;
+any other recipe change is refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..teachers.base import Teacher
+from .classifier import build_classifier, save_classifier_spec
+from .data import dataset_classes, normalize, to_float_images
+from .knn import topk_accuracy
+from .layer_decay import param_groups_layer_decay
+
+log = logging.getLogger(__name__)
+
+__all__ = ["finetune", "evaluate_classifier", "FINETUNE_CKPT_FORMAT", "RESUME_SAFE"]
+
+FINETUNE_CKPT_FORMAT = "fdistill-finetune-checkpoint"
+#: recipe entries that may differ between a checkpoint and the resumed run
+RESUME_SAFE = ("epochs", "max_steps", "eval_interval", "log_interval", "num_workers")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, precision: str):
+    dt = _DTYPES[precision]
+    if dt is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dt)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, *, mean: Sequence[float], std: Sequence[float],
+                        device: torch.device, precision: str = "fp32", env=None, progress: bool = False,
+                        desc: str = "eval") -> Dict[str, float]:
+    """Top-1 / top-5 (percent) and mean cross-entropy of ``model`` over ``loader`` (images in [0, 1]
+    or uint8, normalised here with ``mean``/``std``). Counts are summed on the device and
+    all-reduced over ranks: one host sync at the end."""
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.eval()
+    stats, ncls = None, 0
+    for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
+        x = normalize(to_float_images(images.to(device, non_blocking=True)), mean, std)
+        y = torch.as_tensor(y).to(device, non_blocking=True)
+        with _autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        ncls = logits.shape[1]
+        top = logits.topk(min(5, ncls), dim=1).indices
+        hit = top.eq(y.view(-1, 1))
+        s = torch.stack([hit[:, :1].any(1).sum().float(), hit.any(1).sum().float(),
+                         F.cross_entropy(logits, y, reduction="sum"), torch.tensor(float(y.numel()), device=device)])
+        stats = s if stats is None else stats + s
+    if stats is None:
+        stats = torch.zeros(4, device=device)
+    if env is not None and env.distributed:
+        from ..engine.distributed import all_reduce_sum_
+
+        all_reduce_sum_(stats, env)
+    c1, c5, loss, n = stats.tolist()
+    model.train(was)
+    n = max(n, 1.0)
+    out = {"top1": 100.0 * c1 / n, "loss": loss / n, "n": int(n)}
+    if ncls >= 5:  # top-5 of fewer than 5 classes would always be 100%
+        out["top5"] = 100.0 * c5 / n
+    return out
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """Atomic safetensors write (tmp, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_ft_checkpoint(path: Path) -> Dict[str, Any]:
+    from ..engine.errors import RunError
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"cannot load fine-tuning checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from e
+    if not isinstance(ck, dict) or ck.get("format") != FINETUNE_CKPT_FORMAT:
+        raise RunError(f"{path} is not an fdistill fine-tuning checkpoint")
+    return ck
+
+
+def _recipe_diff(old: Dict[str, Any], new: Dict[str, Any]) -> list:
+    from ..config import diff_configs
+
+    o = {k: v for k, v in old.items() if k not in RESUME_SAFE}
+    n = {k: v for k, v in new.items() if k not in RESUME_SAFE}
+    return diff_configs(json.loads(json.dumps(o)), json.loads(json.dumps(n)))
+
+
+def finetune(
+    adapter: Teacher,
+    train_ds,
+    val_ds,
+    *,
+    output_dir: str | os.PathLike,
+    global_pool: str = "avg",
+    drop_path_rate: float = 0.3,
+    epochs: int = 100,
+    warmup_epochs: float = 20.0,
+    max_steps: Optional[int] = None,
+    batch_size: int = 128,
+    num_workers: int = 8,
+    lr: float = 1.25e-3 * 128 / 512,
+    warmup_lr: float = 2.5e-7 * 128 / 512,
+    min_lr: float = 2.5e-7 * 128 / 512,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.6,
+    betas: Tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    clip_grad: float = 5.0,
+    mixup: Optional[Dict[str, Any]] = None,
+    label_smoothing: float = 0.1,
+    ema_decay: Optional[float] = None,
+    precision: str = "fp32",
+    eval_interval: int = 1,
+    log_interval: int = 50,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    resume: Optional[str] = "auto",
+    source: Optional[Dict[str, Any]] = None,
+    env=None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Fine-tune ``adapter`` as an image classifier; returns the metrics.
+
+    Args:
+        adapter: the pre-trained model (from :func:`fdistill.models.loading.load_model`); the
+            classifier is built by :func:`fdistill.eval.classifier.build_classifier`.
+        train_ds: labelled dataset of *normalised* augmented images (the model's mean/std; see
+            :func:`fdistill.eval.data.train_transform`), with ``classes``.
+        val_ds: labelled dataset of images in [0, 1] / uint8 (e.g. ``fdistill.data.eval_transform``)
+            with the same classes.
+        output_dir: where weights, checkpoints and logs go (module docstring).
+        global_pool, drop_path_rate: classifier head pooling and stochastic depth.
+        epochs, warmup_epochs: schedule length (per-step warm-up + cosine).
+        max_steps: stop after this many optimizer steps (the schedule then spans them).
+        batch_size: images per process per step.
+        lr, warmup_lr, min_lr: peak, warm-up start and final learning rates (already scaled to
+            the global batch); each layer's group multiplies them by its ``lr_scale``.
+        weight_decay, layer_decay, betas, eps: AdamW + layer-wise lr decay.
+        clip_grad: max gradient norm (0: off).
+        mixup: keyword arguments of timm ``Mixup`` (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
+            ``switch_prob``, ``mode``) or None; label smoothing goes inside it when set.
+        label_smoothing: label smoothing of the cross-entropy.
+        ema_decay: keep a timm ``ModelEmaV3`` with this decay and evaluate it too (None: off).
+        precision: ``fp32`` | ``bf16`` | ``fp16`` (autocast; fp16 with a loss scaler).
+        eval_interval, log_interval: epochs between evaluations, steps between progress updates.
+        resume: ``"auto"`` (continue from ``output_dir/checkpoints/last.pt`` when present), a
+            checkpoint path, or None (start over, overwriting).
+        source: ``{"spec", "kwargs"}`` the adapter was loaded with (recorded for rebuilding).
+        env: a :class:`fdistill.engine.distributed.DistEnv` for ``torchrun`` runs (default: one process).
+
+    Returns:
+        ``top1``/``top5``: the best evaluation (the official logs' "max accuracy"), ``best_epoch``,
+        ``best_weights`` (``model`` or ``ema``), ``last`` (last evaluation), ``ema_last``, ``steps``,
+        ``epochs_done``, ``images_per_s``.
+    """
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+    from tqdm.auto import tqdm
+
+    from ..data import DataError, ResumableDistributedSampler
+    from ..engine.checkpoint import save_checkpoint
+    from ..engine.distributed import DistEnv, gather_objects, unwrap, wrap_ddp
+    from ..engine.errors import RunError
+    from ..engine.optim import no_weight_decay_patterns
+    from ..engine.rng import capture_rng_state, restore_rng_state, seed_everything
+    from ..engine.signals import StopRequest
+
+    device = torch.device(device)
+    env = env or DistEnv(device=device)
+    out = Path(output_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
+                  max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
+                  lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                  betas=list(betas), eps=eps, clip_grad=clip_grad, mixup=mixup, label_smoothing=label_smoothing,
+                  ema_decay=ema_decay, precision=precision, eval_interval=eval_interval, log_interval=log_interval,
+                  seed=seed, train_images=len(train_ds))
+
+    # -- data ---------------------------------------------------------------------------------------
+    classes = dataset_classes(train_ds)
+    if not classes:
+        raise DataError("the training set has no classes")
+    if dataset_classes(val_ds) != classes:
+        raise DataError(f"train and val classes differ: {classes[:5]}... vs {dataset_classes(val_ds)[:5]}...")
+    num_classes = len(classes)
+    if mixup and batch_size % 2:
+        raise DataError(f"mixup/cutmix needs an even batch size, got {batch_size}")
+    if len(train_ds) < batch_size * env.world_size:
+        raise DataError(f"the training set has {len(train_ds)} images, fewer than one global batch "
+                        f"({batch_size} x {env.world_size}); lower data.batch_size")
+    seed_everything(seed + env.rank)
+    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+    from .data import make_loader
+
+    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler,
+                               num_workers=num_workers, drop_last=True, seed=seed, device=device)
+    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
+    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+    steps_per_epoch = sampler.num_samples // batch_size
+    total_steps = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
+    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+
+    # -- model, optimizer, schedule -------------------------------------------------------------------
+    model, spec = build_classifier(adapter, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
+                                   source=source)
+    model = model.to(device)
+    groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay,
+                                      no_weight_decay=no_weight_decay_patterns(model))
+    optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
+                                  warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=True,
+                                  cycle_limit=1, t_in_epochs=False)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    ema = None
+    if ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=ema_decay)
+    mixup_fn = None
+    if mixup:
+        mixup_fn = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()
+    elif label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    # -- resume --------------------------------------------------------------------------------------
+    step, best, history = 0, None, []
+    resume_from = None
+    if resume == "auto":
+        resume_from = ckpt_path if ckpt_path.is_file() else None
+    elif resume:
+        resume_from = Path(resume)
+        if not resume_from.is_file():
+            raise RunError(f"resume checkpoint not found: {resume_from}")
+    if resume_from is not None:
+        ck = _load_ft_checkpoint(resume_from)
+        diff = _recipe_diff(ck["recipe"], recipe)
+        if diff or ck["classifier"]["num_classes"] != num_classes:
+            raise RunError(f"{resume_from} was written with another recipe or dataset ({'; '.join(diff[:6]) or 'classes differ'}); "
+                           "use another --output or resume=None to start over")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        step, best, history = int(ck["step"]), ck.get("best"), list(ck.get("history", []))
+        restore_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)])
+        log.info("resumed from %s at step %d", resume_from, step)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_classifier_spec(spec, classes, out)
+    ddp_model = wrap_ddp(model, env)
+    scheduler.step_update(step)
+
+    def checkpoint(epoch_pos: Tuple[int, int]) -> None:
+        rng = gather_objects(capture_rng_state(), env)  # every rank's generators (collective)
+        if not env.is_main:
+            return
+        save_checkpoint(ckpt_path, {
+            "format": FINETUNE_CKPT_FORMAT, "version": 1, "recipe": recipe, "classifier": spec,
+            "model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch_pos[0],
+            "batch_in_epoch": epoch_pos[1], "best": best, "history": history, "rng": rng,
+        })
+
+    def evaluate(epoch: int) -> None:
+        nonlocal best
+        res = {"epoch": epoch + 1, "step": step,
+               "model": evaluate_classifier(unwrap(ddp_model), val_loader, mean=adapter.mean, std=adapter.std,
+                                            device=device, precision=precision, env=env, desc="eval")}
+        if ema is not None:
+            res["ema"] = evaluate_classifier(ema.module, val_loader, mean=adapter.mean, std=adapter.std, device=device,
+                                             precision=precision, env=env, desc="eval ema")
+        history.append(res)
+        which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
+        if env.is_main:
+            _save_weights(unwrap(ddp_model), out / "model_last.safetensors")
+            if best is None or res[which]["top1"] > best["top1"]:
+                best = dict(res[which], epoch=epoch + 1, weights=which)
+                _save_weights(unwrap(ddp_model) if which == "model" else ema.module, out / "model_best.safetensors")
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(res) + "\n")
+        log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
+                 f", ema {res['ema']['top1']:.2f}" if ema is not None else "", best["top1"] if best else float("nan"))
+
+    # -- train ---------------------------------------------------------------------------------------
+    start_epoch, start_batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
+    t0, images_seen = time.time(), 0
+    stopped = False
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, epochs):
+            if step >= total_steps:
+                break
+            sampler.set_epoch(epoch)
+            sampler.set_start(start_batch * batch_size if epoch == start_epoch else 0)
+            ddp_model.train()
+            loss_sum = torch.zeros((), device=device)
+            n_loss = 0
+            bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
+                       disable=not (progress and env.is_main), initial=start_batch if epoch == start_epoch else 0,
+                       total=steps_per_epoch)
+            batch_in_epoch = start_batch if epoch == start_epoch else 0
+            for images, y in bar:
+                x = images.to(device, non_blocking=True).float()
+                y = torch.as_tensor(y).to(device, non_blocking=True)
+                if mixup_fn is not None:
+                    x, y = mixup_fn(x, y)
+                with _autocast(device, precision):
+                    logits = ddp_model(x)
+                loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                scheduler.step_update(step)
+                if ema is not None:
+                    ema.update(unwrap(ddp_model), step=step)
+                loss_sum += loss.detach()
+                n_loss += 1
+                images_seen += x.shape[0]
+                if step % log_interval == 0 or batch_in_epoch == steps_per_epoch:
+                    avg = float(loss_sum) / max(n_loss, 1)  # the only host sync of the loop
+                    if not math.isfinite(avg):
+                        raise RunError(f"non-finite training loss at step {step} (lr too high? try precision=fp32); "
+                                       f"last checkpoint kept at {ckpt_path}")
+                    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                    loss_sum.zero_()
+                    n_loss = 0
+                if step >= total_steps or stop.requested:
+                    break
+            bar.close()
+            epoch_done = batch_in_epoch >= steps_per_epoch
+            if stop.requested and not epoch_done:
+                checkpoint((epoch, batch_in_epoch))
+                stopped = True
+                break
+            if epoch_done and ((epoch + 1) % eval_interval == 0 or epoch + 1 == epochs or step >= total_steps):
+                evaluate(epoch)
+            elif not epoch_done:  # max_steps reached mid-epoch: evaluate what we have
+                evaluate(epoch)
+            checkpoint((epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch))
+            if stop.requested:
+                stopped = True
+                break
+    elapsed = max(time.time() - t0, 1e-9)
+    if best is None and history == [] and not stopped:  # nothing left to train: evaluate the weights
+        evaluate(max(step // max(steps_per_epoch, 1) - 1, 0))
+        checkpoint(divmod(step, steps_per_epoch))
+    last = history[-1] if history else {}
+    metrics = {
+        "top1": best["top1"] if best else None, "top5": best.get("top5") if best else None,
+        "best_epoch": best["epoch"] if best else None, "best_weights": best["weights"] if best else None,
+        "last": last.get("model"), "ema_last": last.get("ema"), "steps": step, "total_steps": total_steps,
+        "epochs_done": step / max(steps_per_epoch, 1), "steps_per_epoch": steps_per_epoch,
+        "images_per_s": images_seen * env.world_size / elapsed, "num_classes": num_classes,
+        "train_images": len(train_ds), "val_images": len(val_ds), "stopped_early": stopped,
+        "classifier": spec["kind"], "recipe": recipe,
+    }
+    return metrics
