@@ -90,6 +90,7 @@ def models(tmp_path_factory):
         student=(str(_save_student_run(root / "run_local", depth=3, heads=4, bias=_local_bias, zero_qk=True)), None),
         identity=(str(_save_student_run(root / "run_identity", bias=_identity_bias, zero_qk=True)), None),
         open_clip=("open_clip:tiny", OPEN_CLIP_KW),
+        cnn=("timm:resnet10t", dict(pretrained=False)),
         hf=(f"hf:{hf_dir}", None),
     )
 
@@ -194,13 +195,18 @@ def test_deterministic_given_seed(models, tmp_path):
 
 def test_report_with_loss_landscape(models, tmp_path):
     out = tmp_path / "report"
-    rc = main(["diagnose", "report", *_args(models, "student", "timm"), *COMMON, "--directions", "2", "--alphas",
-               "5", "--head-images", "40", "--landscape-images", "10", "--out", str(out)])
+    rc = main(["diagnose", "report", *_args(models, "student", "timm", "cnn"), *COMMON, "--directions", "2",
+               "--alphas", "5", "--head-images", "40", "--landscape-images", "10", "--out", str(out)])
     assert rc == 0
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "head spread" in html and "<table>" in html
     assert "renormalize=True (default)" in html
+    # the CNN has no attention: skipped with a note in the attention sections, in the landscape
+    assert "cnn: not shown (no attention layers" in html
+    dist = json.loads((out / "attention_distance.json").read_text())
+    assert [m["label"] for m in dist["models"]] == ["student", "timm"] and dist["skipped"][0]["label"] == "cnn"
     land = json.loads((out / "loss_landscape.json").read_text())
+    assert [m["label"] for m in land["models"]] == ["student", "timm", "cnn"]
     for m in land["models"]:
         assert len(m["loss"]) == 2 and len(m["loss"][0]) == 5 and m["alphas"][2] == 0.0
         assert m["loss"][0][2] == m["loss0"] and m["loss"][1][2] == m["loss0"]

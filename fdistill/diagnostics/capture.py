@@ -50,7 +50,14 @@ TIMM_ATTENTION_CLASSES: Tuple[Tuple[str, str], ...] = (
 
 
 class AttentionCaptureError(TeacherError):
-    """A model's attention cannot be captured (no supported attention modules, or none ran)."""
+    """A model's attention cannot be captured (no supported attention modules, or none ran).
+
+    ``no_attention`` is True when the model has no supported attention module at all (a CNN, an
+    unknown attention class): callers comparing several models may skip it with a note."""
+
+    def __init__(self, message: str, *, no_attention: bool = False):
+        super().__init__(message)
+        self.no_attention = no_attention
 
 
 def _timm_classes() -> Tuple[type, ...]:
@@ -295,7 +302,8 @@ def capture_attention(
         if not cap.families:
             raise AttentionCaptureError(
                 f"{label}: no attention layers fdistill can capture{_unsupported_hint(model)}; supported: timm "
-                "ViT/BEiT/EVA attention, open_clip / torch.nn.MultiheadAttention, Hugging Face attention")
+                "ViT/BEiT/EVA attention, open_clip / torch.nn.MultiheadAttention, Hugging Face attention",
+                no_attention=True)
         yield cap
         if cap.calls == 0:
             raise AttentionCaptureError(

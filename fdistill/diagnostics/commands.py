@@ -111,7 +111,8 @@ def measure_attention(
     device = torch.device(device)
     dm.to(device)
     if dm.grid is None or (distance and dm.patch_size is None):
-        raise AttentionCaptureError(f"{dm.label}: no token grid / patch size known, so attention cannot be measured")
+        raise AttentionCaptureError(f"{dm.label}: no token grid / patch size known, so attention cannot be measured",
+                                    no_attention=True)
     P = dm.num_prefix_tokens
     dist_meter = AttentionDistanceMeter(dm.grid, dm.patch_size, num_prefix_tokens=P, exclude_self=exclude_self,
                                         renormalize=renormalize) if distance else None
@@ -190,7 +191,8 @@ def _attention_pass(refs, opts: DataOptions, device, *, distance: bool, maps: bo
     return results
 
 
-def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: bool) -> Dict[str, Any]:
+def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: bool,
+                   skipped: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
     models = []
     for desc, st in results:
         d = st["distance"]
@@ -200,18 +202,20 @@ def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: 
     return dict(diagnostic="attention-distance", data=opts.data, split=opts.split, num_images=n, seed=opts.seed,
                 exclude_self=exclude_self, renormalize=renormalize, renormalize_default=DEFAULT_RENORMALIZE,
                 prefix_tokens="omitted", unit="px", note=distance_settings_text(exclude_self, renormalize),
-                models=models)
+                models=models, skipped=list(skipped or []))
 
 
 def _write_distance(js: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     cap = (f"Figure 3 style: mean attention distance of each head (dots) per layer, averaged over query patches "
            f"and {js['num_images']} {js['split']} images of {js['data']}. " + js["note"])
-    png = plot_attention_distance(js["models"], out_dir / "attention_distance.png", caption=cap)
+    png = plot_attention_distance(js["models"], out_dir / "attention_distance.png", caption=cap) \
+        if js["models"] else None
     path = save_json_atomic(js, out_dir / "attention_distance.json")
     return dict(json=path, png=png)
 
 
-def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence[int]]):
+def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence[int]],
+                           skipped: Optional[List[Dict[str, str]]] = None):
     models, tensors = [], {}
     for i, (desc, st) in enumerate(results):
         depth = st["layers"]
@@ -230,7 +234,7 @@ def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence
               maps_file="attention_maps.safetensors",
               note="Per-layer attention probabilities averaged over heads and images; rows are queries, columns "
                    "keys, prefix tokens first then patches in row-major order (rows sum to 1).",
-              models=models)
+              models=models, skipped=list(skipped or []))
     return js, tensors
 
 
@@ -240,6 +244,9 @@ def _write_maps(js, tensors, out_dir: Path) -> Dict[str, Path]:
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = save_json_atomic(js, out_dir / "attention_maps.json")
+    if not js["models"]:
+        return dict(json=path, png=None, tensors=None)
     st_path = out_dir / js["maps_file"]
     tmp = st_path.with_name(st_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "fdistill-attention-maps"})
@@ -251,7 +258,6 @@ def _write_maps(js, tensors, out_dir: Path) -> Dict[str, Path]:
            f"patches in row-major order. Colour: 0 (dark) to each panel's 99th percentile (yellow). Diagonal "
            f"bands = relative-position attention; vertical bars = all queries attending the same keys.")
     png = plot_attention_maps(panels, out_dir / "attention_maps.png", caption=cap)
-    path = save_json_atomic(js, out_dir / "attention_maps.json")
     return dict(json=path, png=png, tensors=st_path)
 
 
@@ -428,29 +434,39 @@ def run_report(models: Sequence[ModelRef | str], data: DataOptions, out_dir: str
     ldata = landscape_data or DataOptions(data.data, data.split, DEFAULT_LANDSCAPE_IMAGES, data.batch_size, data.seed,
                                           data.num_workers)
     out = Path(out_dir)
-    attn_results, land_results = [], []
+    from .capture import AttentionCaptureError
     from .data import image_batches
 
+    descs, attn_stats, land_results, skipped = [], [], [], []
     for dm in _each_model(refs, dev):
+        descs.append(dm.describe())
         torch.manual_seed(data.seed)
         batches = image_batches(data.data, split=data.split, img_size=dm.img_size, num_images=data.images,
                                 batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
-        stats = measure_attention(dm, batches, device=dev, distance=True, maps=True, exclude_self=exclude_self,
-                                  renormalize=renormalize, progress=progress)
-        attn_results.append((dm.describe(), stats))
+        try:
+            stats = measure_attention(dm, batches, device=dev, distance=True, maps=True,
+                                      exclude_self=exclude_self, renormalize=renormalize, progress=progress)
+        except AttentionCaptureError as e:
+            if not e.no_attention:
+                raise
+            stats = None  # a CNN in the comparison: landscape only
+            log.warning("%s", e)
+        attn_stats.append(stats)
         torch.manual_seed(data.seed)
-        land_results.append(dict(dm.describe(), **landscape_for_model(dm, ldata, lopts, device=dev,
-                                                                       progress=progress)))
-    _dedupe([desc for desc, _ in attn_results])
-    for (desc, _), lr in zip(attn_results, land_results):  # the same labels everywhere
+        land_results.append(dict(descs[-1], **landscape_for_model(dm, ldata, lopts, device=dev, progress=progress)))
+    _dedupe(descs)  # the same labels everywhere
+    for desc, lr, st in zip(descs, land_results, attn_stats):
         lr["label"] = desc["label"]
-    dist_js = _distance_json(attn_results, data, exclude_self, renormalize)
-    maps_js, tensors = _maps_json_and_tensors(attn_results, data, layers)
+        if st is None:
+            skipped.append(dict(label=desc["label"], reason="no attention layers fdistill can capture"))
+    attn_results = [(d, st) for d, st in zip(descs, attn_stats) if st is not None]
+    dist_js = _distance_json(attn_results, data, exclude_self, renormalize, skipped)
+    maps_js, tensors = _maps_json_and_tensors(attn_results, data, layers, skipped)
     land_js = _landscape_json(land_results, ldata, lopts)
     files = dict(distance=_write_distance(dist_js, out), maps=_write_maps(maps_js, tensors, out),
                  landscape=_write_landscape(land_js, out))
     html = write_html_report(out / "report.html", distance=dist_js, maps=maps_js, landscape=land_js,
-                             figures={k: v["png"] for k, v in files.items()})
+                             figures={k: v.get("png") for k, v in files.items()})
     log.info("wrote %s", html)
     return dict(report=str(html), distance=dist_js, maps=maps_js, landscape=land_js)
 

@@ -22,6 +22,8 @@ td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee}
 
 
 def _img(path) -> str:
+    if path is None:
+        return "<p class='note'>No model in this comparison has attention to show.</p>"
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
@@ -41,9 +43,9 @@ def _table(header, rows, left=1) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def _models_table(js: Dict[str, Any]) -> str:
+def _models_table(models) -> str:
     rows = [[_e(m["label"]), _e(m["spec"]), _e(m["kind"]), "x".join(map(str, m["img_size"])), _e(m["patch_size"]),
-             "x".join(map(str, m["grid"] or [])), _e(m["num_prefix_tokens"])] for m in js["models"]]
+             "x".join(map(str, m["grid"] or [])), _e(m["num_prefix_tokens"])] for m in models]
     return _table(["model", "spec", "kind", "input", "patch (px)", "grid", "prefix tokens"], rows, left=3)
 
 
@@ -56,10 +58,12 @@ def write_html_report(path: str | os.PathLike, *, distance: Dict[str, Any], maps
              f"<p class='note'>fdistill {__version__}; attention on {distance['num_images']} {_e(distance['split'])} "
              f"images of <code>{_e(distance['data'])}</code> (seed {distance['seed']}). Wei et al., "
              f"\"Improving CLIP Fine-tuning Performance\" (ICCV 2023), Section 4.</p>",
-             "<h2>Models</h2>", _models_table(distance)]
+             "<h2>Models</h2>", _models_table(landscape["models"])]
 
     # -- attention distance
-    parts += ["<h2>1. Attention distance (Figure 3)</h2>", _img(figures["distance"]),
+    skipped = "".join(f"<p class='note'>{_e(m['label'])}: not shown ({_e(m['reason'])}).</p>"
+                      for m in distance.get("skipped", []))
+    parts += ["<h2>1. Attention distance (Figure 3)</h2>", _img(figures.get("distance")), skipped,
               f"<p class='note'>{_e(distance['note'])}</p>",
               "<p class='how'>Each dot is one head: how far (in pixels) its queries look on average. Heads of a "
               "layer spread over a range of distances = diverse (local and global heads); all heads of a layer "
@@ -73,7 +77,8 @@ def write_html_report(path: str | os.PathLike, *, distance: Dict[str, Any], maps
                          rows)]
 
     # -- attention maps
-    parts += ["<h2>2. Attention maps (Figure 4)</h2>", _img(figures["maps"]), f"<p class='note'>{_e(maps['note'])}</p>",
+    parts += ["<h2>2. Attention maps (Figure 4)</h2>", _img(figures.get("maps")), skipped,
+              f"<p class='note'>{_e(maps['note'])}</p>",
               "<p class='how'>Diagonal bands mean attention at fixed relative offsets (translation-equivariant, "
               "relative-position patterns); vertical bars mean every query attends to the same few keys (global "
               "patterns). FD students show more of the former. <b>self</b>: weight on the query itself; "
