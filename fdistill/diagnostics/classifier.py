@@ -7,6 +7,11 @@ or the mean of the patch tokens when there is none (CNNs, models without [CLS]);
 multinomial logistic regression fitted by full-batch L-BFGS on those frozen features (a convex
 problem, so the fit is deterministic and needs no learning-rate schedule). The landscape then
 perturbs backbone and head together, like any classifier.
+
+The evaluation package's linear probes (:mod:`fdistill.eval.linear_probe`) are not reused: they
+are accuracy benchmarks (LARS schedules, a learning-rate grid picked on the evaluation split) that
+return scores rather than the fitted head; the landscape needs one head, fitted without looking at
+the images it is evaluated on. The pooling is the same as their default (``cls``, else ``avg``).
 """
 from __future__ import annotations
 
