@@ -13,9 +13,8 @@ epochs from 5e-7, cosine to 5e-6, gradient clipping 3.0, batch 128 per GPU.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
 from .core import ConfigError
 

@@ -19,13 +19,12 @@ stopped at step k and resumed ends with the same weights as one that never stopp
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -38,14 +37,11 @@ from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_o
                           unwrap, wrap_ddp)
 from .errors import RunError
 from .metrics import RunLog, StepMetrics
-from .optim import supports_found_inf
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .signals import StopRequest
+from .step import TrainStep
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class RunResult:
@@ -121,23 +117,9 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
     return p, load_checkpoint(p)
 
 
-def _precision_context(precision: str, device: torch.device):
-    if precision in AUTOCAST_DTYPES:
-        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-    return contextlib.nullcontext()
-
-
 def _teacher_info(cfg: DistillConfig, teacher) -> Dict[str, Any]:
     return {"spec": cfg.teacher.spec, "kwargs": dict(cfg.teacher.kwargs), "after_norm": cfg.teacher.after_norm,
             "embed_dim": int(teacher.embed_dim), "num_prefix_tokens": int(teacher.num_prefix_tokens)}
-
-
-def _clip_and_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global gradient norm (clipping to ``max_norm`` when > 0), as a device tensor."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=params[0].device)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -149,6 +131,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the fp32 recipe) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
     seed_everything(tc.seed)  # the same initial weights on every rank (a random-init teacher included)
     run_dir = Path(tc.output).expanduser()
     if env.is_main:
@@ -188,8 +171,6 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     optimizer = build_optimizer(cfg, distiller.branch, total_batch=total_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=steps_per_epoch, total_batch=total_batch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    device_skip = supports_found_inf(optimizer) and not scaler.is_enabled()
 
     step = 0
     rng_states = None
@@ -204,10 +185,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     del ckpt
 
     distiller.branch = wrap_ddp(distiller.branch, env)  # only student + projector; never the teacher
-    forward = distiller
-    if tc.compile:
-        forward = torch.compile(distiller)
-    compiled_checked = not tc.compile
+    train_step = TrainStep(distiller, optimizer, precision=precision, clip_grad=oc.clip_grad,
+                           accum_steps=oc.accum_steps, compile=tc.compile, scaler=scaler)
 
     runlog = RunLog(run_dir, enabled=env.is_main, total_steps=total_steps, start_step=step,
                     tensorboard=tc.tensorboard)
@@ -270,43 +249,12 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
                     log.warning("epoch %d ended after fewer batches than data.samples_per_epoch implies", epoch)
                     break
                 scheduler.step_update(step)  # lr of this update (host-side arithmetic)
-                images_n = skipped = 0
-                for micro, batch in enumerate(micro_batches):
-                    images = batch["images"].to(device, non_blocking=True)  # (B, 3, H, W) uint8
-                    images_n += images.shape[0]
-                    skipped += batch.get("skipped", 0)
-                    last = micro == oc.accum_steps - 1
-                    # DDP all-reduces gradients on the last micro-batch only
-                    ctx = contextlib.nullcontext() if last or not env.distributed else distiller.branch.no_sync()
-                    with ctx:
-                        try:
-                            out = _micro_step(forward, images, precision, device, scaler, oc.accum_steps)
-                        except Exception as e:  # noqa: BLE001 - a torch.compile failure falls back to eager
-                            if compiled_checked:
-                                raise
-                            log.warning("torch.compile failed (%s: %s); continuing in eager mode", type(e).__name__,
-                                        str(e).splitlines()[0][:200] if str(e) else "")
-                            optimizer.zero_grad(set_to_none=True)
-                            forward = distiller
-                            out = _micro_step(forward, images, precision, device, scaler, oc.accum_steps)
-                        compiled_checked = True
+                images = [b["images"].to(device, non_blocking=True) for b in micro_batches]  # (B, 3, H, W) uint8
+                outs, grad_norm, ok = train_step(images)
+                for out in outs:
                     metrics.add_micro(out)
-
-                # the update: unscale (fp16), clip, skip if the gradient is not finite
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                grad_norm = _clip_and_norm(params, oc.clip_grad)  # same on every rank (after all-reduce)
-                ok = torch.isfinite(grad_norm)
-                if scaler.is_enabled():
-                    scaler.step(optimizer)  # skips (and lowers the scale) on inf/nan by itself
-                    scaler.update()
-                elif device_skip:
-                    optimizer.found_inf = (~ok).float()  # fused AdamW skips on this flag: no host sync
-                    optimizer.grad_scale = None
-                    optimizer.step()
-                elif bool(ok):  # other optimizers cannot skip on a device flag: one host sync
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                images_n = sum(x.shape[0] for x in images)
+                skipped = sum(b.get("skipped", 0) for b in micro_batches)
                 step += 1
                 metrics.add_step(grad_norm, ok, images_n, skipped)
                 runlog.advance()
@@ -341,15 +289,6 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     runlog.close()
     return RunResult(run_dir=run_dir, step=step, total_steps=total_steps, checkpoint=last_ckpt,
                      loss=float(record.get("loss", math.nan)), stopped_by=stopped_by, elapsed_s=elapsed)
-
-
-def _micro_step(forward, images: torch.Tensor, precision: str, device: torch.device, scaler, accum: int):
-    """Forward (autocast) + backward of one micro-batch; returns the loss parts (device tensors)."""
-    with _precision_context(precision, device):
-        out = forward(images)
-    loss = out["loss"] / accum if accum > 1 else out["loss"]
-    scaler.scale(loss).backward() if scaler.is_enabled() else loss.backward()
-    return out
 
 
 def _take(batches, n: int):

@@ -1,0 +1,78 @@
+"""TrainStep against a hand-written reference step; skipping; real torch.compile (opt-in)."""
+import copy
+import os
+
+import pytest
+import torch
+
+from fdistill import FeatureDistiller, create_student
+from fdistill.engine.optim import create_adamw
+from fdistill.engine.step import TrainStep
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def distiller(tiny_vit_teacher):
+    student = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             drop_path_rate=0.0)
+    return FeatureDistiller(tiny_vit_teacher, student, cls_weight=1.0).train()
+
+
+def test_one_step_equals_the_reference_step(distiller):
+    ref = copy.deepcopy(distiller)
+    images = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8) for _ in range(2)]
+    step = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-2), clip_grad=0.05, accum_steps=2)
+    outs, grad_norm, ok = step(images)
+
+    # reference: mean of the two micro-batch losses, clip, plain AdamW (not fused)
+    opt = create_adamw(ref.branch, lr=1e-2, fused=False)
+    ref_losses = [ref(x)["loss"] for x in images]
+    (sum(ref_losses) / 2).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.trainable_parameters()), 0.05)
+    opt.step()
+    assert bool(ok) and grad_norm.item() == pytest.approx(ref_norm.item(), rel=1e-5)
+    assert ref_norm > 0.05  # clipping was active
+    assert [o["loss"].item() for o in outs] == pytest.approx([r.item() for r in ref_losses], rel=1e-6)
+    for (n, a), b in zip(distiller.branch.named_parameters(), ref.branch.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert all(p.grad is None for p in distiller.branch.parameters())  # zeroed for the next step
+
+
+def test_nonfinite_gradient_skips_the_update(distiller):
+    step = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-2))
+    before = {k: v.clone() for k, v in distiller.branch.state_dict().items()}
+    x = torch.rand(2, 3, 32, 32)
+    x[0, 0, 0, 0] = float("nan")  # poisons the loss and every gradient
+    _, grad_norm, ok = step([x])
+    assert not bool(ok) and not torch.isfinite(grad_norm)
+    after = distiller.branch.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not step.optimizer.state or all(int(s["step"]) == 0 for s in step.optimizer.state.values())
+
+
+def test_wrong_number_of_micro_batches_is_an_error(distiller):
+    step = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-2), accum_steps=2)
+    with pytest.raises(ValueError, match="expected 2 micro-batches"):
+        step([torch.rand(2, 3, 32, 32)])
+    with pytest.raises(ValueError, match="precision"):
+        TrainStep(distiller, step.optimizer, precision="fp8")
+
+
+@pytest.mark.skipif(not os.environ.get("FDISTILL_TEST_COMPILE"),
+                    reason="torch.compile takes minutes on a shared CPU; set FDISTILL_TEST_COMPILE=1")
+def test_compiled_step_matches_eager(distiller):
+    eager = copy.deepcopy(distiller)
+    x = [torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)]
+    a = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-2), compile=True)
+    b = TrainStep(eager, create_adamw(eager.branch, lr=1e-2))
+    (oa,), _, _ = a(x)
+    (ob,), _, _ = b(x)
+    assert a.forward is not distiller  # still compiled: no fallback happened
+    assert oa["loss"].item() == pytest.approx(ob["loss"].item(), rel=1e-4)
