@@ -85,25 +85,40 @@ def _distance_args(p: argparse.ArgumentParser) -> None:
 
 
 def _maps_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=_layers, default=None,
+    g = p.add_argument_group("attention maps")
+    g.add_argument("--layers", type=_layers, default=None,
                    help="layers to show, 1-based, negative from the end (default: 1,2,-3,-2,-1)")
 
 
-def _landscape_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+def _at_least_two(text: str) -> int:
+    v = int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 points, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def _landscape_args(p: argparse.ArgumentParser, report: bool = False) -> None:
     from ..diagnostics.commands import DEFAULT_HEAD_IMAGES
     from ..diagnostics.landscape import DEFAULT_NUM_ALPHAS, DEFAULT_NUM_DIRECTIONS
 
     g = p.add_argument_group("loss landscape")
     g.add_argument("--directions", type=_positive, default=DEFAULT_NUM_DIRECTIONS,
                    help="random directions, seeds SEED..SEED+n-1 (default: 5)")
-    g.add_argument("--alphas", type=_positive, default=DEFAULT_NUM_ALPHAS,
+    g.add_argument("--alphas", type=_at_least_two, default=DEFAULT_NUM_ALPHAS,
                    help="points in [-range, range] (default: 51)")
-    g.add_argument("--alpha-range", type=float, default=1.0, help="largest |alpha| (default: 1)")
+    g.add_argument("--alpha-range", type=_positive_float, default=1.0, help="largest |alpha| (default: 1)")
     g.add_argument("--head-split", default="train", choices=["train", "val"],
                    help="split the linear head of a non-classifier is fitted on (default: train)")
     g.add_argument("--head-images", type=_positive, default=DEFAULT_HEAD_IMAGES,
                    help=f"images to fit that head on (default: {DEFAULT_HEAD_IMAGES})")
-    if prefix:
+    if report:
         g.add_argument("--landscape-images", type=_positive, default=None,
                        help="images per landscape point (default: 500)")
 
@@ -148,7 +163,7 @@ def register(subparsers) -> None:
     _common(r, images_default=DEFAULT_ATTENTION_IMAGES, images_help=att_help + " for the attention diagnostics")
     _distance_args(r)
     _maps_args(r)
-    _landscape_args(r, prefix="landscape")
+    _landscape_args(r, report=True)
     r.set_defaults(func=cmd_report)
 
 

@@ -219,7 +219,12 @@ def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence
     models, tensors = [], {}
     for i, (desc, st) in enumerate(results):
         depth = st["layers"]
-        chosen = select_layers(depth, layers)
+        try:
+            chosen = select_layers(depth, layers)
+        except ValueError as e:
+            from ..config import ConfigError
+
+            raise ConfigError(f"--layers for {desc['label']}: {e}") from None
         summaries, keys = [], []
         for li in chosen:
             a = st["maps"][li]
