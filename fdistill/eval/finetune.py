@@ -33,7 +33,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -166,6 +166,7 @@ def finetune(
     source: Optional[Dict[str, Any]] = None,
     env=None,
     progress: bool = True,
+    on_step: Optional[Callable[[int], bool]] = None,
 ) -> Dict[str, Any]:
     """Fine-tune ``adapter`` as an image classifier; returns the metrics.
 
@@ -195,6 +196,8 @@ def finetune(
             checkpoint path, or None (start over, overwriting).
         source: ``{"spec", "kwargs"}`` the adapter was loaded with (recorded for rebuilding).
         env: a :class:`fdistill.engine.distributed.DistEnv` for ``torchrun`` runs (default: one process).
+        on_step: called with the step number after every optimizer step; returning True stops the
+            run like SIGTERM does (checkpoint, return with ``stopped_early``).
 
     Returns:
         ``top1``/``top5``: the best evaluation (the official logs' "max accuracy"), ``best_epoch``,
@@ -394,6 +397,8 @@ def finetune(
                     bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
                     loss_sum.zero_()
                     n_loss = 0
+                if on_step is not None and on_step(step):
+                    stop.request("on_step")
                 if step >= total_steps or stop.requested:
                     break
             bar.close()

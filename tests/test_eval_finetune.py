@@ -1,0 +1,148 @@
+"""Fine-tuning: a tiny model learns a procedural task far above chance; outputs and weights;
+exact resume after a stop; refused recipe changes; mixup + EMA; non-finite losses; bad data."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fdistill import create_student
+from fdistill.data import DataError, build_classification_dataset, eval_transform
+from fdistill.engine.errors import RunError
+from fdistill.eval.classifier import load_classifier
+from fdistill.eval.data import train_transform
+from fdistill.eval.finetune import evaluate_classifier, finetune
+from fdistill.models.loading import StudentAdapter
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def make_colour_patches(root, n_per_class, seed):
+    """A procedural 4-class task a tiny ViT learns in a few steps: a rectangle of the class's colour
+    (jittered), random size and place, on grey noise."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(60, 200, (32, 32, 1)).repeat(3, 2).astype(np.float32)
+            h, w = rng.integers(12, 24, 2)
+            y, x = rng.integers(0, 32 - h), rng.integers(0, 32 - w)
+            img[y:y + h, x:x + w] = np.asarray(rgb) + rng.integers(-25, 26, 3)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colours")
+    make_colour_patches(root / "train", 64, 0)
+    make_colour_patches(root / "val", 16, 1)
+    return root
+
+
+def _adapter():
+    torch.manual_seed(0)
+    s = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    return StudentAdapter(s, name="tiny-student")
+
+
+def _datasets(root, adapter):
+    tf = train_transform(32, mean=adapter.mean, std=adapter.std, auto_augment=None, re_prob=0.0, color_jitter=0.0)
+    return (build_classification_dataset(root, "train", tf), build_classification_dataset(root, "val", eval_transform(32)))
+
+
+RECIPE = dict(epochs=3, warmup_epochs=0.3, batch_size=32, num_workers=0, lr=3e-3, warmup_lr=1e-5, min_lr=1e-5,
+              layer_decay=0.75, drop_path_rate=0.0, mixup=None, label_smoothing=0.1, progress=False)
+
+
+def test_finetune_learns_far_above_chance_and_writes_outputs(colour_data, tmp_path):
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    m = finetune(a, tr, va, output_dir=tmp_path, resume=None, **RECIPE)
+    assert m["top1"] > 3 * 25.0  # 4 classes: chance is 25%
+    assert m["steps"] == 3 * (256 // 32) and m["epochs_done"] == 3 and m["classifier"] == "beit"
+    assert "top5" not in m["last"]  # 4 classes: top-5 would be 100% by construction
+    for f in ("classifier.json", "model_best.safetensors", "model_last.safetensors", "checkpoints/last.pt"):
+        assert (tmp_path / f).is_file(), f
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert m["top1"] == max(r["model"]["top1"] for r in log) and m["last"] == log[-1]["model"]
+    # the saved best classifier reproduces the best accuracy
+    c = load_classifier(tmp_path)
+    assert c.classes == sorted(COLOURS)
+    loader = torch.utils.data.DataLoader(va, batch_size=64)
+    again = evaluate_classifier(c.model, loader, mean=c.mean, std=c.std, device=torch.device("cpu"))
+    assert again["top1"] == pytest.approx(m["top1"])
+
+
+def test_stop_and_resume_is_exact(colour_data, tmp_path):
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    recipe = dict(RECIPE, epochs=2)
+    full = finetune(a, tr, va, output_dir=tmp_path / "a", resume=None, **recipe)
+    ref = load_classifier(tmp_path / "a", which="last").model.state_dict()
+
+    b = _adapter()
+    part = finetune(b, tr, va, output_dir=tmp_path / "b", resume=None, on_step=lambda s: s == 11, **recipe)
+    assert part["stopped_early"] and part["steps"] == 11  # mid-epoch 2
+    rest = finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume="auto", **recipe)
+    assert rest["steps"] == full["steps"] and not rest["stopped_early"]
+    got = load_classifier(tmp_path / "b", which="last").model.state_dict()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    assert rest["top1"] == full["top1"] and rest["last"] == full["last"]
+    # a finished run resumed again trains nothing and reports the same
+    again = finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume="auto", **recipe)
+    assert again["steps"] == full["steps"] and again["top1"] == full["top1"]
+
+
+def test_resume_refuses_another_recipe(colour_data, tmp_path):
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    finetune(a, tr, va, output_dir=tmp_path, resume=None, on_step=lambda s: s == 2, **RECIPE)
+    with pytest.raises(RunError, match="another recipe"):
+        finetune(_adapter(), tr, va, output_dir=tmp_path, resume="auto", **dict(RECIPE, lr=1e-3))
+    # epochs may change on resume (the schedule follows)
+    m = finetune(_adapter(), tr, va, output_dir=tmp_path, resume="auto", **dict(RECIPE, epochs=1))
+    assert m["steps"] == 8
+    with pytest.raises(RunError, match="not found"):
+        finetune(_adapter(), tr, va, output_dir=tmp_path, resume=str(tmp_path / "nope.pt"), **RECIPE)
+
+
+def test_mixup_and_ema(colour_data, tmp_path):
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    recipe = dict(RECIPE, epochs=1, mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5,
+                                               mode="batch"), ema_decay=0.9)
+    m = finetune(a, tr, va, output_dir=tmp_path, resume=None, **recipe)
+    assert m["ema_last"] is not None and 0.0 <= m["ema_last"]["top1"] <= 100.0
+    assert m["best_weights"] in ("model", "ema")
+    with pytest.raises(DataError, match="even batch"):
+        finetune(_adapter(), tr, va, output_dir=tmp_path / "odd", resume=None, **dict(recipe, batch_size=31))
+
+
+class _NaNImages(torch.utils.data.Dataset):
+    classes = ["a", "b"]
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full((3, 32, 32), float("nan")), i % 2
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(RunError, match="non-finite training loss at step 1"):
+        finetune(_adapter(), _NaNImages(), _NaNImages(), output_dir=tmp_path, resume=None,
+                 **dict(RECIPE, batch_size=4, log_interval=1))
+
+
+def test_bad_datasets(colour_data, tmp_path):
+    a = _adapter()
+    tr, _ = _datasets(colour_data, a)
+    with pytest.raises(DataError, match="classes differ"):
+        finetune(a, tr, _NaNImages(), output_dir=tmp_path, resume=None, **RECIPE)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        finetune(a, tr, tr, output_dir=tmp_path, resume=None, **dict(RECIPE, batch_size=512))
