@@ -159,8 +159,8 @@ class SweepConfig:
 
     #: token features: ``cls``, ``avg``, ``cls+avg``, ``last<n>`` (concatenated [CLS] of the last n blocks)
     features: List[str] = field(default_factory=lambda: ["cls", "avg", "cls+avg", "last4"])
-    #: base learning rates (per 256 images, LARS) tried for every feature
-    base_lrs: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    #: base learning rates (per 256 images; SGD + momentum, DINOv2-style) tried for every feature
+    base_lrs: List[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3])
     epochs: int = 50
     warmup_epochs: float = 5.0
     batch_size: int = 1024
