@@ -207,3 +207,15 @@ def test_plain_dataset_is_wrapped_and_checked():
         next(iter(build_distill_loader(Floats(), batch_size=4, num_workers=0)))
     with pytest.raises(DataError, match="fewer than one batch"):
         build_distill_loader(Plain(), batch_size=16, num_workers=0)
+
+
+def test_persistent_workers_follow_set_epoch(synth):
+    loader = build_distill_loader(synth, batch_size=16, num_workers=2, persistent_workers=True, seed=2)
+    assert loader.persistent_workers
+    e0 = _all(loader)
+    loader.set_epoch(1)
+    e1 = _all(loader)
+    loader.set_epoch(1, start_index=32)
+    e1_resumed = _all(loader)
+    ref1 = _all(build_distill_loader(synth, batch_size=16, num_workers=0, seed=2, epoch=1))
+    assert _same(e1, ref1) and _same(e1_resumed, ref1[2:]) and not _same(e0, e1)

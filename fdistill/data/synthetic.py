@@ -43,13 +43,17 @@ BACKGROUNDS = ("plain", "gradient", "noisy", "striped")
 SPLITS = {"train": 0, "val": 1}
 
 #: main-object radius as a fraction of the image side, and the size words' upper bounds
-MAIN_RADIUS = (0.16, 0.40)
-SIZE_WORDS = ((0.22, "small"), (0.31, "medium"), (1.0, "large"))
+MAIN_RADIUS = (0.2, 0.42)
+SIZE_WORDS = ((0.27, "small"), (0.35, "medium"), (1.0, "large"))
 #: distractor radius relative to the main object's, and how many distractors (probabilities)
-DISTRACTOR_RADIUS = (0.28, 0.5)
+DISTRACTOR_RADIUS = (0.25, 0.45)
 DISTRACTOR_COUNT_P = (0.35, 0.3, 0.2, 0.15)
 #: minimum RGB distance between an object's colour and the background's mean colour
 MIN_CONTRAST = 110.0
+#: per-channel range of a background's second tone around its first (gradient, stripes)
+BG_SPREAD = 70
+#: how far a texture's second tone is from the object's colour (fraction towards black / white)
+TEXTURE_CONTRAST = 0.4
 SUPERSAMPLE = 2
 
 
@@ -265,7 +269,9 @@ class SyntheticShapes(Dataset):
         S = self.img_size
         label = index % len(SHAPES)
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        bg_rgb = (tuple(int(c) for c in rng.integers(0, 256, 3)), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        c0 = rng.integers(0, 256, 3)
+        c1 = np.clip(c0 + rng.integers(-BG_SPREAD, BG_SPREAD + 1, 3), 0, 255)  # a related second tone
+        bg_rgb = (tuple(int(c) for c in c0), tuple(int(c) for c in c1))
         if background in ("plain", "noisy"):
             bg_rgb = (bg_rgb[0], bg_rgb[0])
         bg_mean = (np.asarray(bg_rgb[0], float) + np.asarray(bg_rgb[1], float)) / 2
@@ -337,13 +343,17 @@ class SyntheticShapes(Dataset):
             t = (self._xx * ca + self._yy * sa) / sc.bg_period
             stripe = (np.floor(t) % 2)[..., None].astype(np.float32)
             return c0 + stripe * (c1 - c0)
-        # noisy: low-frequency colour blobs plus per-pixel grain around the base colour
+        # noisy: smooth low-frequency colour blobs (bilinear 4x4 -> S x S) plus per-pixel grain
         nrng = np.random.default_rng(sc.noise_seed)
         k = 4
-        coarse = nrng.normal(0.0, 40.0, (k, k, 3)).astype(np.float32)
-        idx = np.minimum((np.arange(S) * k) // S, k - 1)
-        blobs = coarse[idx][:, idx]
-        grain = nrng.normal(0.0, 22.0, (S, S, 3)).astype(np.float32)
+        coarse = nrng.normal(0.0, 30.0, (k + 1, k + 1, 3)).astype(np.float32)
+        t = np.linspace(0.0, k, S, dtype=np.float32)
+        i0 = np.minimum(t.astype(np.int64), k - 1)
+        f = (t - i0)[:, None, None]
+        rows = coarse[i0] * (1 - f) + coarse[i0 + 1] * f  # (S, k+1, 3)
+        fx = f.reshape(1, S, 1)
+        blobs = rows[:, i0] * (1 - fx) + rows[:, i0 + 1] * fx  # (S, S, 3)
+        grain = nrng.normal(0.0, 15.0, (S, S, 3)).astype(np.float32)
         return np.clip(c0 + blobs + grain, 0, 255)
 
     def _texture(self, obj: ObjectSpec, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -352,7 +362,8 @@ class SyntheticShapes(Dataset):
         if obj.texture == "solid":
             return np.broadcast_to(c0, (ys.shape[0], xs.shape[1], 3))
         luma = 0.299 * c0[0] + 0.587 * c0[1] + 0.114 * c0[2]
-        c1 = c0 * 0.45 if luma > 110 else c0 + 0.55 * (255.0 - c0)  # a darker / lighter tone, same hue
+        # a darker / lighter tone of the same hue: the pattern is visible but the silhouette dominates
+        c1 = c0 * (1 - TEXTURE_CONTRAST) if luma > 110 else c0 + TEXTURE_CONTRAST * (255.0 - c0)
         ca, sa = math.cos(obj.texture_angle), math.sin(obj.texture_angle)
         x, y = xs - obj.cx, ys - obj.cy
         u, v = x * ca + y * sa, -x * sa + y * ca
