@@ -81,11 +81,21 @@ def _run(args) -> int:
     return 0
 
 
+def _int_list(text: str):
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return vals
+
+
 def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     p.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     p.add_argument("--model-kwargs", action="append", metavar="JSON",
                    help="keyword arguments for the model's spec as JSON, e.g. '{\"weights\": \"r56.safetensors\"}'; "
-                        "with --compare give it once per model, in order ('{}' for none)")
+                        "with --compare repeat it once per model, in order ('{}' for none)")
     p.add_argument("--compare", nargs="+", metavar="SPEC",
                    help="run several models with the same recipe and print them side by side (writes compare.json)")
     if train:
@@ -125,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("knn", help="weighted k-NN classification on frozen features (DINO: k=20, T=0.07)",
                        description="Weighted k-NN on L2-normalised frozen features, streamed over the test set.")
     _common(p)
-    p.add_argument("--k", type=int, nargs="+", help="neighbour counts (first one -> top1/top5)")
+    p.add_argument("--k", type=_int_list, metavar="K[,K...]",
+                   help="neighbour counts, comma-separated (the first gives top1/top5), e.g. 20 or 10,20,100,200")
     p.add_argument("--feature", help="cls | avg | cls+avg | last<n> | auto")
     p.set_defaults(_flag_keys=(("k", "k"), ("feature", "feature")))
 

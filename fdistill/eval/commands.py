@@ -137,13 +137,13 @@ def run_finetune(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     from .finetune import finetune
 
     t0 = time.time()
+    val = _val_spec(train, val)
     env = init_distributed(cfg.device)
     try:
         adapter = load_eval_model(model, model_kwargs)
         size = _img_size(cfg.data.img_size, adapter)
         tf = train_transform(size, mean=adapter.mean, std=adapter.std, **build_train_transform_args(cfg))
         train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
-        val = _val_spec(train, val)
         val_ds = load_dataset(val, "val", _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation),
                               download=cfg.data.download)
         recipe = build_finetune_recipe(cfg, world_size=env.world_size, device_type=env.device.type)
@@ -168,12 +168,12 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     from .linear_probe import available_features, linear_probe, linear_probe_sweep
 
     t0 = time.time()
+    val = _val_spec(train, val)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     adapter = load_eval_model(model, model_kwargs)
     size = _img_size(cfg.data.img_size, adapter)
     eval_tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
-    val = _val_spec(train, val)
     val_ds = load_dataset(val, "val", eval_tf, download=cfg.data.download)
     if cfg.mode == "standard":
         train_tf = distill_transform(size, interpolation=cfg.data.interpolation) if cfg.augment else eval_tf
@@ -210,12 +210,12 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
     from .linear_probe import available_features
 
     t0 = time.time()
+    val = _val_spec(train, val)
     device = _device(cfg.device)
     adapter = load_eval_model(model, model_kwargs)
     size = _img_size(cfg.data.img_size, adapter)
     tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
     train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
-    val = _val_spec(train, val)
     val_ds = load_dataset(val, "val", tf, download=cfg.data.download)
     feature = available_features(adapter, [cfg.feature])[0]
     amp = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
@@ -291,9 +291,11 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
             else mk(s_ds)
         r = zero_shot_student(adapter, teacher, t_loader, s_loader, classnames=classnames, templates=templates,
                               norm=norm, text_model=text_model, device=device, precision=precision)
-        res = dict(top1=r["student"]["top1"], top5=r["student"].get("top5"), student=r["student"],
-                   teacher=r["teacher"], teacher_top1=r["teacher"]["top1"], teacher_top5=r["teacher"].get("top5"),
-                   denormalization=r["stats"], templates=len(templates), num_classes=len(classnames))
+        res = dict(top1=r["student"]["top1"], student=r["student"], teacher=r["teacher"],
+                   teacher_top1=r["teacher"]["top1"], denormalization=r["stats"], templates=len(templates),
+                   num_classes=len(classnames))
+        if "top5" in r["student"]:
+            res.update(top5=r["student"]["top5"], teacher_top5=r["teacher"]["top5"])
         cols = ["top1", "top5", "teacher_top1", "teacher_top5"]
     else:
         v_ds = ds_for(adapter)

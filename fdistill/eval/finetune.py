@@ -421,7 +421,8 @@ def finetune(
         checkpoint(divmod(step, steps_per_epoch))
     last = history[-1] if history else {}
     metrics = {
-        "top1": best["top1"] if best else None, "top5": best.get("top5") if best else None,
+        "top1": best["top1"] if best else None,
+        **({"top5": best["top5"]} if best and "top5" in best else {}),
         "best_epoch": best["epoch"] if best else None, "best_weights": best["weights"] if best else None,
         "last": last.get("model"), "ema_last": last.get("ema"), "steps": step, "total_steps": total_steps,
         "epochs_done": step / max(steps_per_epoch, 1), "steps_per_epoch": steps_per_epoch,

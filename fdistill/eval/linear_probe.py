@@ -254,5 +254,5 @@ def linear_probe_sweep(
     res = _evaluate_heads(heads, {key: xva[key[0]] for key in heads}, val.labels.to(device))
     grid = [dict(feature=name, lr=lr, **res[(name, lr)]) for (name, lr) in heads]
     best = max(grid, key=lambda c: c["top1"])
-    return dict(top1=best["top1"], top5=best.get("top5"), feature=best["feature"], lr=best["lr"], best=best,
+    return dict(top1=best["top1"], **({"top5": best["top5"]} if "top5" in best else {}), feature=best["feature"], lr=best["lr"], best=best,
                 grid=grid, epochs=epochs, steps=step, train_images=n, val_images=len(val))
