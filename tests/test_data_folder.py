@@ -136,3 +136,30 @@ def test_cifar10_mini_listing():
     assert counts.tolist() == [500] * 10
     img, y = val[999]
     assert y == 9 and img.size == (32, 32)
+
+
+def test_verify_lists_bad_files(tmp_path):
+    _img(tmp_path / "a.png", 1)
+    (tmp_path / "b.png").write_bytes(b"bad")
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.verify(progress=False) == [str(tmp_path / "b.png")]
+
+
+def test_modes_become_rgb(tmp_path):
+    grey16 = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    Image.fromarray(np.full((4, 4, 4), 200, np.uint8)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((4, 4), 90, np.uint8)).save(tmp_path / "grey.jpg")
+    ds = ImageFolderDataset(tmp_path)
+    imgs = {p.rsplit("/", 1)[1]: ds.load(i)[0] for i, (p, _) in enumerate(ds.samples)}
+    assert all(im.mode == "RGB" for im in imgs.values())
+    g = np.asarray(imgs["g16.png"])[..., 0].astype(int)
+    assert np.abs(g - np.round(grey16.astype(float) * 255 / 65535)).max() <= 1  # scaled, not clipped to white
+    assert np.asarray(imgs["rgba.png"])[0, 0].tolist() == [200, 200, 200]
+
+
+def test_symlink_cycle_terminates(tmp_path):
+    _img(tmp_path / "a" / "x.png", 1)
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")
+    ds = ImageFolderDataset(tmp_path, labels=False)
+    assert [p.rsplit("/", 1)[1] for p, _ in ds.samples] == ["x.png"]

@@ -219,3 +219,25 @@ def test_persistent_workers_follow_set_epoch(synth):
     e1_resumed = _all(loader)
     ref1 = _all(build_distill_loader(synth, batch_size=16, num_workers=0, seed=2, epoch=1))
     assert _same(e1, ref1) and _same(e1_resumed, ref1[2:]) and not _same(e0, e1)
+
+
+@pytest.mark.parametrize("hflip,interp", [(0.5, "bicubic"), (0.0, "bilinear"), (1.0, "nearest")])
+def test_distill_view_equals_torchvision_v2_pipeline(hflip, interp):
+    """The lean view draws the same random numbers and gives the same pixels as v2.Compose."""
+    from torchvision.transforms import v2
+
+    from fdistill.data.transforms import INTERPOLATIONS
+
+    img = SyntheticShapes(1, 40).sample(0)["image"]
+    ours = distill_transform((24, 20), scale=(0.2, 1.0), ratio=(0.6, 1.5), hflip=hflip, interpolation=interp)
+    ops = [v2.PILToTensor(), v2.RandomResizedCrop((24, 20), scale=(0.2, 1.0), ratio=(0.6, 1.5),
+                                                  interpolation=INTERPOLATIONS[interp], antialias=True)]
+    if hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(hflip))
+    ref = v2.Compose(ops)
+    for s in range(30):
+        with seeded(s):
+            a, after_a = ours(img), torch.rand(1)
+        with seeded(s):
+            b, after_b = ref(img), torch.rand(1)
+        assert torch.equal(a, b.as_subclass(torch.Tensor)) and torch.equal(after_a, after_b)

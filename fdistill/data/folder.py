@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -37,8 +38,13 @@ def _is_image(name: str, extensions: Tuple[str, ...]) -> bool:
 def _walk_images(root: str, extensions: Tuple[str, ...]) -> List[str]:
     """All image files under ``root`` (following sub-folders), sorted by path: deterministic
     across machines and file systems (os.walk order is not)."""
-    out = []
+    out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle (or a second link to a folder already listed)
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         out.extend(os.path.join(dirpath, f) for f in filenames
                    if not f.startswith(".") and _is_image(f, extensions))
@@ -46,11 +52,25 @@ def _walk_images(root: str, extensions: Tuple[str, ...]) -> List[str]:
     return out
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode. 16/32-bit grey images (``I;16``, ``I``: 16-bit PNG/TIFF) are
+    scaled from 0..65535 to 0..255; PIL's own ``convert`` would clip them to white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float32) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":  # float images: assume [0, 1]
+        arr = np.asarray(im, dtype=np.float32) * 255.0
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
 def open_rgb(path: str) -> Image.Image:
     """Open an image file fully (decoding it, so truncated files fail here) as RGB."""
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 class ImageFolderDataset(Dataset):
@@ -139,6 +159,23 @@ class ImageFolderDataset(Dataset):
                 log.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
         raise DataError(f"{self.root!r}: {min(n, MAX_CONSECUTIVE_BAD)} unreadable images in a row from "
                         f"index {index} (last: {path!r})")
+
+    def verify(self, progress: bool = True) -> List[str]:
+        """Decode every file once (tqdm bar) and return the unreadable ones' paths (also
+        logged and added to ``bad_paths``): an optional check before a long run; training
+        itself skips bad files as it meets them."""
+        from tqdm.auto import tqdm
+
+        bad = []
+        for path, _ in tqdm(self.samples, desc=f"verify {os.path.basename(self.root) or self.root}",
+                            unit="img", disable=not progress):
+            try:
+                open_rgb(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                bad.append(path)
+                self.bad_paths.add(path)
+                log.warning("unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        return bad
 
     def __getitem__(self, index: int):
         """``(transform(image), label)``; an unreadable file is replaced by the next readable one

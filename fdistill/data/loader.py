@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from .errors import DataError
 from .folder import ImageFolderDataset
 from .sampler import ResumableDistributedSampler
-from .seeding import sample_seed, seeded
+from .seeding import in_worker, sample_seed, seeded
 from .shards import WebShardDataset, looks_like_shards
 from .synthetic import SyntheticShapes
 from .transforms import distill_transform
@@ -78,7 +78,7 @@ class DistillDataset(Dataset):
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        with seeded(sample_seed(self.seed, epoch, index)):
+        with seeded(sample_seed(self.seed, epoch, index), restore=not in_worker()):
             if hasattr(self.base, "load"):
                 img, label, skipped = self.base.load(index)
             else:

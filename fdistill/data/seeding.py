@@ -17,6 +17,7 @@ from typing import Iterator, Union
 
 import numpy as np
 import torch
+import torch.utils.data
 
 _MASK63 = (1 << 63) - 1
 
@@ -33,13 +34,23 @@ def sample_seed(seed: int, epoch: int, key: Union[int, str]) -> int:
 
 
 @contextmanager
-def seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int, *, restore: bool = True) -> Iterator[None]:
     """Run a block with torch's CPU generator, python ``random`` and numpy's global generator
-    seeded from ``seed``, restoring all three afterwards.
+    seeded from ``seed``.
+
+    ``restore=True`` puts all three back afterwards (~150 us, numpy's state being the slow
+    part): needed in a training process. DataLoader worker processes pass ``restore=False``:
+    their global generators serve nothing else and every sample reseeds them.
 
     Only the CPU generator is touched (``torch.default_generator``, not ``torch.manual_seed``,
     which would also reseed every CUDA generator of a training process that loads data in its
     main thread)."""
+    if not restore:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        yield
+        return
     py_state = random.getstate()
     np_state = np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -51,3 +62,8 @@ def seeded(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def in_worker() -> bool:
+    """True inside a DataLoader worker process."""
+    return torch.utils.data.get_worker_info() is not None

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
-from .seeding import sample_seed, seeded
+from .seeding import in_worker, sample_seed, seeded
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,7 @@ class WebShardDataset(IterableDataset):
             return True
 
         pending_bad = 0
+        restore_rng = info is None  # restore the global RNGs only in the main process
         stream = wds.tariterators.tarfile_samples([{"url": u} for u in shards], handler=handler)
         for sample in stream:
             if skip > 0:  # resumed: already consumed, no decoding
@@ -212,7 +213,7 @@ class WebShardDataset(IterableDataset):
                 pending_bad += 1
                 log.warning("skipping unreadable image %s in shard %s (%s: %s)", key, url, type(e).__name__, e)
                 continue
-            with seeded(sample_seed(self.seed, self.epoch, f"{os.path.basename(url)}/{key}")):
+            with seeded(sample_seed(self.seed, self.epoch, f"{os.path.basename(url)}/{key}"), restore=restore_rng):
                 image = self.transform(img) if self.transform is not None else img
             yield {"image": image, "label": _decode_label(sample), "index": -1, "skipped": pending_bad}
             pending_bad = 0

@@ -171,16 +171,17 @@ def _jittered(rng: np.random.Generator, rgb) -> Tuple[int, int, int]:
     return tuple(int(c) for c in np.clip(np.asarray(rgb) + rng.integers(-JITTER, JITTER + 1, 3), 0, 255))
 
 
+_PALETTE_NAMES = list(COLOURS)
+_PALETTE = np.asarray([COLOURS[n] for n in _PALETTE_NAMES], np.float64)  # (K, 3)
+
+
 def _pick_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> Tuple[str, Tuple[int, int, int]]:
-    names = list(COLOURS)
-    order = rng.permutation(len(names))
-    for k in order:  # the first colour far enough from the background; the farthest otherwise
-        name = names[k]
-        if np.linalg.norm(np.asarray(COLOURS[name], float) - bg_mean) >= MIN_CONTRAST:
-            break
-    else:
-        name = max(names, key=lambda n: np.linalg.norm(np.asarray(COLOURS[n], float) - bg_mean))
-    return name, _jittered(rng, COLOURS[name])
+    """A random palette colour at least MIN_CONTRAST from the background (the farthest if none is)."""
+    dist = np.sqrt(((_PALETTE - bg_mean) ** 2).sum(1))  # (K,)
+    order = rng.permutation(len(_PALETTE_NAMES))
+    ok = order[dist[order] >= MIN_CONTRAST]
+    k = int(ok[0]) if len(ok) else int(dist.argmax())
+    return _PALETTE_NAMES[k], _jittered(rng, COLOURS[_PALETTE_NAMES[k]])
 
 
 def _size_word(rel_radius: float) -> str:

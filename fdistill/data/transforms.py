@@ -63,9 +63,39 @@ class _ToUint8Tensor(torch.nn.Module):
         return t.contiguous()
 
 
+class DistillView(torch.nn.Module):
+    """RandomResizedCrop + horizontal flip -> uint8 (3, H, W): the result (and the RNG draws) of
+    ``v2.Compose([RandomResizedCrop, RandomHorizontalFlip])``, without ``v2``'s per-call
+    dispatch (input flattening and type checks cost ~100 us per image, more than the crop of
+    a 32 px image). The crop box is drawn by torchvision's own ``RandomResizedCrop`` and the
+    pixels come from its ``resized_crop`` kernel."""
+
+    def __init__(self, size: Tuple[int, int], scale, ratio, hflip: float, interpolation: InterpolationMode):
+        super().__init__()
+        self.to_tensor = _ToUint8Tensor()
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio),
+                                         interpolation=interpolation, antialias=True)
+        # torchvision >= 0.21 names it make_params; older versions _get_params
+        self._params = getattr(self.crop, "make_params", None) or self.crop._get_params
+        self.size, self.hflip, self.interpolation = list(size), float(hflip), interpolation
+
+    def forward(self, img) -> torch.Tensor:
+        t = self.to_tensor(img)  # (3, h, w) uint8
+        p = self._params([t])
+        out = v2.functional.resized_crop_image(t, p["top"], p["left"], p["height"], p["width"], self.size,
+                                               interpolation=self.interpolation, antialias=True)
+        if self.hflip > 0 and torch.rand(1) < self.hflip:  # the draw v2.RandomHorizontalFlip makes
+            out = out.flip(-1)
+        return out  # (3, H, W) uint8
+
+    def extra_repr(self) -> str:
+        return f"size={tuple(self.size)}, scale={self.crop.scale}, ratio={self.crop.ratio}, hflip={self.hflip}, " \
+               f"interpolation={self.interpolation.value}"
+
+
 def distill_transform(img_size: Union[int, Sequence[int]], scale: Tuple[float, float] = (0.08, 1.0),
                       ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                      interpolation: str = "bicubic") -> v2.Compose:
+                      interpolation: str = "bicubic") -> DistillView:
     """The FD training view: RandomResizedCrop + horizontal flip -> uint8 tensor (3, H, W).
 
     Args:
@@ -80,12 +110,7 @@ def distill_transform(img_size: Union[int, Sequence[int]], scale: Tuple[float, f
         raise DataError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
     if not 0.0 <= hflip <= 1.0:
         raise DataError(f"hflip must be a probability in [0, 1], got {hflip}")
-    ops = [_ToUint8Tensor(),
-           v2.RandomResizedCrop(_size2(img_size), scale=tuple(scale), ratio=tuple(ratio),
-                                interpolation=_interp(interpolation), antialias=True)]
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip))
-    return v2.Compose(ops)
+    return DistillView(_size2(img_size), scale, ratio, hflip, _interp(interpolation))
 
 
 def eval_transform(img_size: Union[int, Sequence[int]], crop_pct: Optional[float] = None,
