@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 
 from fdistill.data import (DataError, ResumableDistributedSampler, SyntheticShapes, build_distill_dataset,
                            build_distill_loader, distill_transform, eval_transform, sample_seed, seeded)
+from tests.conftest import CIFAR_MINI, need_shared
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -241,3 +242,29 @@ def test_distill_view_equals_torchvision_v2_pipeline(hflip, interp):
         with seeded(s):
             b, after_b = ref(img), torch.rand(1)
         assert torch.equal(a, b.as_subclass(torch.Tensor)) and torch.equal(after_a, after_b)
+
+
+def test_default_num_workers_shares_cpus(monkeypatch):
+    from fdistill.data import default_num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_num_workers() == 8  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_num_workers() == 4  # 16 CPUs shared by 4 torchrun processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_num_workers() == 0
+
+
+@need_shared(CIFAR_MINI)
+@pytest.mark.realdata
+def test_cifar10_mini_distill_batches():
+    ds = build_distill_dataset(CIFAR_MINI / "train", img_size=32, seed=0)
+    loader = build_distill_loader(ds, batch_size=64, num_workers=2)
+    assert loader.batches_per_epoch == 5000 // 64
+    it = iter(loader)
+    for _ in range(3):
+        b = next(it)
+        assert b["images"].shape == (64, 3, 32, 32) and b["skipped"] == 0 and (b["labels"] == -1).all()
+        mean = b["images"].float().mean().item()
+        assert 60 < mean < 190 and b["images"].float().std() > 30  # real photos, not blank crops

@@ -9,11 +9,11 @@ from .sampler import ResumableDistributedSampler
 from .seeding import sample_seed, seeded
 from .shards import WebShardDataset
 from .synthetic import SHAPES, SyntheticShapes
-from .transforms import distill_transform, eval_transform
+from .transforms import DistillView, distill_transform, eval_transform
 
 __all__ = [
     "DataError", "ImageFolderDataset", "IMG_EXTENSIONS", "SyntheticShapes", "SHAPES", "WebShardDataset",
     "DistillDataset", "DistillDataLoader", "build_distill_dataset", "build_distill_loader", "collate_distill",
     "default_num_workers", "build_classification_dataset", "ResumableDistributedSampler", "distill_transform",
-    "eval_transform", "sample_seed", "seeded",
+    "eval_transform", "DistillView", "sample_seed", "seeded",
 ]

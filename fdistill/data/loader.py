@@ -106,12 +106,17 @@ def collate_distill(samples: Sequence[dict]) -> dict:
 
 
 def default_num_workers() -> int:
-    """Worker processes for one training process: the CPUs it may use, at most 8."""
+    """Worker processes for one training process: its share of the CPUs it may use (divided
+    among the processes torchrun starts on this node, ``LOCAL_WORLD_SIZE``), at most 8."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS / Windows
         cpus = os.cpu_count() or 1
-    return max(0, min(8, cpus))
+    try:
+        local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_procs = 1
+    return max(0, min(8, cpus // local_procs))
 
 
 def build_distill_dataset(path_or_name: Union[str, os.PathLike, Sequence[str]], *, img_size, scale=(0.08, 1.0),
