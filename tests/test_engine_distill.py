@@ -289,3 +289,11 @@ def test_timm_student_trains_and_refuses_masking(tmp_path):
     assert r.step == 2
     with pytest.raises(ConfigError, match="mask"):
         tiny_cfg(tmp_path / "x", *swin, "distill.mask_ratio=0.5")
+
+
+def test_cpu_threads_apply_during_the_run_only(tmp_path):
+    torch.set_num_threads(2)
+    seen = []
+    distill(tiny_cfg(tmp_path / "run", "train.cpu_threads=1", "train.max_steps=1"),
+            on_step=lambda s: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == 2

@@ -198,6 +198,9 @@ class TrainConfig:
     output: str = "runs/distill"
     #: ``cuda`` | ``cpu`` | ``auto`` (cuda when available)
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    #: intra-op threads of a CPU run (null: torch's default). Tiny models run fastest on 1, and
+    #: several threads slow down badly when the cores are shared with other work
+    cpu_threads: Optional[int] = None
 
     def __post_init__(self):
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
@@ -207,6 +210,7 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last must be >= 1")
         _check(self.max_nonfinite >= 1, "train.max_nonfinite must be >= 1")
         _check(bool(self.output), "train.output must name a folder")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads must be >= 1")
 
 
 @dataclass
@@ -230,7 +234,7 @@ class DistillConfig:
 #: checkpoint written under another value is refused.
 RESUME_SAFE_KEYS = (
     "train.epochs", "train.max_steps", "train.log_interval", "train.ckpt_interval", "train.keep_last",
-    "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device",
+    "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device", "train.cpu_threads",
     "data.path", "data.num_workers", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
 )
 

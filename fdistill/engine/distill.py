@@ -76,9 +76,13 @@ def distill(cfg: DistillConfig, *, resume: str = "auto",
         ConfigError, DataError, TeacherError: bad config, data or teacher, before any compute.
     """
     env = init_distributed(cfg.train.device)
+    threads = torch.get_num_threads()
+    if env.device.type == "cpu" and cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
     try:
         return _run(cfg, env, resume, on_step)
     finally:
+        torch.set_num_threads(threads)
         shutdown(env)
 
 
