@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
-from .seeding import in_worker, sample_seed, seeded
+from .seeding import sample_seed, seeded
 
 log = logging.getLogger(__name__)
 
