@@ -232,10 +232,14 @@ def test_dotted_module_and_relative_path(user_file, tmp_path, monkeypatch):
 
 def test_file_may_import_its_neighbours(tmp_path):
     (tmp_path / "blocks_lib.py").write_text("import torch.nn as nn\ndef make():\n    return nn.Conv2d(3, 5, 2, 2)\n")
-    (tmp_path / "net.py").write_text("import blocks_lib\ndef build():\n    return blocks_lib.make()\n")
+    (tmp_path / "lazy_lib.py").write_text("import torch.nn as nn\ndef make():\n    return nn.Conv2d(3, 7, 4, 4)\n")
+    (tmp_path / "net.py").write_text("import blocks_lib\ndef build():\n    return blocks_lib.make()\n"
+                                     "def build_lazy():\n    import lazy_lib\n    return lazy_lib.make()\n")
     path_before = list(sys.path)
     t = create_teacher(f"python:{tmp_path / 'net.py'}:build", feature_method="forward", img_size=16)
     assert t.grid_size() == (8, 8) and t.embed_dim == 5
+    t = create_teacher(f"python:{tmp_path / 'net.py'}:build_lazy", feature_method="forward", img_size=16)
+    assert t.grid_size() == (4, 4) and t.embed_dim == 7
     assert sys.path == path_before
 
 

@@ -20,6 +20,7 @@ A tuple or list output counts as its first element (e.g. ``(hidden_states, attn)
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -182,8 +183,7 @@ def _device(model: nn.Module) -> torch.device:
 # -- import the user's code -------------------------------------------------------------------------
 def _import_source(source: str, spec: str):
     """A ``.py`` file (path absolute or relative to the working directory) or a dotted module."""
-    looks_like_file = source.endswith(".py") or "/" in source or "\\" in source
-    if not looks_like_file:
+    if not _is_file_source(source):
         try:
             return importlib.import_module(source)
         except ModuleNotFoundError as e:
@@ -206,15 +206,32 @@ def _import_source(source: str, spec: str):
     module = importlib.util.module_from_spec(module_spec)
     module.__fdistill_mtime__ = stamp
     sys.modules[mod_name] = module  # dataclasses / pickling look the module up by name
-    sys.path.insert(0, str(path.parent))  # so the file can import its neighbours
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(mod_name, None)
         raise TeacherError(f"{spec}: error while importing {path}: {type(e).__name__}: {e}") from e
-    finally:
-        sys.path.remove(str(path.parent))
     return module
+
+
+def _is_file_source(source: str) -> bool:
+    return source.endswith(".py") or "/" in source or "\\" in source
+
+
+@contextlib.contextmanager
+def _neighbours_importable(source: str):
+    """While a user file is imported and its factory runs, its folder is on ``sys.path`` so that
+    it can import the files next to it (also lazily, inside the factory)."""
+    folder = str(Path(source).expanduser().resolve().parent) if _is_file_source(source) else None
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
 
 
 def _suggest(name: str, options, what: str) -> str:
@@ -223,7 +240,11 @@ def _suggest(name: str, options, what: str) -> str:
 
 
 def _build_model(source: str, factory_name: str, factory_kwargs: Dict[str, Any], spec: str) -> nn.Module:
-    module = _import_source(source, spec)
+    with _neighbours_importable(source):
+        return _call_factory(_import_source(source, spec), source, factory_name, factory_kwargs, spec)
+
+
+def _call_factory(module, source: str, factory_name: str, factory_kwargs: Dict[str, Any], spec: str) -> nn.Module:
     factory = getattr(module, factory_name, None)
     if factory is None:
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
