@@ -70,6 +70,9 @@ def test_load_classifier_round_trip_student_and_timm(tmp_path, tiny_vit_teacher)
         ("timm", tiny_vit_teacher, {"spec": "timm:vit_tiny_patch16_224",
                                     "kwargs": dict(pretrained=False, img_size=32, patch_size=8, depth=2,
                                                    embed_dim=48, num_heads=3)}),
+        # without the loading kwargs: timm's own record of the model's arguments rebuilds it
+        ("timm_no_source", create_teacher("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                          depth=2, embed_dim=48, num_heads=3), None),
     ]:
         model, spec = build_classifier(adapter, 3, global_pool="avg", drop_path_rate=0.1, source=source)
         with torch.no_grad():
@@ -81,6 +84,7 @@ def test_load_classifier_round_trip_student_and_timm(tmp_path, tiny_vit_teacher)
         assert loaded.mean == tuple(adapter.mean) and loaded.std == tuple(adapter.std)
         assert torch.allclose(loaded.model(x), model.eval()(x), atol=1e-6), name
         assert spec["kind"] == ("beit" if name == "student" else "timm")
+        assert isinstance(loaded.model, type(model))
 
 
 def test_generic_adapter_classifier(tmp_path):

@@ -198,7 +198,7 @@ def build_classifier(
             log.warning("%s has no drop-path slots; drop_path_rate=%s is ignored", adapter.name, drop_path_rate)
         kwargs = {k: v for k, v in dict(source.get("kwargs") or {}).items() if k not in _TIMM_TEACHER_ONLY}
         return model.train(), dict(base, kind="timm", name=timm_name, model_kwargs=kwargs,
-                                   dynamic_img_size=bool(adapter.dynamic_img_size))
+                                   dynamic_img_size=bool(adapter.dynamic_img_size), model_args=_timm_model_args(model))
     adapter.unfreeze()
     model = AdapterClassifier(adapter, num_classes, global_pool)
     if drop_path_rate > 0 and set_drop_path(adapter.model, drop_path_rate) == 0:
@@ -217,6 +217,17 @@ def _timm_name(adapter: Teacher) -> Optional[str]:
     return None
 
 
+def _timm_model_args(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The ``create_model`` arguments timm recorded for this model (sizes, pooling, norm placement,
+    classes), JSON-safe; None where this timm version does not record them."""
+    try:
+        from timm.models._input import get_model_args
+    except ImportError:  # pragma: no cover - older timm
+        return None
+    args = get_model_args(model)
+    return json.loads(json.dumps(args, default=list)) if args else None
+
+
 def rebuild_classifier(spec: Dict[str, Any]) -> nn.Module:
     """The (untrained) network a ``classifier.json`` spec describes; load its weights after."""
     kind = spec.get("kind")
@@ -228,6 +239,8 @@ def rebuild_classifier(spec: Dict[str, Any]) -> nn.Module:
     if kind == "timm":
         import timm
 
+        if spec.get("model_args"):  # timm's own record of how the network was built
+            return timm.create_model(spec["name"], pretrained=False, **spec["model_args"])
         extra = dict(dynamic_img_size=True) if spec.get("dynamic_img_size") else {}
         try:
             model = timm.create_model(spec["name"], pretrained=False, **spec.get("model_kwargs", {}), **extra)

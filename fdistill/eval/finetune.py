@@ -260,6 +260,9 @@ def finetune(
     model, spec = build_classifier(adapter, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
                                    source=source)
     model = model.to(device)
+    if spec["kind"] == "adapter" and not (source or {}).get("spec"):
+        log.warning("no source spec given: load_classifier will not be able to rebuild this %s classifier "
+                    "(pass source={'spec': ..., 'kwargs': ...})", adapter.name)
     groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay,
                                       no_weight_decay=no_weight_decay_patterns(model))
     optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
