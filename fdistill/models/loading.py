@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..teachers.base import Teacher, TeacherError, TeacherTokens
-from .student import FDStudent, create_student
+from .student import FDStudent
 
 
 class StudentAdapter(Teacher):
@@ -47,16 +47,14 @@ class StudentAdapter(Teacher):
 
 
 def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str) -> StudentAdapter:
-    """Rebuild the student (and projector) of an fdistill distillation checkpoint dict."""
+    """Rebuild the student (and projector) of an fdistill distillation checkpoint dict
+    (the FD ViT, or a ``timm:`` student such as Swin), drop path off."""
+    from ..engine.export import rebuild_student
     from .projector import TokenProjector
 
     if ckpt.get("format") != "fdistill-checkpoint":
         raise TeacherError(f"{name} is not an fdistill distillation checkpoint")
-    args = dict(ckpt["student_args"])
-    args["drop_path_rate"] = 0.0  # evaluation recipes set their own drop path
-    student = create_student(**args)
-    sd = ckpt["model"]["student"]
-    student.load_state_dict(sd)
+    student = rebuild_student(ckpt)
     proj = None
     if "projector" in ckpt["model"]:
         w = ckpt["model"]["projector"]["weight"]
