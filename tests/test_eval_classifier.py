@@ -111,3 +111,17 @@ def test_load_classifier_errors(tmp_path):
                           "img_size": [32, 32], "args": {}}, ["a", "b"], tmp_path)
     with pytest.raises(WeightsError, match="model_best.safetensors or model_last"):
         load_classifier(tmp_path)
+
+
+def test_timm_backbone_student_is_fine_tuned_as_timm(tmp_path):
+    # an FD student that is a timm backbone (student.arch: timm:<model>, e.g. a Swin) keeps its architecture
+    from fdistill.models.timm_student import create_timm_student
+
+    s = create_timm_student("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+    adapter = StudentAdapter(s, name="timm-student")
+    model, spec = build_classifier(adapter, 4, global_pool="avg", drop_path_rate=0.1)
+    assert spec["kind"] == "timm" and spec["name"] == "vit_tiny_patch16_224" and model is s.timm_model()
+    x = torch.randn(2, 3, 32, 32)
+    assert model(x).shape == (2, 4)
+    _save(model.eval(), spec, list("abcd"), tmp_path)
+    assert torch.allclose(load_classifier(tmp_path).model(x), model(x), atol=1e-6)

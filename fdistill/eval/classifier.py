@@ -180,13 +180,12 @@ def build_classifier(
     source = dict(source or {})
     base = dict(num_classes=int(num_classes), global_pool=global_pool, mean=list(adapter.mean),
                 std=list(adapter.std), img_size=list(adapter.img_size), source=source)
-    if isinstance(adapter, StudentAdapter):
+    if isinstance(adapter, StudentAdapter) and hasattr(adapter.model, "timm_model_args"):
         model, args = beit_from_student(adapter.model, num_classes=num_classes, global_pool=global_pool,
                                         drop_path_rate=drop_path_rate)
         return model, dict(base, kind="beit", args=args)
-    timm_name = _timm_name(adapter)
+    timm_name, model = _timm_backbone(adapter)
     if timm_name is not None:
-        model = adapter.model
         for p in model.parameters():
             p.requires_grad_(True)
         pool = "token" if global_pool == "token" else "avg"
@@ -207,14 +206,17 @@ def build_classifier(
     return model.train(), dict(base, kind="adapter")
 
 
-def _timm_name(adapter: Teacher) -> Optional[str]:
-    try:
-        from ..teachers.timm_teacher import TimmTeacher
-    except ImportError:  # pragma: no cover
-        return None
+def _timm_backbone(adapter: Teacher) -> Tuple[Optional[str], Optional[nn.Module]]:
+    """(timm model name, timm model) of a ``timm:`` teacher or of an FD student that is a timm
+    backbone (``student.arch: timm:<model>``, e.g. a Swin); (None, None) otherwise."""
+    from ..teachers.timm_teacher import TimmTeacher
+
     if isinstance(adapter, TimmTeacher) and adapter.name.startswith("timm:"):
-        return adapter.name[len("timm:"):]
-    return None
+        return adapter.name[len("timm:"):], adapter.model
+    inner = getattr(adapter, "model", None)
+    if hasattr(inner, "timm_model") and str(getattr(inner, "name", "")).startswith("timm:"):
+        return inner.name[len("timm:"):], inner.timm_model()
+    return None, None
 
 
 def _timm_model_args(model: nn.Module) -> Optional[Dict[str, Any]]:

@@ -326,8 +326,11 @@ def finetune(
             "batch_in_epoch": epoch_pos[1], "best": best, "history": history, "rng": rng,
         })
 
+    eval_time = 0.0
+
     def evaluate(epoch: int) -> None:
-        nonlocal best
+        nonlocal best, eval_time
+        t_eval = time.time()
         res = {"epoch": epoch + 1, "step": step,
                "model": evaluate_classifier(unwrap(ddp_model), val_loader, mean=adapter.mean, std=adapter.std,
                                             device=device, precision=precision, env=env, desc="eval")}
@@ -343,6 +346,7 @@ def finetune(
                 _save_weights(unwrap(ddp_model) if which == "model" else ema.module, out / "model_best.safetensors")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
+        eval_time += time.time() - t_eval
         log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
                  f", ema {res['ema']['top1']:.2f}" if ema is not None else "", best["top1"] if best else float("nan"))
 
@@ -418,7 +422,7 @@ def finetune(
             if stop.requested:
                 stopped = True
                 break
-    elapsed = max(time.time() - t0, 1e-9)
+    elapsed = max(time.time() - t0 - eval_time, 1e-9)  # training throughput, evaluations excluded
     if best is None and history == [] and not stopped:  # nothing left to train: evaluate the weights
         evaluate(max(step // max(steps_per_epoch, 1) - 1, 0))
         checkpoint(divmod(step, steps_per_epoch))
