@@ -178,3 +178,49 @@ def test_timm_clip_tower_needs_a_head_and_a_text_model(trained_clip, tiny_vit_te
     x = timm_tower.normalize(torch.rand(2, 3, 32, 32))
     view = clip_view(timm_tower, t)
     assert torch.allclose(view.embed_tokens(timm_tower.forward_tokens(x)), timm_tower.model(x), atol=1e-5)
+
+
+def test_hf_clip_zero_shot_matches_a_direct_computation(tmp_path):
+    # an HF CLIPModel folder (tiny, random): the command's scores equal CLIP's own image/text features
+    import json
+    import string
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=24, bos_token_id=52, eos_token_id=53, pad_token_id=53)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)).eval()
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    t = create_teacher(f"hf:{folder}")
+    ds = build_classification_dataset("synthetic:50", "val", eval_transform(32))
+    loader = torch.utils.data.DataLoader(ds, batch_size=10)
+    templates = ["a {}", "the {}"]
+    res = zero_shot(t, loader, classnames=ds.classes, templates=templates, progress=False)
+    # the oracle: CLIP's own features, prompt ensembling written out
+    with torch.no_grad():
+        cols = []
+        for c in ds.classes:
+            enc = tok([tp.format(c) for tp in templates], padding="max_length", max_length=24, return_tensors="pt")
+            e = model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+            e = F.normalize(getattr(e, "pooler_output", e), dim=-1).mean(0)
+            cols.append(F.normalize(e, dim=0))
+        W = torch.stack(cols, 1)
+        correct = total = 0
+        for x, y in loader:
+            img = model.get_image_features(pixel_values=t.normalize(x.float() / 255))
+            img = F.normalize(getattr(img, "pooler_output", img), dim=-1)
+            correct += int(((img @ W).argmax(1) == y).sum())
+            total += len(y)
+    assert res["top1"] == pytest.approx(100.0 * correct / total)
