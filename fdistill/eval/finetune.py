@@ -311,6 +311,9 @@ def finetune(
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_classifier_spec(spec, classes, out)
+        if resume_from is None:  # starting over: nothing of an earlier run in this folder may mix in
+            for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors"):
+                (out / f).unlink(missing_ok=True)
     ddp_model = wrap_ddp(model, env)
     scheduler.step_update(step)
 
