@@ -70,7 +70,7 @@ def test_fd_student_through_every_command(clip_run, tmp_path, capsys):
     assert main(["linprobe", "--model", run, "--train", "synthetic:40", "--output", str(tmp_path / "lp"),
                  "--config", LP_TINY, "sweep.epochs=2", "sweep.warmup_epochs=0", *FAST]) == 0
     lp = _metrics(tmp_path / "lp")
-    assert lp["mode"] == "fast" and len(lp["grid"]) == 3 * 2
+    assert lp["mode"] == "fast" and len(lp["grid"]) == 3 * 3
 
 
 def test_standard_linprobe_and_zeroshot_of_a_clip_teacher(tmp_path):
