@@ -83,6 +83,14 @@ USER_MODELS = textwrap.dedent('''
         return TinyViT(**kw)
 
 
+    class NoForward(TinyViT):
+        forward = nn.Module.forward  # only forward_features, as many backbones
+
+
+    def no_forward():
+        return NoForward()
+
+
     def broken():
         raise ValueError("bad config")
 
@@ -162,6 +170,16 @@ def test_vit_hooked_block_before_the_norm(user_file):
     # the hooked tokens are the block's output: the final norm turns them into forward_features
     assert torch.allclose(m.norm(out.full()), normed, atol=1e-6)
     assert not torch.allclose(out.full(), normed, atol=1e-3)
+
+
+def test_hook_driven_by_a_method_for_models_without_forward(user_file):
+    t = create_teacher(f"python:{user_file}:no_forward", feature_module="blocks.0", num_prefix_tokens=5, img_size=32)
+    assert t.reader.feature_method == "forward_features"
+    m = t.model
+    x = torch.randn(1, 3, 32, 32)
+    tok = m.patch_embed(x).flatten(2).transpose(1, 2) + m.pos_embed
+    tok = torch.cat((m.cls_token, tok), dim=1)
+    assert torch.allclose(t.forward_tokens(x).full(), m.blocks[0](tok), atol=1e-6)
 
 
 def test_nhwc_map_and_rectangular_inputs(user_file):
@@ -253,7 +271,9 @@ def test_file_may_import_its_neighbours(tmp_path):
     (dict(spec="python:{f}"), "must be python:<file.py or module>:<factory>"),
     (dict(spec="python:{f}:cnn", feature_method="forward_feature"), "no method 'forward_feature'; did you mean"),
     (dict(spec="python:{f}:cnn", feature_module="layer3"), "no submodule 'layer3'; did you mean 'layer2'"),
-    (dict(spec="python:{f}:cnn", feature_module="stem", feature_method="forward"), "not both"),
+    (dict(spec="python:{f}:no_forward", feature_method="forward"), "does not implement forward"),
+    (dict(spec="python:{f}:cnn", feature_module="head", feature_method="forward_features"),
+     "did not run during model.forward_features"),
     (dict(spec="python:{f}:cnn", feature_method="forward"), r"returned shape \(1, 5\).*classifier's logits"),
     (dict(spec="python:{f}:vit", feature_method="as_dict"), "returned a dict with keys \\['tokens'\\]"),
     (dict(spec="python:{f}:cnn", map_format="NLC"), "map_format='NLC' but"),

@@ -9,9 +9,10 @@ two ways:
   (B, L, C) or a spatial map (B, C, H, W) / (B, H, W, C). Default: ``forward_features`` when the
   model has one, else ``forward``.
 * ``feature_module=DOTTED.NAME``: a submodule (``model.get_submodule(NAME)``, e.g. ``layer3`` or
-  ``blocks.11`` or ``encoder.norm``) whose output is captured by a forward hook while the model's
-  ``forward`` runs; the forward stops right after that module (the rest of the network, e.g. the
-  classifier head, is never computed) and the hook is removed after every call.
+  ``blocks.11`` or ``encoder.norm``) whose output is captured by a forward hook while the model
+  runs (its ``forward``, or ``feature_method`` when given, e.g. ``forward_features`` for a model
+  without a ``forward``); the run stops right after that module (the rest of the network, e.g.
+  the classifier head, is never computed) and the hook is removed after every call.
 
 Token outputs (B, L, C) are split into ``num_prefix_tokens`` prefix tokens and L - P patch tokens on
 a grid of ``img_size / patch_size`` (or inferred from the token count); spatial maps become patch
@@ -65,10 +66,14 @@ class FeatureReader:
         return (f"feature_module '{self.feature_module}'" if self.feature_module
                 else f"feature_method '{self.feature_method}'")
 
+    def _run(self, model: nn.Module, x: torch.Tensor) -> Any:
+        # model(x) rather than model.forward(x): the model's own hooks run as usual
+        return model(x) if self.feature_method == "forward" else getattr(model, self.feature_method)(x)
+
     # -- raw output ----------------------------------------------------------------------------
     def raw(self, model: nn.Module, x: torch.Tensor) -> Any:
         if self.feature_module is None:
-            return getattr(model, self.feature_method)(x)
+            return self._run(model, x)
         module = model.get_submodule(self.feature_module)
         captured = []
 
@@ -78,13 +83,14 @@ class FeatureReader:
 
         handle = module.register_forward_hook(hook)
         try:
-            model(x)
+            self._run(model, x)
         except _Captured:
             pass
         finally:
             handle.remove()
         if not captured:
-            raise TeacherError(f"{self.name}: module '{self.feature_module}' did not run during the model's forward")
+            raise TeacherError(f"{self.name}: module '{self.feature_module}' did not run during "
+                               f"model.{self.feature_method}(images)")
         return captured[0]
 
     # -- output -> tokens ----------------------------------------------------------------------
@@ -263,8 +269,6 @@ def _call_factory(module, source: str, factory_name: str, factory_kwargs: Dict[s
 
 def _check_feature_access(model: nn.Module, feature_method: Optional[str], feature_module: Optional[str],
                           spec: str) -> Tuple[Optional[str], Optional[str]]:
-    if feature_method and feature_module:
-        raise TeacherError(f"{spec}: give feature_method or feature_module, not both")
     if feature_module:
         names = [n for n, _ in model.named_modules() if n]
         try:
@@ -272,15 +276,26 @@ def _check_feature_access(model: nn.Module, feature_method: Optional[str], featu
         except AttributeError:
             raise TeacherError(f"{spec}: the model has no submodule {feature_module!r}"
                                + _suggest(feature_module, names, f"submodules: {names[:12]}...")) from None
-        return None, feature_module
+    has_forward = type(model).forward is not nn.Module.forward
     if feature_method is None:
-        feature_method = "forward_features" if callable(getattr(model, "forward_features", None)) else "forward"
+        if feature_module and has_forward:
+            feature_method = "forward"  # run the whole model, take the hooked module's output
+        elif callable(getattr(model, "forward_features", None)):
+            feature_method = "forward_features"
+        elif has_forward:
+            feature_method = "forward"
+        else:
+            raise TeacherError(f"{spec}: the model ({type(model).__name__}) has neither forward nor forward_features; "
+                               "name the method that runs it with feature_method=")
+    if feature_method == "forward" and not has_forward:
+        raise TeacherError(f"{spec}: the model ({type(model).__name__}) does not implement forward; "
+                           "name the method that runs it with feature_method=")
     if not callable(getattr(model, feature_method, None)):
         methods = sorted(n for n in dir(model) if not n.startswith("_") and callable(getattr(model, n, None))
                          and ("feature" in n or n.startswith("forward")))
         raise TeacherError(f"{spec}: the model ({type(model).__name__}) has no method {feature_method!r}"
                            + _suggest(feature_method, methods, f"feature-like methods: {methods}"))
-    return feature_method, None
+    return feature_method, feature_module
 
 
 def create_python_teacher(
@@ -313,7 +328,8 @@ def create_python_teacher(
         weights_key: the entry of a checkpoint dict holding the state dict, if not a standard one.
         factory_kwargs: keyword arguments for the factory.
         feature_method: the model's method returning the token map (default ``forward_features``
-            when present, else ``forward``).
+            when present, else ``forward``); with ``feature_module``, the method that runs the
+            model (default ``forward``, else ``forward_features``).
         feature_module: dotted name of the submodule whose output is the token map (forward hook).
         num_prefix_tokens: leading [CLS]/register tokens of a token output (0 for CNN maps).
         patch_size: the output stride; found from the grid at ``img_size`` when not given.
