@@ -100,3 +100,16 @@ def test_mae_linear_probe_on_a_frozen_random_model(colour_data):
     assert res["feature"] == "cls" and res["top1"] > 80.0  # 3 classes: chance is 33%
     assert res["steps"] == 30 * (144 // 32)
     assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # the model stayed frozen
+
+
+def test_available_features_skip_what_a_model_lacks(tiny_vit_teacher):
+
+    from fdistill import create_teacher
+    from tests.conftest import REPO
+
+    assert available_features(tiny_vit_teacher, ["auto", "last2", "last4"]) == ["cls", "last2"]  # 2 blocks
+    cnn = create_teacher(f"python:{REPO / 'examples' / 'cifar_resnet.py'}:resnet20", pretrained=False, img_size=32,
+                         feature_method="forward_features")
+    assert available_features(cnn, ["auto", "cls", "cls+avg", "avg", "last4"]) == ["avg", "last4"]  # 9 blocks
+    with pytest.raises(Exception, match="none of the features"):
+        available_features(cnn, ["cls"])

@@ -65,13 +65,24 @@ def lars_param_groups(module: nn.Module, *, weight_decay: float = 0.0, lr_scale:
 
 
 def available_features(adapter: Teacher, names: Sequence[str]) -> List[str]:
-    """``names`` without the [CLS]-based ones for a model with no prefix token (``auto`` resolved)."""
-    out = []
+    """``names`` that apply to ``adapter`` (``auto`` resolved): without the [CLS]-based ones for a
+    model with no prefix token, and without ``last<n>`` beyond its number of blocks."""
+    import re
+
+    from .layer_decay import find_blocks
+
+    out, depth = [], None
     for n in names:
         n = default_pool(adapter) if n == "auto" else n
         if adapter.num_prefix_tokens == 0 and n in ("cls", "cls+avg"):
             log.info("%s has no [CLS] token: skipping feature %r", adapter.name, n)
             continue
+        m = re.fullmatch(r"last(\d+)", n)
+        if m:
+            depth = len(find_blocks(adapter.model)) if depth is None else depth
+            if int(m.group(1)) > depth:
+                log.info("%s has %d blocks: skipping feature %r", adapter.name, depth, n)
+                continue
         if n not in out:
             out.append(n)
     if not out:
