@@ -103,7 +103,6 @@ def test_mae_linear_probe_on_a_frozen_random_model(colour_data):
 
 
 def test_available_features_skip_what_a_model_lacks(tiny_vit_teacher):
-
     from fdistill import create_teacher
     from tests.conftest import REPO
 
