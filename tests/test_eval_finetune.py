@@ -1,7 +1,6 @@
 """Fine-tuning: a tiny model learns a procedural task far above chance; outputs and weights;
 exact resume after a stop; refused recipe changes; mixup + EMA; non-finite losses; bad data."""
 import json
-import math
 
 import numpy as np
 import pytest

@@ -14,7 +14,6 @@ feature path or vote all fall far below; chance is 10%).
 import json
 
 import pytest
-import torch
 
 from tests.conftest import CIFAR_MINI, REPO, RESNET_WEIGHTS, need_shared
 

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from ..teachers.base import Teacher
 from .classifier import build_classifier, save_classifier_spec
 from .data import dataset_classes, normalize, to_float_images
-from .knn import topk_accuracy
 from .layer_decay import param_groups_layer_decay
 
 log = logging.getLogger(__name__)
