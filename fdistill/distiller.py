@@ -9,6 +9,7 @@ so CLIP's statistics reach the CLIP teacher while the student keeps ImageNet's.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .losses import GRANULARITIES, NORMS, feature_distill_loss_parts
-from .models.masking import MASK_TYPES, make_mask
+from .models.masking import MASK_TYPES, make_mask, num_masked
 from .models.projector import TokenProjector
 from .models.student import visible_index
 from .teachers.base import Teacher, TeacherError, to_2tuple
@@ -41,9 +42,12 @@ class StudentBranch(nn.Module):
         self.projector = projector
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                drop_masked: bool = False) -> torch.Tensor:
-        tokens = self.student.forward_tokens(images, mask, drop_masked) if drop_masked else \
-            self.student.forward_tokens(images, mask)  # (B, 1+N, Cs)
+                drop_masked: bool = False, num_visible: Optional[int] = None) -> torch.Tensor:
+        if drop_masked:  # num_visible (known on the host) spares the student a device sync
+            kw = {} if num_visible is None else {"num_visible": num_visible}
+            tokens = self.student.forward_tokens(images, mask, drop_masked, **kw)
+        else:
+            tokens = self.student.forward_tokens(images, mask)  # (B, 1+N, Cs)
         return self.projector(tokens)  # (B, 1+N, Ct)
 
 
@@ -69,7 +73,16 @@ class FeatureDistiller(nn.Module):
             teacher's input so the grids agree, ``interpolate`` the teacher's patch map,
             ``auto`` (resize when the teacher takes other sizes, else interpolate), ``none``.
         teacher_img_size: explicit teacher input size (overrides the automatic choice).
+
+    Speed (no effect on the values): the teacher runs under ``torch.inference_mode`` (set
+    ``teacher_inference_mode = False`` for plain ``no_grad``), and a teacher whose weights are
+    already bf16/fp16 runs outside autocast, in its own dtype (autocast would only add casts,
+    e.g. of every LayerNorm to fp32 and back). The mean/std tensors live on the device as
+    buffers, so normalising makes no host-to-device copy (and no sync) per step.
     """
+
+    #: run the teacher under ``torch.inference_mode`` (else ``torch.no_grad``)
+    teacher_inference_mode: bool = True
 
     def __init__(
         self,
@@ -127,6 +140,12 @@ class FeatureDistiller(nn.Module):
         # grid alignment
         self.student_grid = tuple(student.grid_size)
         self.align, self.teacher_img_size = self._plan_alignment(align, teacher_img_size)
+        # per-network input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
+        for who, net in (("teacher", teacher), ("student", student)):
+            self.register_buffer(f"_{who}_mean", torch.tensor(net.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                                 persistent=False)
+            self.register_buffer(f"_{who}_std", torch.tensor(net.std, dtype=torch.float32).view(1, -1, 1, 1),
+                                 persistent=False)
 
     # -- set-up -----------------------------------------------------------------------------------
     @property
@@ -185,6 +204,21 @@ class FeatureDistiller(nn.Module):
             return None
         return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
 
+    def _normalize(self, images: torch.Tensor, who: str) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` of ``who`` (teacher | student), in the
+        images' dtype; the same values as :func:`normalize_images`."""
+        mean, std = getattr(self, f"_{who}_mean"), getattr(self, f"_{who}_std")
+        if mean.device != images.device:  # a distiller not moved with its inputs: stay correct
+            mean, std = mean.to(images.device), std.to(images.device)
+        return (images - mean.to(images.dtype)) / std.to(images.dtype)
+
+    def _teacher_context(self, device: torch.device, dtype: torch.dtype):
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(torch.inference_mode() if self.teacher_inference_mode else torch.no_grad())
+        if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+            ctx.enter_context(torch.autocast(device.type, enabled=False))  # already low precision
+        return ctx
+
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,
@@ -192,12 +226,13 @@ class FeatureDistiller(nn.Module):
         t = self.teacher
         p = next(t.parameters(), None)
         tdtype = p.dtype if p is not None and p.is_floating_point() else images.dtype
-        x = normalize_images(images.to(tdtype), t.mean, t.std)
+        x = self._normalize(images.to(tdtype), "teacher")
         if mask is not None and self.mask_teacher:
             x = x * (1.0 - self._pixel_mask(mask, x))  # masked patches -> the mean colour
         if tuple(x.shape[-2:]) != self.teacher_img_size:
             x = F.interpolate(x, size=self.teacher_img_size, mode="bicubic", align_corners=False, antialias=True)
-        out = t.forward_tokens(x)
+        with self._teacher_context(x.device, tdtype):
+            out = t.forward_tokens(x)
         patches = out.patches  # (B, Nt, C)
         if tuple(out.grid) != self.student_grid:
             if self.align != "interpolate":
@@ -210,7 +245,8 @@ class FeatureDistiller(nn.Module):
             return torch.cat((out.prefix[:, :1], patches), dim=1)
         if self.cls_target == "gap":
             return torch.cat((patches.mean(dim=1, keepdim=True), patches), dim=1)
-        return patches
+        # an inference-mode tensor cannot be saved for backward by the caller's loss: copy it out
+        return patches.clone() if patches.is_inference() else patches
 
     def _pixel_mask(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         B = mask.shape[0]
@@ -224,13 +260,19 @@ class FeatureDistiller(nn.Module):
         B = images.shape[0]
         mask = self.make_mask(B, images.device)
         target = self.teacher_targets(images, mask)  # (B, P+N, Ct)
-        xs = normalize_images(images, self.student.mean, self.student.std)
-        pred = self.branch(xs, mask, self.drop_masked) if self.drop_masked else self.branch(xs, mask)
+        xs = self._normalize(images, "student")
+        n_vis = None
+        if self.drop_masked:  # every mask hides exactly num_masked patches: known without a sync
+            n = self.student_grid[0] * self.student_grid[1]
+            n_vis = n - num_masked(n, self.mask_ratio)
+            pred = self.branch(xs, mask, True, n_vis)
+        else:
+            pred = self.branch(xs, mask)
         P = 0 if self.cls_target == "none" else 1
         if P == 0:
             pred = pred[:, 1:]
         if self.drop_masked:
-            keep = visible_index(mask)  # (B, Nv): the student computed only these patches
+            keep = visible_index(mask, n_vis)  # (B, Nv): the student computed only these patches
             C = target.shape[-1]
             tp = torch.gather(target[:, P:], 1, keep.unsqueeze(-1).expand(-1, -1, C))
             target = torch.cat((target[:, :P], tp), dim=1)

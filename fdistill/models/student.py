@@ -86,7 +86,8 @@ class FDStudent(Beit):
         return x
 
     def forward_tokens(
-        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, drop_masked: bool = False,
+        num_visible: Optional[int] = None,
     ) -> torch.Tensor:
         """Token map of normalised images.
 
@@ -97,6 +98,8 @@ class FDStudent(Beit):
                 instead of being replaced by the mask token; every row of ``mask`` must mask
                 the same number of patches. The output then holds [CLS] + the visible patches
                 in their original order: (B, 1 + N_visible, C).
+            num_visible: with ``drop_masked``, the number of unmasked patches per image when
+                the caller knows it (it saves reading the mask back from the device).
 
         Returns:
             (B, 1 + N, C) tokens after the final norm ([CLS] first).
@@ -107,10 +110,12 @@ class FDStudent(Beit):
             if mask.shape != (B, N):
                 raise ValueError(f"mask must be (B, N) = {(B, N)}, got {tuple(mask.shape)}")
             mask = mask.to(torch.bool)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (H, 1+N, 1+N)
+        # (1, H, 1+N, 1+N): 4-d so that SDPA's CPU flash kernel accepts it (a 3-d mask sends it to
+        # the math path); without gradient it serves every block through the fused kernels
+        rel_pos_bias = self.rel_pos_bias().unsqueeze(0) if self.rel_pos_bias is not None else None
 
         if mask is not None and drop_masked:
-            keep = visible_index(mask)  # (B, Nv)
+            keep = visible_index(mask, num_visible)  # (B, Nv)
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, C))
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+Nv, C)
             idx = torch.cat((keep.new_zeros(B, 1), keep + 1), dim=1)  # token ids incl. [CLS]
@@ -126,7 +131,7 @@ class FDStudent(Beit):
                 rows = idx[:, None, :, None].expand(-1, H, -1, b.shape[-1])
                 b = torch.gather(b, 2, rows)
                 cols = idx[:, None, None, :].expand(-1, H, idx.shape[1], -1)
-                rel_pos_bias = torch.gather(b, 3, cols)
+                rel_pos_bias = torch.gather(b, 3, cols)  # (B, H, 1+Nv, 1+Nv)
         else:
             if mask is not None:
                 w = mask.unsqueeze(-1).to(x.dtype)
@@ -135,6 +140,8 @@ class FDStudent(Beit):
             if self.pos_embed is not None:
                 x = x + self.pos_embed
         x = self.pos_drop(x)
+        if rel_pos_bias is not None and x.device.type == "cuda":
+            rel_pos_bias = sdpa_ready_bias(rel_pos_bias)
         x = self._run_blocks(x, rel_pos_bias)
         return self.norm(x)
 
@@ -147,10 +154,35 @@ class FDStudent(Beit):
         return dict(self._timm_args)
 
 
-def visible_index(mask: torch.Tensor) -> torch.Tensor:
+def sdpa_ready_bias(bias: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """The attention bias (..., T, T) as the fused CUDA kernels want it, made once per forward
+    instead of once per block.
+
+    * In the autocast dtype when autocast is on: SDPA's autocast would cast it in every block.
+    * Row stride a multiple of ``multiple`` elements: the memory-efficient kernel (the one that
+      takes an additive bias and returns its gradient) otherwise pads a copy of the bias in
+      every block, and that copy -- expanded to (B, H, T, T) -- is kept for the backward pass.
+      Here the bias is padded once and sliced back to (..., T, T), so the blocks get a view
+      with aligned strides.
+    """
+    if torch.is_autocast_enabled(bias.device.type):
+        bias = bias.to(torch.get_autocast_dtype(bias.device.type))
+    T = bias.shape[-1]
+    pad = (-T) % multiple
+    if pad == 0 and bias.stride(-2) % multiple == 0:
+        return bias
+    return torch.nn.functional.pad(bias, (0, pad))[..., :T]
+
+
+def visible_index(mask: torch.Tensor, num_visible: Optional[int] = None) -> torch.Tensor:
     """(B, N) bool mask -> (B, N_visible) sorted indices of the unmasked patches.
 
-    Every row must mask the same number of patches (``mask_ratio`` masks an exact count)."""
+    Every row must mask the same number of patches (``mask_ratio`` masks an exact count).
+    ``num_visible``: that count when the caller knows it; given, the mask is not read back to
+    the host (no device sync) and not checked."""
+    if num_visible is not None:
+        order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+        return order[:, :int(num_visible)]
     counts = (~mask).sum(dim=1)
     n_vis = int(counts[0])
     if not torch.equal(counts, counts.new_full(counts.shape, n_vis)):
