@@ -1,0 +1,1 @@
+"""fdistill benchmarks (run ``python benchmarks/bench_distill.py --help``)."""
