@@ -2,12 +2,14 @@
 
 * ``fast`` -- what ``fdistill distill`` runs: :class:`~fdistill.engine.step.TrainStep` over a
   :class:`~fdistill.FeatureDistiller`; attention through ``scaled_dot_product_attention``
-  (timm's default), autocast in the config's precision with the teacher's weights cast to that
+  (timm's default; on CPU the student's attention with its trainable bias takes the explicit
+  path, faster there, and its blocks skip the samples drop path drops), autocast in the config's precision with the teacher's weights cast to that
   dtype once and run outside autocast, the teacher under ``inference_mode``, fused AdamW that
   skips a non-finite step on a device flag; optionally ``torch.compile``, channels-last
   inputs and weights, MAE-style dropping of masked tokens, activation checkpointing.
-* ``baseline`` -- the same step the straightforward way (the official code's way): explicit
-  softmax attention with the bias added (timm's ``fused_attn = False``), fp16 autocast with a
+* ``baseline`` -- the same step the straightforward way (the official code's way): timm's plain
+  BEiT blocks (drop path computes the samples it drops), explicit softmax attention with the
+  bias added (timm's ``fused_attn = False``), fp16 autocast with a
   loss scaler on GPU / fp32 on CPU, the teacher in fp32 under ``no_grad`` (under autocast on
   GPU), a for-loop AdamW (``foreach=False, fused=False``), no compile, masked tokens (if any)
   replaced by the mask token rather than dropped. Activation checkpointing is a memory
@@ -76,6 +78,16 @@ def use_explicit_attention(model: nn.Module) -> int:
     return n
 
 
+def use_plain_timm_blocks(student: nn.Module) -> None:
+    """Give the FD student timm's own BEiT block and attention classes back (no CPU speed paths:
+    dropped samples computed, SDPA's math path for a trainable bias on CPU)."""
+    from timm.models.beit import Attention, Block
+
+    for blk in student.blocks:
+        blk.__class__ = Block
+        blk.attn.__class__ = Attention
+
+
 def build_models(cfg: BenchConfig, opts: Options, device: torch.device, *, drop_masked: bool):
     """Teacher + student + distiller of ``cfg`` (random weights from ``opts.seed``), on ``device``."""
     torch.manual_seed(opts.seed)
@@ -115,6 +127,7 @@ def build_fast(cfg: BenchConfig, opts: Options, device: torch.device) -> Variant
 
 def build_baseline(cfg: BenchConfig, opts: Options, device: torch.device) -> Variant:
     distiller = build_models(cfg, opts, device, drop_masked=False)
+    use_plain_timm_blocks(distiller.student)
     use_explicit_attention(distiller)
     distiller.teacher_inference_mode = False  # plain no_grad
     groups = param_groups_weight_decay(distiller.branch, 0.05,

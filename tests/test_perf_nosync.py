@@ -7,6 +7,7 @@ through a ``TorchDispatchMode``; the straightforward for-loop optimizer, which m
 non-finite flag on the host, is the positive control."""
 import pytest
 import torch
+from timm.models.beit import Block
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fdistill import FeatureDistiller, create_student
@@ -37,7 +38,10 @@ class SyncWatch(TorchDispatchMode):
 @pytest.fixture
 def make_step(tiny_vit_teacher):
     def make(precision="fp32", fused=None, **kw):
-        student = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+        student = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                 drop_path_rate=0.2)
+        for blk in student.blocks:  # what runs on a GPU: the CPU-only drop-path path reads its
+            blk.__class__ = Block   # kept count on the host, free there, a sync on a device
         d = FeatureDistiller(tiny_vit_teacher, student, **kw).train()
         if precision == "bf16":
             d.teacher.to(torch.bfloat16)
