@@ -76,6 +76,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS_MD, help="the results table --record appends to")
     p.add_argument("--max-load", type=float, default=1.5,
                    help="CPU runs: do not --record when the 1-minute load average exceeds this (a shared machine)")
+    p.add_argument("--max-drift", type=float, default=0.10,
+                   help="do not --record when the matmul ceiling measured at the end differs by more than this "
+                   "fraction from the one at the start (the machine changed under the run)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.drop_masked and args.mask_ratio <= 0:
@@ -150,6 +153,10 @@ def run(args: argparse.Namespace) -> dict:
 
         visible = n - num_masked(n, opts.mask_ratio)
     flops = fd_step_flops(vit_dims(fast.distiller.teacher), vit_dims(fast.distiller.student), student_visible=visible)
+    keep = skipped_drop_path_keep(fast, device)
+    hw_flops = flops if keep is None else fd_step_flops(
+        vit_dims(fast.distiller.teacher), vit_dims(fast.distiller.student), student_visible=visible,
+        student_block_keep=keep)
     log(f"{flops['total'] / 1e9:.2f} GFLOP per image (teacher {flops['teacher_fwd'] / 1e9:.2f}, student fwd+bwd "
         f"{(flops['student_fwd'] + flops['student_bwd']) / 1e9:.2f}, projector {flops['projector'] / 1e9:.2f})")
     measured = {"fast": _measure_variant(fast, args, device)}
@@ -160,8 +167,9 @@ def run(args: argparse.Namespace) -> dict:
         base = build_baseline(cfg, opts, device)
         measured["baseline"] = _measure_variant(base, args, device)
         fns["baseline"] = base.step
-        if device.type == "cuda" and base.precision != cfg.precision:
+        if base.precision != cfg.precision:  # its MFU against its own dtype's ceiling
             base_ceiling = matmul_ceiling(device, DTYPES[base.precision])
+            log(f"matmul ceiling ({base_ceiling['dtype']}): {base_ceiling['flops_per_s'] / 1e12:.3f} TFLOP/s")
         else:
             base_ceiling = ceiling
 
@@ -177,6 +185,11 @@ def run(args: argparse.Namespace) -> dict:
     times = time_rounds(fns, device, rounds=args.rounds, steps_per_round=spr, progress=progress)
     bar.close()
     load1 = load_average()
+    ceiling_end = matmul_ceiling(device, dtype)
+    drift = ceiling_end["flops_per_s"] / ceiling["flops_per_s"] - 1
+    if abs(drift) > 0.1:
+        log(f"WARNING: the matmul ceiling moved {100 * drift:+.0f}% during the run: the machine was busy or "
+            "throttling; the numbers are not reliable")
 
     s = summarize(times["fast"])
     ips = cfg.batch / s["median_s"]
@@ -187,7 +200,11 @@ def run(args: argparse.Namespace) -> dict:
         "description": cfg.description, "dtype": cfg.precision, "batch": cfg.batch, "img_size": cfg.img_size,
         "teacher": cfg.teacher, "student": cfg.student_arch,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "load_avg_1m": max(x for x in (load0, load1) if x is not None) if load0 is not None else None,
+        "load_avg_1m": load0, "load_avg_1m_end": load1,
+        # other jobs' load: at the end the 1-minute average also counts this run's own threads
+        "others_load_est": None if load0 is None else max(load0, load1 - (torch.get_num_threads()
+                                                                            if device.type == "cpu" else 1)),
+        "matmul_ceiling_end_flops": ceiling_end["flops_per_s"], "ceiling_drift": drift,
         "options": {"compile": opts.compile, "channels_last": opts.channels_last, "mask_ratio": opts.mask_ratio,
                     "drop_masked": opts.drop_masked, "grad_ckpt": opts.grad_ckpt,
                     "teacher_dtype": opts.teacher_dtype},
@@ -196,6 +213,8 @@ def run(args: argparse.Namespace) -> dict:
         "matmul_ceiling_flops": ceiling["flops_per_s"], "matmul_ceiling": ceiling,
         "images_per_s": ips, "step_ms": 1e3 * s["median_s"], "step_ms_rounds": [1e3 * t for t in times["fast"]],
         "step_rel_spread": s["rel_spread"], "achieved_flops": achieved, "mfu": achieved / ceiling["flops_per_s"],
+        "hw_flops_per_image": hw_flops["total"],
+        "hfu": hw_flops["total"] * ips / ceiling["flops_per_s"],
         "peak_mem_bytes": measured["fast"].get("peak_mem_bytes"), "compiled": measured["fast"]["compiled"],
         "first_step_s": measured["fast"]["first_step_s"],
         "baseline_images_per_s": None, "baseline_step_ms": None, "baseline_mfu": None,
@@ -230,8 +249,23 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.name in TARGETS:
         mfu_min, speed_min = TARGETS[cfg.name]
         result["targets"] = {"mfu_min": mfu_min, "mfu_met": result["mfu"] >= mfu_min, "speedup_min": speed_min,
-                             "speedup_met": None if base is None else result["speedup_vs_baseline"] >= speed_min}
+                             "speedup_met": None if result["speedup_vs_baseline"] is None
+                             else result["speedup_vs_baseline"] >= speed_min}
     return result
+
+
+def skipped_drop_path_keep(v: Variant, device: torch.device):
+    """Per student block, the fraction of samples computed when the student skips dropped
+    samples (FDBlock on CPU, eager); None where every sample is computed."""
+    from timm.layers import DropPath
+
+    from fdistill.models.student import FDBlock
+
+    if device.type != "cpu" or v.compiled:
+        return None
+    keep = [1.0 - b.drop_path1.drop_prob if isinstance(b, FDBlock) and isinstance(b.drop_path1, DropPath) else 1.0
+            for b in v.distiller.student.blocks]
+    return None if all(k == 1.0 for k in keep) else keep
 
 
 def flops_baseline(cfg: BenchConfig, base: Variant) -> int:
@@ -254,6 +288,7 @@ def print_table(r: dict) -> None:
         ("achieved TFLOP/s", f"{r['achieved_flops'] / 1e12:.3f}",
          f"{r['baseline_achieved_flops'] / 1e12:.3f}" if has_b else "-"),
         ("MFU", f"{100 * r['mfu']:.1f}%", f"{100 * r['baseline_mfu']:.1f}%" if has_b else "-"),
+        ("HFU (work done)", f"{100 * r['hfu']:.1f}%", f"{100 * r['baseline_mfu']:.1f}%" if has_b else "-"),
     ]
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     print()
@@ -274,7 +309,9 @@ def print_table(r: dict) -> None:
         print(f"  target MFU >= {100 * t['mfu_min']:.0f}%: {'met' if t['mfu_met'] else 'MISSED'}" +
               ("" if t["speedup_met"] is None else
                f"; speed-up >= {t['speedup_min']}x: {'met' if t['speedup_met'] else 'MISSED'}"))
-    print(f"  load average (1 min, worst of start/end): {r['load_avg_1m']}")
+    if r["load_avg_1m"] is not None:
+        print(f"  load average (1 min): {r['load_avg_1m']:.2f} at the start, {r['load_avg_1m_end']:.2f} at the end "
+              f"(other jobs ~{r['others_load_est']:.2f}); matmul ceiling drift {100 * r['ceiling_drift']:+.1f}%")
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -283,10 +320,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print_table(r)
     r["recorded"] = False
     if args.record:
-        busy = r["device_type"] == "cpu" and r["load_avg_1m"] is not None and r["load_avg_1m"] > args.max_load
-        if busy:
-            log(f"NOT recording: load average {r['load_avg_1m']:.2f} > --max-load {args.max_load} (a busy machine "
-                "gives wrong numbers); rerun when it is quiet")
+        busy = r["device_type"] == "cpu" and r["others_load_est"] is not None and r["others_load_est"] > args.max_load
+        if busy or abs(r["ceiling_drift"]) > args.max_drift:
+            why = (f"other jobs' load ~{r['others_load_est']:.2f} > --max-load {args.max_load}" if busy else
+                   f"the matmul ceiling moved {100 * r['ceiling_drift']:+.0f}% during the run")
+            log(f"NOT recording: {why} (a busy machine gives wrong numbers); rerun when it is quiet")
         else:
             append_row(r, args.results)
             r["recorded"] = True

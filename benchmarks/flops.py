@@ -18,7 +18,7 @@ model work, so it is not counted (MFU stays comparable with and without it).
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.nn as nn
 
@@ -73,7 +73,8 @@ def vit_dims(model: nn.Module) -> ViTDims:
     )
 
 
-def vit_forward_flops(d: ViTDims, *, num_patches: Optional[int] = None, encoder_patches: Optional[int] = None) -> int:
+def vit_forward_flops(d: ViTDims, *, num_patches: Optional[int] = None, encoder_patches: Optional[int] = None,
+                      block_keep: Optional[Sequence[float]] = None) -> float:
     """Matmul FLOPs of one image's forward pass through a ViT (up to the final norm, no head).
 
     With N patches cut from the image and T = P + N' tokens in the encoder (N' = N, or the
@@ -92,6 +93,9 @@ def vit_forward_flops(d: ViTDims, *, num_patches: Optional[int] = None, encoder_
         d: the network's sizes (:func:`vit_dims`).
         num_patches: N (default ``d.num_patches``).
         encoder_patches: N' (default N).
+        block_keep: per block, the fraction of samples whose residual branches are computed
+            (``1 - drop_path`` where dropped samples are skipped, as the FD student does on
+            CPU): the expected work then, not the model's FLOPs. Default: all (an int result).
     """
     n = d.num_patches if num_patches is None else int(num_patches)
     n_enc = n if encoder_patches is None else int(encoder_patches)
@@ -99,7 +103,11 @@ def vit_forward_flops(d: ViTDims, *, num_patches: Optional[int] = None, encoder_
     C, A, M = d.embed_dim, d.attn_dim, d.mlp_hidden
     patch_embed = 2 * n * d.in_chans * d.patch_size ** 2 * C
     block = 2 * T * C * 3 * A + 4 * T * T * A + 2 * T * A * C + 4 * T * C * M
-    return patch_embed + d.depth * block
+    if block_keep is None:
+        return patch_embed + d.depth * block
+    if len(block_keep) != d.depth:
+        raise ValueError(f"block_keep has {len(block_keep)} values for {d.depth} blocks")
+    return patch_embed + block * float(sum(block_keep))
 
 
 def patch_embed_flops(d: ViTDims, num_patches: Optional[int] = None) -> int:
@@ -108,7 +116,8 @@ def patch_embed_flops(d: ViTDims, num_patches: Optional[int] = None) -> int:
 
 
 def fd_step_flops(teacher: ViTDims, student: ViTDims, *, target_dim: Optional[int] = None,
-                  student_visible: Optional[int] = None, cls_token: bool = True) -> dict:
+                  student_visible: Optional[int] = None, cls_token: bool = True,
+                  student_block_keep: Optional[Sequence[float]] = None) -> dict:
     """Matmul FLOPs of one FD training step, per image, split by part.
 
     Args:
@@ -118,6 +127,8 @@ def fd_step_flops(teacher: ViTDims, student: ViTDims, *, target_dim: Optional[in
             (default: all).
         cls_token: whether the student's [CLS] goes through the projector (always, in FD: the
             projector maps the whole token map).
+        student_block_keep: see :func:`vit_forward_flops` (expected hardware work instead of
+            model FLOPs).
 
     Returns:
         dict with ``teacher_fwd``, ``student_fwd``, ``student_bwd``, ``projector`` (fwd + bwd)
@@ -125,7 +136,7 @@ def fd_step_flops(teacher: ViTDims, student: ViTDims, *, target_dim: Optional[in
     """
     ct = teacher.embed_dim if target_dim is None else int(target_dim)
     t_fwd = vit_forward_flops(teacher)
-    s_fwd = vit_forward_flops(student, encoder_patches=student_visible)
+    s_fwd = vit_forward_flops(student, encoder_patches=student_visible, block_keep=student_block_keep)
     # backward: 2x the forward, except the patch embedding (no gradient for the image): 1x
     s_bwd = 2 * s_fwd - patch_embed_flops(student)
     n_tok = (student.num_patches if student_visible is None else int(student_visible)) + (1 if cls_token else 0)

@@ -12,7 +12,7 @@ Rows are appended by `python benchmarks/bench_distill.py --config NAME --baselin
 (teacher forward + student forward/backward + AdamW) on a fixed batch; median over interleaved
 rounds; MFU against a dense matmul measured in the same run, same device and dtype.
 
-| date | device | torch / timm | config | options | img/s | step ms | peak mem | GFLOP/img | MFU | matmul ceiling | baseline img/s | baseline MFU | speed-up | loader img/s | load |
+| date | device | torch / timm | config | options | img/s | step ms | peak mem | GFLOP/img | MFU | matmul ceiling | baseline img/s | baseline MFU | speed-up | loader img/s | other load |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
@@ -56,7 +56,7 @@ def table_row(r: dict) -> str:
         _num(r.get("baseline_mfu") and 100 * r["baseline_mfu"], ".0f") + ("%" if r.get("baseline_mfu") else ""),
         _num(r.get("speedup_vs_baseline"), ".2f") + ("x" if r.get("speedup_vs_baseline") else ""),
         _num(loader.get("images_per_s"), ".0f"),
-        _num(r.get("load_avg_1m"), ".2f"),
+        _num(r.get("others_load_est"), ".2f"),
     ]
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |\n"
 

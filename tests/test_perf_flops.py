@@ -78,3 +78,15 @@ def test_step_formula_matches_flop_counter(tiny_vit_teacher, drop):
     want = fd_step_flops(vit_dims(d.teacher), vit_dims(d.student), student_visible=8 if drop else None)
     assert got == 4 * want["total"]
     assert want["total"] == want["teacher_fwd"] + want["student_fwd"] + want["student_bwd"] + want["projector"]
+
+
+def test_block_keep_scales_the_block_work():
+    d = ViTDims(embed_dim=64, attn_dim=64, mlp_hidden=256, depth=4, patch_size=8, in_chans=3,
+                num_prefix_tokens=1, num_patches=16)
+    full = vit_forward_flops(d)
+    patch = 2 * 16 * 3 * 64 * 64
+    assert vit_forward_flops(d, block_keep=[1.0] * 4) == full
+    assert vit_forward_flops(d, block_keep=[0.0] * 4) == patch
+    assert vit_forward_flops(d, block_keep=[1.0, 1.0, 0.5, 0.5]) == pytest.approx(patch + 0.75 * (full - patch))
+    with pytest.raises(ValueError, match="4 blocks"):
+        vit_forward_flops(d, block_keep=[1.0])

@@ -1,0 +1,101 @@
+"""benchmarks/bench_distill.py end to end on the tiny config (seconds): valid JSON whose numbers
+agree with each other, the results row, the busy-machine guard; and its measuring tools."""
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO))
+from benchmarks import bench_distill  # noqa: E402
+from benchmarks.flops import fd_step_flops, vit_dims  # noqa: E402
+from benchmarks.measure import live_tensor_bytes, matmul_ceiling, peak_step_memory  # noqa: E402
+
+REQUIRED = ("device", "config", "images_per_s", "step_ms", "peak_mem_bytes", "flops_per_image", "mfu",
+            "baseline_images_per_s", "speedup_vs_baseline", "versions", "dtype", "batch", "matmul_ceiling_flops")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_run_writes_consistent_json_and_a_results_row(tmp_path):
+    out, table = tmp_path / "r.json", tmp_path / "RESULTS.md"
+    bench_distill.main(["--config", "tiny", "--baseline", "--rounds", "2", "--warmup", "1", "--threads", "1",
+                        "--data", "synthetic:64", "--loader-batches", "3", "--workers", "0", "--json", str(out),
+                        "--record", "--results", str(table), "--max-load", "1e9", "--max-drift", "1e9"])
+    r = json.loads(out.read_text())
+    assert all(k in r for k in REQUIRED)
+    assert r["config"] == "tiny" and r["batch"] == 4 and r["dtype"] == "fp32" and r["device_type"] == "cpu"
+    assert r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
+    assert r["step_ms"] == pytest.approx(statistics.median(r["step_ms_rounds"]))
+    assert r["speedup_vs_baseline"] == pytest.approx(r["images_per_s"] / r["baseline_images_per_s"])
+    assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / r["matmul_ceiling_flops"])
+    assert 0 < r["mfu"] < 1.5 and r["hfu"] <= r["mfu"]
+    assert r["peak_mem_bytes"] > 0 and r["baseline_peak_mem_bytes"] > 0
+    # the tiny models' analytic FLOPs (teacher 48-wide, student 32-wide, 2 blocks, 16 patches)
+    from benchmarks.configs import get_config
+    from benchmarks.variants import Options, build_fast
+
+    v = build_fast(get_config("tiny"), Options(), torch.device("cpu"))
+    assert r["flops_per_image"] == fd_step_flops(vit_dims(v.distiller.teacher), vit_dims(v.distiller.student))["total"]
+    assert r["loader"]["images_per_s"] > 0 and r["loader"]["data"] == "synthetic:64"
+    assert r["recorded"] is True
+    rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| 20")]
+    assert len(rows) == 1 and "| tiny |" in rows[0] and rows[0].count("|") == 17
+
+
+def test_busy_machine_is_not_recorded(tmp_path):
+    table = tmp_path / "RESULTS.md"
+    r = bench_distill.main(["--config", "tiny", "--rounds", "1", "--warmup", "1", "--threads", "1", "--data", "none",
+                            "--no-memory", "--record", "--results", str(table), "--max-load", "-1"])
+    assert r["recorded"] is False and not table.exists()
+    assert r["baseline_images_per_s"] is None and r["speedup_vs_baseline"] is None and r["loader"] is None
+
+
+def test_script_runs_as_a_program_and_rejects_bad_options(capsys):
+    script = str(REPO / "benchmarks" / "bench_distill.py")
+    ok = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "--baseline" in ok.stdout and "cpu-vits-fp32" in ok.stdout
+    for bad, msg in ((["--drop-masked"], "--mask-ratio"), (["--mask-ratio", "1.5"], "[0, 1)"),
+                     (["--config", "nope"], "invalid choice")):
+        with pytest.raises(SystemExit) as e:
+            bench_distill.parse_args(bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_cpu_peak_memory_counts_the_transient_high_water_mark():
+    def step():
+        a = torch.empty(2_000_000)  # 8 MB
+        b = torch.empty(1_000_000)  # +4 MB -> 12 MB live
+        del a
+        c = torch.empty(500_000)  # 6 MB live
+        return b, c
+
+    peak = peak_step_memory(step, torch.device("cpu"), static_cpu_bytes=1000)
+    assert peak == 1000 + 12_000_000
+
+
+def test_live_tensor_bytes_counts_each_storage_once():
+    m = torch.nn.Linear(100, 10)  # 1010 floats
+    m.weight.grad = torch.zeros_like(m.weight)  # +1000
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(2, 100)).sum().backward()
+    opt.step()  # momentum buffers: +1010
+    x = torch.randn(7)
+    assert live_tensor_bytes([m, m], [opt], [x, x[:3]]) == 4 * (1010 + 1010 + 1010 + 7)
+
+
+def test_matmul_ceiling_is_a_plausible_rate():
+    c = matmul_ceiling(torch.device("cpu"), torch.float32, n=256, repeats=2)
+    assert c["n"] == 256 and c["dtype"] == "float32"
+    assert math.isfinite(c["flops_per_s"]) and 1e8 < c["flops_per_s"] < 1e15
+    assert c["flops_per_s"] == pytest.approx(2 * 256 ** 3 / c["best_s"])
