@@ -125,7 +125,12 @@ def build_fast(cfg: BenchConfig, opts: Options, device: torch.device) -> Variant
     return Variant("fast", distiller, optimizer, step, images, cfg.precision)
 
 
-def build_baseline(cfg: BenchConfig, opts: Options, device: torch.device) -> Variant:
+def baseline_precision(device: torch.device) -> str:
+    """The official code's precision: fp16 autocast with a loss scaler on GPU, fp32 on CPU."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def build_baseline(cfg: BenchConfig, opts: Options, device: torch.device, *, precision: Optional[str] = None) -> Variant:
     distiller = build_models(cfg, opts, device, drop_masked=False)
     use_plain_timm_blocks(distiller.student)
     use_explicit_attention(distiller)
@@ -134,7 +139,7 @@ def build_baseline(cfg: BenchConfig, opts: Options, device: torch.device) -> Var
                                        no_weight_decay_list=no_weight_decay_patterns(distiller.branch))
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_for(cfg, opts), weight_decay=0.05,
                                   foreach=False, fused=False)
-    precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = precision or baseline_precision(device)
     step = TrainStep(distiller, optimizer, precision=precision, clip_grad=cfg.clip_grad)
     images = make_images(cfg, device, seed=opts.seed)
     return Variant("baseline", distiller, optimizer, step, images, precision)

@@ -99,3 +99,20 @@ def test_matmul_ceiling_is_a_plausible_rate():
     assert c["n"] == 256 and c["dtype"] == "float32"
     assert math.isfinite(c["flops_per_s"]) and 1e8 < c["flops_per_s"] < 1e15
     assert c["flops_per_s"] == pytest.approx(2 * 256 ** 3 / c["best_s"])
+
+
+def test_every_config_builds_with_aligned_grids_and_known_flops():
+    """Built on the meta device (no memory, no compute): the GPU configs are checked here too."""
+    from benchmarks.configs import CONFIGS
+    from benchmarks.variants import Options, build_models
+
+    flops = {}
+    for name, cfg in CONFIGS.items():
+        with torch.device("meta"):
+            d = build_models(cfg, Options(), torch.device("meta"), drop_masked=False)
+        assert d.align == "none" and d.student_grid == (cfg.img_size // cfg.patch_size,) * 2, name
+        flops[name] = fd_step_flops(vit_dims(d.teacher), vit_dims(d.student))["total"]
+    # ViT-B/16: 4 * 35,126,120,448 - 231,211,008 (patch-embed input grad) + 6 * 197 * 768^2 (projector)
+    assert flops["gpu-vitb-bf16"] == 140_970_442_752
+    assert flops["cpu-vits-fp32"] == flops["cpu-vits-bf16"] == 36_846_673_920
+    assert 640e9 < flops["gpu-vitl-bf16"] < 660e9  # ViT-L/14: 4.6x ViT-B/16

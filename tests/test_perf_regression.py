@@ -92,3 +92,15 @@ def test_compiled_fast_path_matches_baseline():
     lf, lb = losses(fast), losses(base)
     assert fast.compiled  # no fallback to eager happened
     torch.testing.assert_close(lf, lb, rtol=1e-4, atol=0)
+
+
+def test_fp16_baseline_path_runs_on_cpu_with_a_loss_scaler():
+    """The GPU baseline's precision (fp16 autocast + GradScaler, unfused AdamW), exercised on CPU."""
+    cfg = get_config("tiny")
+    opts = Options(lr=LR)
+    b16 = build_baseline(cfg, opts, torch.device("cpu"), precision="fp16")
+    b32 = build_baseline(cfg, opts, torch.device("cpu"))
+    assert b16.train_step.scaler.is_enabled() and not b32.train_step.scaler.is_enabled()
+    l16, l32 = losses(b16), losses(b32)
+    assert l16[-1] < 0.9 * l16[0]
+    torch.testing.assert_close(l16, l32, rtol=1e-2, atol=0)  # fp16: 2^-11 rounding, wider than bf16's range
