@@ -9,6 +9,10 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from fdistill.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # the CLI does this too: no page-fault storm on every large tensor
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FDISTILL_SHARED", REPO.parent / "shared"))
 CIFAR_MINI = SHARED / "data" / "cifar10-jpg-mini"

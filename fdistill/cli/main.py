@@ -11,10 +11,6 @@ from typing import List, Optional
 #: modules that add subcommands, in the order ``fdistill --help`` lists them
 SUBCOMMAND_MODULES = ["distill", "evaluate", "diagnose", "demo"]
 
-#: errors that mean "bad input": printed as one line, exit code 2, no traceback
-USER_ERRORS = ()
-
-
 def _user_errors():
     from ..config import ConfigError
     from ..teachers.base import TeacherError
@@ -66,6 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from ..runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         result = args.func(args)
     except _user_errors() as e:
