@@ -1,0 +1,182 @@
+"""``fdistill demo``: the paper in miniature, offline on a CPU.
+
+Every stage is an ordinary ``fdistill`` command, run in-process through the same entry point a
+user types (``fdistill.cli.main.main(argv)``), so the demo doubles as a worked example; the report
+lists the exact command lines:
+
+1. ``fdistill pretrain-clip``  -- a tiny CLIP teacher from scratch (open_clip, contrastive loss)
+   on image-caption pairs of the procedural dataset (or "a photo of a {class}" for a folder);
+2. ``fdistill distill``        -- feature distillation of that teacher into a same-size ViT with
+   the paper's defaults (shared relative position bias, smooth-L1 beta 2, standardised target,
+   [CLS] x10, drop path on the student);
+3. ``fdistill finetune`` / ``linprobe`` / ``knn`` / ``zeroshot`` with ``--compare TEACHER STUDENT``
+   -- one identical recipe for both;
+4. ``fdistill diagnose report``  -- attention distance, attention maps, loss landscape for both;
+5. ``report.html``               -- a Table-1-like comparison, curves, figures, timings, versions.
+
+With ``seeds > 1`` the whole comparison is repeated with seeds 0..n-1 and reported as mean and
+spread. The seed is never chosen: seeds are 0, 1, 2, ... whatever the outcome.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+METRICS = ("finetune", "linprobe", "knn", "zeroshot")
+
+
+@dataclass
+class DemoPlan:
+    """Sizes of each stage. ``full`` is the default (< 10 min on 2 cores), ``quick`` < 3 min."""
+
+    clip_images: int = 10000
+    clip_steps: int = 600
+    clip_batch: int = 256
+    distill_images: int = 10000
+    distill_epochs: int = 6
+    finetune_train: int = 5000
+    finetune_epochs: int = 6
+    eval_train: int = 5000
+    diagnose_images: int = 64
+    landscape_points: int = 21
+    landscape_directions: int = 5
+
+    @classmethod
+    def quick(cls) -> "DemoPlan":
+        return cls(clip_images=4000, clip_steps=200, clip_batch=256, distill_images=4000, distill_epochs=3,
+                   finetune_train=2000, finetune_epochs=3, eval_train=2000, diagnose_images=32,
+                   landscape_points=11, landscape_directions=3)
+
+
+@dataclass
+class Stage:
+    name: str
+    command: List[str]
+    seconds: float = 0.0
+    seed: int = 0
+
+
+def _cmd_str(argv: List[str]) -> str:
+    return "fdistill " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run_command(argv: List[str]) -> None:
+    """Run one ``fdistill`` command in-process; a non-zero exit is an error."""
+    from ..cli.main import main
+
+    rc = main(list(argv))
+    if rc != 0:
+        raise RuntimeError(f"demo stage failed (exit {rc}): {_cmd_str(argv)}")
+
+
+def _data_args(data: Optional[str], n: int) -> str:
+    """``synthetic:N`` for the built-in data, else the user's folder as given."""
+    return f"synthetic:{n}" if data is None else data
+
+
+def run_seed(out: Path, seed: int, plan: DemoPlan, *, data: Optional[str], device: str,
+             stages: List[Stage]) -> Dict[str, Any]:
+    """All stages for one seed; returns {metric: {"teacher": top1, "student": top1}} and paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir, fd_dir = out / "teacher", out / "fd"
+    teacher = f"open_clip:local-dir:{teacher_dir.resolve()}"
+    student = str(fd_dir.resolve())
+
+    def stage(name: str, argv: List[str]) -> None:
+        log.info("demo [seed %d] %s: %s", seed, name, _cmd_str(argv))
+        t0 = time.perf_counter()
+        run_command(argv)
+        stages.append(Stage(name, argv, time.perf_counter() - t0, seed))
+
+    stage("pretrain CLIP teacher", [
+        "pretrain-clip", "--data", _data_args(data, plan.clip_images), "--output", str(teacher_dir),
+        "--steps", str(plan.clip_steps), "--batch-size", str(plan.clip_batch), "--seed", str(seed),
+        "--device", device])
+    stage("feature distillation", [
+        "distill", "--config", str(CONFIG_DIR / "distill.yaml"), "--data", _data_args(data, plan.distill_images),
+        "--output", str(fd_dir), "--resume", "none", f"teacher.spec={teacher}", f"train.seed={seed}",
+        f"train.epochs={plan.distill_epochs}", f"train.device={device}"])
+    train = _data_args(data, plan.finetune_train)
+    stage("fine-tune teacher and student", [
+        "finetune", "--config", str(CONFIG_DIR / "finetune.yaml"), "--compare", teacher, student,
+        "--train", train, "--output", str(out / "finetune"), "--resume", "none",
+        f"seed={seed}", f"epochs={plan.finetune_epochs}", f"device={device}"])
+    evtrain = _data_args(data, plan.eval_train)
+    stage("linear probe", [
+        "linprobe", "--config", str(CONFIG_DIR / "linprobe.yaml"), "--compare", teacher, student,
+        "--train", evtrain, "--output", str(out / "linprobe"), f"seed={seed}", f"device={device}"])
+    stage("k-NN", ["knn", "--compare", teacher, student, "--train", evtrain, "--output", str(out / "knn"),
+                   f"device={device}", "data.num_workers=0"])
+    stage("zero-shot", ["zeroshot", "--compare", teacher, student, "--val", evtrain, "--output",
+                        str(out / "zeroshot"), f"device={device}", "data.num_workers=0"])
+    stage("diagnostics", [
+        "diagnose", "report", "--model", teacher, "--label", "CLIP teacher", "--model", student,
+        "--label", "FD student", "--data", _data_args(data, plan.eval_train), "--images", str(plan.diagnose_images),
+        "--directions", str(plan.landscape_directions), "--alphas", str(plan.landscape_points),
+        "--seed", str(seed), "--device", device, "--out", str(out / "diagnose"), "--no-progress"])
+    return collect_seed(out)
+
+
+def collect_seed(out: Path) -> Dict[str, Any]:
+    """Read each stage's JSON: {metric: {"teacher": top1, "student": top1}}."""
+    res: Dict[str, Any] = {}
+    for metric in METRICS:
+        js = json.loads((out / metric / "compare.json").read_text())
+        t, s = js["results"][0], js["results"][1]
+        res[metric] = {"teacher": float(t["top1"]), "student": float(s["top1"])}
+    clip = json.loads((out / "teacher" / "summary.json").read_text())
+    res["clip_zero_shot_check"] = clip.get("zero_shot_top1")
+    return res
+
+
+def versions() -> Dict[str, str]:
+    import open_clip
+    import timm
+    import torch
+    import torchvision
+
+    from .. import __version__
+
+    return {"fdistill": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "open_clip": getattr(open_clip, "__version__", "?"), "platform": platform.platform(),
+            "cpu_threads": str(torch.get_num_threads())}
+
+
+def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 1,
+             data: Optional[str] = None, device: str = "cpu") -> Path:
+    """Run the whole demo and write ``<output>/report.html`` (+ ``results.json``); returns the
+    report's path. ``data``: a folder with class sub-folders (or ``train/`` + ``val/``) instead of
+    the built-in procedural dataset."""
+    from .report import write_demo_report
+
+    if seeds < 1:
+        raise ValueError("seeds must be >= 1")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = DemoPlan.quick() if quick else DemoPlan()
+    stages: List[Stage] = []
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed in range(seeds):
+        per_seed.append({"seed": seed, **run_seed(out / f"seed{seed}", seed, plan, data=data, device=device,
+                                                   stages=stages)})
+    results = {
+        "quick": quick, "seeds": list(range(seeds)), "data": data or "synthetic (built-in procedural shapes)",
+        "device": device, "plan": asdict(plan), "versions": versions(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "total_seconds": time.perf_counter() - t0,
+        "stages": [{"name": s.name, "seed": s.seed, "seconds": s.seconds, "command": _cmd_str(s.command)}
+                   for s in stages],
+        "per_seed": per_seed,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return write_demo_report(out, results)
