@@ -9,7 +9,6 @@ so CLIP's statistics reach the CLIP teacher while the student keeps ImageNet's.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -212,12 +211,26 @@ class FeatureDistiller(nn.Module):
             mean, std = mean.to(images.device), std.to(images.device)
         return (images - mean.to(images.dtype)) / std.to(images.dtype)
 
-    def _teacher_context(self, device: torch.device, dtype: torch.dtype):
-        ctx = contextlib.ExitStack()
-        ctx.enter_context(torch.inference_mode() if self.teacher_inference_mode else torch.no_grad())
-        if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
-            ctx.enter_context(torch.autocast(device.type, enabled=False))  # already low precision
-        return ctx
+    def _run_teacher(self, x: torch.Tensor, dtype: torch.dtype):
+        """The teacher's forward, without autograd (inference mode unless ``teacher_inference_mode``
+        is off); outside autocast when its weights are already bf16/fp16. Plain ``with`` blocks:
+        torch.compile traces them (it cannot trace an ExitStack holding an autocast context).
+        Inside a compiled graph ``no_grad``: autograd's per-op bookkeeping, which inference mode
+        saves, is gone there anyway, and dynamo mishandles inference tensors (torch 2.14: "Cannot
+        set version_counter for inference tensor")."""
+        t = self.teacher
+        low = dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
+        if self.teacher_inference_mode and not torch.compiler.is_compiling():
+            with torch.inference_mode():
+                if low:
+                    with torch.autocast(x.device.type, enabled=False):
+                        return t.forward_tokens(x)
+                return t.forward_tokens(x)
+        with torch.no_grad():
+            if low:
+                with torch.autocast(x.device.type, enabled=False):
+                    return t.forward_tokens(x)
+            return t.forward_tokens(x)
 
     @torch.no_grad()
     def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -231,8 +244,7 @@ class FeatureDistiller(nn.Module):
             x = x * (1.0 - self._pixel_mask(mask, x))  # masked patches -> the mean colour
         if tuple(x.shape[-2:]) != self.teacher_img_size:
             x = F.interpolate(x, size=self.teacher_img_size, mode="bicubic", align_corners=False, antialias=True)
-        with self._teacher_context(x.device, tdtype):
-            out = t.forward_tokens(x)
+        out = self._run_teacher(x, tdtype)
         patches = out.patches  # (B, Nt, C)
         if tuple(out.grid) != self.student_grid:
             if self.align != "interpolate":

@@ -104,3 +104,16 @@ def test_fp16_baseline_path_runs_on_cpu_with_a_loss_scaler():
     l16, l32 = losses(b16), losses(b32)
     assert l16[-1] < 0.9 * l16[0]
     torch.testing.assert_close(l16, l32, rtol=1e-2, atol=0)  # fp16: 2^-11 rounding, wider than bf16's range
+
+
+@pytest.mark.skipif(not os.environ.get("FDISTILL_TEST_COMPILE"),
+                    reason="torch.compile takes minutes on a shared CPU; set FDISTILL_TEST_COMPILE=1")
+def test_compiled_bf16_fast_path_compiles_and_matches():
+    """bf16 teacher outside autocast inside the compiled graph (dynamo cannot trace inference mode
+    there: the teacher uses no_grad when compiling)."""
+    cfg = get_config("tiny").replace(precision="bf16")
+    opts = Options(compile=True, lr=LR)
+    fast, base = build_fast(cfg, opts, torch.device("cpu")), build_baseline(cfg, opts, torch.device("cpu"))
+    lf, lb = losses(fast), losses(base)
+    assert fast.compiled
+    torch.testing.assert_close(lf, lb, rtol=5e-3, atol=0)
