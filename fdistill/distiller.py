@@ -201,6 +201,11 @@ class FeatureDistiller(nn.Module):
     def make_mask(self, batch: int, device) -> Optional[torch.Tensor]:
         if self.mask_ratio <= 0:
             return None
+        if self.mask_type == "block" and torch.device(device).type == "cuda":
+            # block masks are drawn by a Python loop on the host; a plain .to(cuda) of pageable
+            # memory would block until the GPU's queue drains: pinned + non_blocking does not
+            m = make_mask("block", batch, self.student_grid, self.mask_ratio)
+            return m.pin_memory().to(device, non_blocking=True)
         return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
 
     def _normalize(self, images: torch.Tensor, who: str) -> torch.Tensor:
