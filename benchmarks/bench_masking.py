@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> dict:
     batches, epoch = [], 0
     while len(batches) < args.steps:
         loader.set_epoch(epoch)
-        batches += [b["images"] for b in loader][: args.steps - len(batches)]
+        for b in loader:
+            batches.append(b["images"])
+            if len(batches) == args.steps:
+                break
         epoch += 1
     val = build_distill_loader(build_distill_dataset(CIFAR / "val", img_size=32, seed=args.seed + 1),
                                batch_size=64, num_workers=0, shuffle=False)
