@@ -25,7 +25,9 @@ def test_fd_vit_run_roundtrip(tmp_path):
     m = load_model(tmp_path / "run")
     assert isinstance(m, StudentAdapter) and m.projector.out_features == 24
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(m(x), s.forward_tokens(x))
+    with torch.no_grad():  # as the frozen adapter runs (with autograd on CPU takes another attention kernel)
+        ref = s.forward_tokens(x)
+    assert torch.equal(m(x), ref)
     assert m.teacher_info["spec"] == "timm:x"
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.flops import ViTDims, fd_step_flops, vit_dims, vit_forward_flops  # noqa: E402
 from benchmarks.variants import use_explicit_attention  # noqa: E402
 
-from fdistill import FeatureDistiller, create_student, create_teacher  # noqa: E402
+from fdistill import FeatureDistiller, create_student  # noqa: E402
 from fdistill.models.masking import random_mask  # noqa: E402
 
 
