@@ -1,6 +1,7 @@
 """The student's CPU speed paths keep timm's values: FDBlock (drop path skips the dropped
 samples) against timm's BEiT Block from the same random draws, and FDAttention's kernel choice
 (explicit path for a trainable bias on CPU, fused SDPA otherwise)."""
+import collections
 import copy
 
 import pytest
@@ -17,9 +18,11 @@ class OpNames(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops = set()
+        self.count = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(str(func.overloadpacket))
+        self.count[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -114,3 +117,21 @@ def test_sdpa_ready_bias_is_aligned_in_autocast_dtype():
     assert torch.equal(bias.grad, torch.ones_like(bias))
     c = sdpa_ready_bias(torch.randn(2, 3, 32, 32))  # already aligned: unchanged
     assert c.stride(-2) == 32 and c.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_student_attention_uses_the_memory_efficient_kernel_without_per_block_padding():
+    """The trainable bias goes to SDPA's memory-efficient kernel (it returns the bias gradient), not
+    the math path, and is padded once per forward, not in every block."""
+    s = create_student("vit_small", img_size=224, patch_size=16, depth=4, drop_path_rate=0.1).cuda().train()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16), OpNames() as w:
+        out = s.forward_tokens(x)
+    out.float().pow(2).mean().backward()
+    assert "aten._scaled_dot_product_efficient_attention" in w.ops
+    assert "aten._scaled_dot_product_attention_math" not in w.ops
+    assert s.rel_pos_bias.relative_position_bias_table.grad is not None
+    with torch.autocast("cuda", dtype=torch.bfloat16), OpNames() as w:
+        s.forward_tokens(x)
+    # our one pad per forward; SDPA's own per-block padding of an unaligned bias would add 4 more
+    assert w.count["aten.constant_pad_nd"] == 1
