@@ -21,9 +21,10 @@ def _eval_schemas():
 
 
 def _schemas_for(path: Path):
-    """configs/distill/* -> the distillation schema; anything else -> one of the evaluation schemas."""
+    """configs/distill/* and any */distill.yaml (the demo's stage) -> the distillation schema;
+    anything else -> one of the evaluation schemas."""
     folder = path.relative_to(REPO / "configs").parts[0]
-    return [DistillConfig] if folder == "distill" else _eval_schemas()
+    return [DistillConfig] if folder == "distill" or path.stem == "distill" else _eval_schemas()
 
 
 def test_there_are_recipes():
