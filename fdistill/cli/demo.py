@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="an image folder with class sub-folders (or train/ + val/) "
                                                 "instead of the built-in procedural dataset")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--check", action="store_true", help="only check the report already in --output (table, "
+                                                        "figures, timings); exit 1 if anything is missing")
     p.set_defaults(func=_demo)
 
     q = sub.add_parser("pretrain-clip", help="train a small CLIP model from scratch on image-caption pairs "
@@ -37,7 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args) -> int:
     from ..demo.pipeline import run_demo
+    from ..demo.report import check_demo_report
 
+    if args.check:
+        problems = check_demo_report(args.output)
+        for p in problems:
+            print(f"demo report: {p}")
+        print(f"demo report in {args.output}: " + ("OK" if not problems else f"{len(problems)} problem(s)"))
+        return 1 if problems else 0
     report = run_demo(args.output, quick=args.quick, seeds=args.seeds, data=args.data, device=args.device)
     print(f"report: {report}")
     return 0

@@ -96,10 +96,11 @@ def plot_curves(results: Dict[str, Any], root: Path, path: Path) -> Optional[Pat
         axes[1].legend(fontsize=8)
     axes[1].set(title="2. Feature distillation", xlabel="step", ylabel="smooth-L1 (beta 2)")
     for i, (name, colour) in enumerate((("CLIP teacher", "C0"), ("FD student", "C1"))):
-        rows = [r for r in _read_jsonl(_finetune_dir(seed_dir, i) / "log.jsonl") if "top1" in r]
+        # fine-tuning's log.jsonl: {"epoch", "step", "model": {"top1", ...}, "ema": {...}} per evaluation
+        rows = [r for r in _read_jsonl(_finetune_dir(seed_dir, i) / "log.jsonl") if "top1" in r.get("model", {})]
         if rows:
             x = [r.get("epoch", j + 1) for j, r in enumerate(rows)]
-            axes[2].plot(x, [r["top1"] for r in rows], marker="o", ms=3, color=colour, label=name)
+            axes[2].plot(x, [r["model"]["top1"] for r in rows], marker="o", ms=3, color=colour, label=name)
     axes[2].set(title="3. Fine-tuning (same recipe)", xlabel="epoch", ylabel="val top-1 (%)")
     axes[2].legend(fontsize=8)
     for ax in axes:
@@ -192,3 +193,64 @@ Seeds: {", ".join(map(str, results['seeds']))} (fixed in advance, never chosen).
     print(text_table(results))
     print(verdict(results))
     return path
+
+
+STAGE_NAMES = ("pretrain CLIP teacher", "feature distillation", "fine-tune teacher and student", "linear probe",
+               "k-NN", "zero-shot", "diagnostics")
+FIGURES = ("Training curves", "attention distance", "Attention maps", "Loss landscape")
+
+
+def check_demo_report(root: str | Path) -> List[str]:
+    """What is missing or wrong in a demo's output folder; an empty list means the report is whole.
+
+    Checked: ``results.json`` holds, for every seed, a teacher and a student top-1 in [0, 100]
+    for each metric and a time for every stage; ``report.html`` has the comparison table with
+    those numbers, the four figures embedded as real PNGs, and the time of every stage."""
+    import math
+    import re
+
+    root = Path(root)
+    problems: List[str] = []
+    res_path, page_path = root / "results.json", root / "report.html"
+    for p in (res_path, page_path):
+        if not p.is_file():
+            problems.append(f"missing {p}")
+    if problems:
+        return problems
+    results = json.loads(res_path.read_text())
+    page = page_path.read_text()
+    if not results.get("per_seed"):
+        problems.append("results.json has no per-seed results")
+    for seed in results.get("per_seed", []):
+        for metric, _ in ROWS:
+            for who in ("teacher", "student"):
+                v = seed.get(metric, {}).get(who)
+                if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 100:
+                    problems.append(f"seed {seed.get('seed')}: {metric} {who} top-1 is {v!r}")
+    stages = results.get("stages", [])
+    for seed in results.get("seeds", []):
+        for name in STAGE_NAMES:
+            if not any(s["name"] == name and s["seed"] == seed and s["seconds"] > 0 for s in stages):
+                problems.append(f"seed {seed}: no timing for stage {name!r}")
+    if "Teacher vs FD student" not in page:
+        problems.append("report.html has no comparison table")
+    else:
+        summ, n = summarize(results), len(results["per_seed"])
+        for metric, label in ROWS:
+            r = summ[metric]
+            row = (f"<tr><td>{label}</td><td>{_fmt(r['teacher'], n)}</td><td>{_fmt(r['student'], n)}</td>")
+            if row not in page:
+                problems.append(f"report.html table lacks the row {label!r} with the results' numbers")
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
+    for fig in FIGURES:
+        hit = [data for alt, data in images if fig.lower() in alt.lower()]
+        if not hit:
+            problems.append(f"report.html lacks the figure {fig!r}")
+        elif not base64.b64decode(hit[0])[:8] == b"\x89PNG\r\n\x1a\n":
+            problems.append(f"report.html figure {fig!r} is not a PNG")
+    for name in STAGE_NAMES:
+        if not re.search(rf"<td>{re.escape(html.escape(name))}</td><td>\d+ s</td>", page):
+            problems.append(f"report.html lacks the time of stage {name!r}")
+    if "Total wall-clock time" not in page:
+        problems.append("report.html lacks the total time")
+    return problems

@@ -1,0 +1,87 @@
+"""The demo: the whole pipeline end to end at micro sizes, the report's contents and its checker,
+and the honest summary (means, spreads and the verdict) worked out by hand."""
+import json
+import math
+import shutil
+
+import pytest
+
+from fdistill.demo.pipeline import DemoPlan, run_demo
+from fdistill.demo.report import STAGE_NAMES, check_demo_report, summarize, text_table, verdict
+
+MICRO = DemoPlan(clip_images=200, clip_steps=3, clip_batch=32, distill_images=200, distill_epochs=1,
+                 finetune_train=200, finetune_epochs=1, eval_train=200, diagnose_images=8,
+                 landscape_points=3, landscape_directions=1)
+
+
+def _results(teacher, student, seeds=None):
+    """A results dict as run_demo writes it, with the given fine-tuning top-1 per seed."""
+    seeds = seeds or list(range(len(teacher)))
+    per_seed = [{"seed": s, **{m: {"teacher": t, "student": st} for m in ("finetune", "linprobe", "knn", "zeroshot")}}
+                for s, t, st in zip(seeds, teacher, student)]
+    return {"per_seed": per_seed, "seeds": seeds, "data": "synthetic"}
+
+
+def test_summary_mean_and_sample_std_over_seeds():
+    r = _results([10.0, 20.0, 30.0], [14.0, 22.0, 36.0])
+    s = summarize(r)["finetune"]
+    assert s["teacher"] == pytest.approx((20.0, 10.0))            # stdev of 10, 20, 30 (n - 1)
+    assert s["student"] == pytest.approx((24.0, math.sqrt(((14 - 24) ** 2 + (22 - 24) ** 2 + (36 - 24) ** 2) / 2)))
+    assert s["delta"] == pytest.approx((4.0, 2.0))                # deltas 4, 2, 6
+    assert "4.0 ± 2.0" in text_table(r).replace("+", "")
+
+
+def test_verdict_says_what_came_out():
+    assert "did NOT improve" in verdict(_results([50.0], [45.0]))
+    assert "better than its teacher by +5.0" in verdict(_results([45.0], [50.0]))
+    # with several seeds, a difference inside the spread is called so, whichever sign it has
+    assert "within the seed-to-seed spread" in verdict(_results([50.0, 50.0], [49.0, 53.0]))
+    assert "ImageNet-1K" in verdict(_results([50.0], [45.0]))      # and where the paper measured
+
+
+@pytest.fixture(scope="module")
+def micro_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    report = run_demo(out, plan=MICRO, seeds=1)
+    return out, report
+
+
+@pytest.mark.slow
+def test_micro_demo_runs_every_stage_and_writes_a_whole_report(micro_demo, capsys):
+    out, report = micro_demo
+    assert report == out / "report.html"
+    assert check_demo_report(out) == []
+    res = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in res["stages"]] == list(STAGE_NAMES)
+    # every stage is an ordinary fdistill command, listed in the report
+    page = report.read_text()
+    for s in res["stages"]:
+        assert s["command"].startswith("fdistill ")
+    assert "fdistill distill --config" in page and "fdistill diagnose report" in page
+    # the numbers come from the stages' own outputs
+    ft = json.loads((out / "seed0" / "finetune" / "compare.json").read_text())["results"]
+    assert res["per_seed"][0]["finetune"] == {"teacher": pytest.approx(ft[0]["top1"]),
+                                               "student": pytest.approx(ft[1]["top1"])}
+    assert res["versions"]["torch"] and res["plan"]["clip_steps"] == MICRO.clip_steps
+
+
+@pytest.mark.slow
+def test_checker_finds_what_is_missing(micro_demo, tmp_path):
+    out, _ = micro_demo
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    page = (broken / "report.html").read_text()
+    # drop the loss-landscape figure and one stage's time, and change a number in the table
+    start = page.index('<figure><img alt="Loss landscape')
+    page = page[:start] + page[page.index("</figure>", start) + len("</figure>"):]
+    page = page.replace("<td>k-NN</td><td>", "<td>k-NN</td><td>x", 1)
+    (broken / "report.html").write_text(page)
+    res = json.loads((broken / "results.json").read_text())
+    res["per_seed"][0]["zeroshot"]["student"] = float("nan")
+    (broken / "results.json").write_text(json.dumps(res))
+    problems = "\n".join(check_demo_report(broken))
+    assert "Loss landscape" in problems
+    assert "stage 'k-NN'" in problems
+    assert "zeroshot student" in problems
+    assert check_demo_report(tmp_path / "nothing") == [f"missing {tmp_path / 'nothing' / 'results.json'}",
+                                                       f"missing {tmp_path / 'nothing' / 'report.html'}"]
