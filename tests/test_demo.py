@@ -85,3 +85,59 @@ def test_checker_finds_what_is_missing(micro_demo, tmp_path):
     assert "zeroshot student" in problems
     assert check_demo_report(tmp_path / "nothing") == [f"missing {tmp_path / 'nothing' / 'results.json'}",
                                                        f"missing {tmp_path / 'nothing' / 'report.html'}"]
+
+
+def test_demo_data_is_checked_before_any_training(tmp_path):
+    from fdistill.data.errors import DataError
+    from fdistill.demo.pipeline import check_demo_data
+
+    check_demo_data(None)
+    check_demo_data("synthetic:500")
+    with pytest.raises(DataError, match="not a folder"):
+        run_demo(tmp_path / "out", data=str(tmp_path / "absent"), plan=MICRO)
+    assert not (tmp_path / "out" / "seed0").exists()          # nothing ran
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="no train/ or val/"):
+        check_demo_data(str(tmp_path / "flat"))
+    for split, names in (("train", ("cat", "dog")), ("val", ("cat",))):
+        for n in names:
+            (tmp_path / "split" / split / n).mkdir(parents=True)
+    with pytest.raises(DataError, match="same class sub-folders"):
+        check_demo_data(str(tmp_path / "split"))
+
+
+def _write_folder(root, n_per_class):
+    """A tiny class-folder dataset: red, green, blue squares on grey (train/ and val/)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_per_class), ("val", max(2, n_per_class // 4))):
+        for c, rgb in enumerate(((220, 30, 30), (30, 200, 30), (30, 30, 220))):
+            d = root / split / ("red", "green", "blue")[c]
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.full((32, 32, 3), 128, np.uint8)
+                x, y = rng.integers(0, 16, 2)
+                img[y:y + 16, x:x + 16] = rgb
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(micro_demo, tmp_path):
+    """DATA=PATH: captions 'a photo of a {class}', every stage on the folder; seeds 0 and 1 are
+    reported as mean and spread; and seed 0 of a rerun gives the same numbers (deterministic)."""
+    data = tmp_path / "data"
+    _write_folder(data, 50)          # 150 training images: more than one fine-tuning batch (128)
+    plan = DemoPlan(**{**MICRO.__dict__, "clip_batch": 16})
+    out = tmp_path / "out"
+    run_demo(out, plan=plan, seeds=2, data=str(data))
+    assert check_demo_report(out) == []
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and len(res["per_seed"]) == 2
+    assert res["data"] == str(data)
+    assert "± " in (out / "report.html").read_text()
+    assert json.loads((out / "seed0" / "knn" / "compare.json").read_text())["results"][0]["val"] == str(data)
+    again = tmp_path / "again"
+    run_demo(again, plan=plan, seeds=1, data=str(data))
+    assert json.loads((again / "results.json").read_text())["per_seed"][0] == res["per_seed"][0]

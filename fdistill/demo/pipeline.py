@@ -84,6 +84,29 @@ def _data_args(data: Optional[str], n: int) -> str:
     return f"synthetic:{n}" if data is None else data
 
 
+def check_demo_data(data: Optional[str]) -> None:
+    """Fail before any training when ``data`` cannot serve every stage: the demo needs a ``train/``
+    and a ``val/`` folder with the same class sub-folders (evaluation never scores the images it
+    trained on), or the built-in ``synthetic[:N]``."""
+    from ..data.errors import DataError
+
+    if data is None or data == "synthetic" or data.startswith("synthetic:"):
+        return
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"demo data {data!r} is not a folder (give a folder with train/ and val/ class "
+                        "sub-folders, or leave DATA unset for the built-in procedural dataset)")
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        raise DataError(f"demo data {data!r} has no {' or '.join(s + '/' for s in missing)} folder: the demo "
+                        "trains on <DATA>/train/<class>/* and evaluates on <DATA>/val/<class>/*")
+    classes = {split: sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+               for split in ("train", "val")}
+    if len(classes["train"]) < 2 or classes["train"] != classes["val"]:
+        raise DataError(f"demo data {data!r}: train/ and val/ need the same class sub-folders (at least 2); "
+                        f"found {classes['train']} and {classes['val']}")
+
+
 def run_seed(out: Path, seed: int, plan: DemoPlan, *, data: Optional[str], device: str,
              stages: List[Stage]) -> Dict[str, Any]:
     """All stages for one seed; returns {metric: {"teacher": top1, "student": top1}} and paths."""
@@ -163,6 +186,7 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, seeds: in
 
     if seeds < 1:
         raise ValueError("seeds must be >= 1")
+    check_demo_data(data)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if plan is None:
