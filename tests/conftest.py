@@ -44,3 +44,14 @@ def tiny_vit_teacher():
 
     return create_teacher("timm:vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                           depth=2, embed_dim=48, num_heads=3)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other processes load
+    the CPUs (OpenMP threads then wait on each other); the thread count is restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "distill" / "tiny_cpu.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def test_help_lists_the_run_subcommands(capsys):

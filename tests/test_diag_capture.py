@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from fdistill.diagnostics import AttentionCaptureError, capture_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when other processes
-    load the CPUs (OpenMP threads then wait on each other); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 class _Recorder:

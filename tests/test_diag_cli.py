@@ -12,14 +12,7 @@ from fdistill.diagnostics.data import image_batches
 from fdistill.diagnostics.models import load_diagnostic_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when other processes
-    load the CPUs (OpenMP threads then wait on each other); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 TIMM_KW = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 OPEN_CLIP_KW = dict(pretrained=False, model_cfg=dict(

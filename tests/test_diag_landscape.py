@@ -7,14 +7,7 @@ from fdistill.diagnostics import alpha_grid, evaluate_classifier, filter_normali
 from fdistill.diagnostics.classifier import fit_linear_head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when other processes
-    load the CPUs (OpenMP threads then wait on each other); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 class _Net(nn.Module):

@@ -14,13 +14,7 @@ from fdistill.engine import RunError, distill, load_checkpoint
 from fdistill.engine.checkpoint import list_checkpoints
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads crawl when the CPUs are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def tiny_cfg(out, *overrides):

@@ -14,12 +14,7 @@ from fdistill.engine.export import export_student, verify_timm_export
 from fdistill.models import create_student
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def _run(out, *extra):

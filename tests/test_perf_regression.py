@@ -27,12 +27,7 @@ STEPS = 6
 LR = 2e-3  # large enough that the weights (and the loss) move visibly in STEPS steps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def losses(variant, steps=STEPS):
