@@ -291,3 +291,39 @@ def test_cpu_threads_apply_during_the_run_only(tmp_path):
     distill(tiny_cfg(tmp_path / "run", "train.cpu_threads=1", "train.max_steps=1"),
             on_step=lambda s: seen.append(torch.get_num_threads()))
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def _jpeg_folder(root, n=32, size=20):
+    """n small JPEGs of random blobs (two classes) and one corrupt .jpg."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / ("a", "b")[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        img = (rng.random((size, size + 4 * (i % 3), 3)) * 255).astype("uint8")
+        Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return root
+
+
+def test_gpu_decode_run_equals_the_cpu_loader_run(tmp_path):
+    """data.gpu_decode: the same samples, crops and flips as the CPU loader; without CUDA the
+    fallback decodes with the same decoder, so the runs end with equal weights; the corrupt file
+    is skipped and counted in both."""
+    data = _jpeg_folder(tmp_path / "jpgs")
+    common = (f"data.path={data}", "train.max_steps=5")
+    a = distill(tiny_cfg(tmp_path / "cpu", *common))
+    b = distill(tiny_cfg(tmp_path / "dev", *common, "data.gpu_decode=true"))
+    assert a.step == b.step == 5
+    assert_same_training_state(final_state(a.run_dir), final_state(b.run_dir))
+    recs = [[json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]
+    assert [r["loss"] for r in recs[0] if "loss" in r] == [r["loss"] for r in recs[1] if "loss" in r]
+    skipped = [sum(r.get("skipped_images", 0) for r in rs) for rs in recs]
+    assert skipped[0] == skipped[1] == 1  # the broken file, drawn once in these 40 samples
+
+
+def test_gpu_decode_needs_an_image_folder(tmp_path):
+    with pytest.raises(ConfigError, match="gpu_decode needs an image folder"):
+        distill(tiny_cfg(tmp_path / "run", "data.gpu_decode=true"))  # synthetic data

@@ -13,10 +13,14 @@ epochs from 5e-7, cosine to 5e-6, gradient clipping 3.0, batch 128 per GPU.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 from .core import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "TeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig", "OptimConfig", "TrainConfig",
@@ -128,6 +132,10 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None
     #: extra keyword arguments of :func:`fdistill.data.build_distill_dataset` (e.g. ``interpolation``)
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: decode JPEGs on the GPU (nvJPEG) and crop there: workers only read the files
+    #: (:mod:`fdistill.data.gpu_decode`); image folders only. Same samples and crop draws as the CPU
+    #: path; without CUDA the main process decodes on the CPU (same pixels as the CPU path)
+    gpu_decode: bool = False
 
     def __post_init__(self):
         _check(self.img_size is None or self.img_size > 0, f"data.img_size must be > 0, got {self.img_size}")
@@ -235,7 +243,7 @@ class DistillConfig:
 RESUME_SAFE_KEYS = (
     "train.epochs", "train.max_steps", "train.log_interval", "train.ckpt_interval", "train.keep_last",
     "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device", "train.cpu_threads",
-    "data.path", "data.num_workers", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
+    "data.path", "data.num_workers", "data.gpu_decode", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
 )
 
 
@@ -367,19 +375,59 @@ def build_dataset(cfg: DistillConfig):
     d = cfg.data
     if not d.path:
         raise ConfigError("no training data: set data.path or pass --data PATH")
+    if d.gpu_decode:
+        return _build_encoded_dataset(d)
     return build_distill_dataset(d.path, img_size=data_img_size(cfg), scale=tuple(d.scale), ratio=tuple(d.ratio),
                                  hflip=d.hflip, seed=cfg.train.seed, **d.kwargs)
 
 
+def _build_encoded_dataset(d: "DataConfig"):
+    """``data.gpu_decode``: the folder read as encoded bytes (the crop happens on the device)."""
+    from ..data.gpu_decode import EncodedImageFolder
+
+    p = d.path
+    if p.startswith("synthetic") or ".tar" in p or "::" in p or "{" in p or not Path(p).expanduser().is_dir():
+        raise ConfigError(f"data.gpu_decode needs an image folder; data.path={p!r} is not one (tar shards and "
+                          "synthetic data are decoded by the loader workers: set data.gpu_decode=false)")
+    unknown = set(d.kwargs) - {"interpolation"}
+    if unknown:
+        raise ConfigError(f"data.kwargs {sorted(unknown)} are not supported with data.gpu_decode (only 'interpolation')")
+    return EncodedImageFolder(Path(p).expanduser())
+
+
+def build_batch_view(cfg: DistillConfig, device) -> Callable[[dict], "torch.Tensor"]:
+    """``batch -> uint8 images (B, 3, H, W) on device``: a plain copy of the loader's crops, or
+    with ``data.gpu_decode`` the decode + FD view on the device (:class:`fdistill.data.gpu_decode.
+    DeviceDistillView`, same per-sample draws as the CPU view; it counts undecodable images in
+    ``batch["skipped"]``)."""
+    d = cfg.data
+    if not d.gpu_decode:
+        return lambda batch: batch["images"].to(device, non_blocking=True)
+    from ..data.gpu_decode import DeviceDistillView
+
+    if getattr(device, "type", str(device)) != "cuda":
+        log.warning("data.gpu_decode without a CUDA device: JPEGs are decoded on the CPU in the training process")
+    view = DeviceDistillView(data_img_size(cfg), scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
+                             seed=cfg.train.seed, **d.kwargs)
+    return lambda batch: view(batch, device)
+
+
 def build_loader(cfg: DistillConfig, dataset, *, num_replicas: int, rank: int, epoch: int = 0,
                  start_index: int = 0, pin_memory: bool = False):
-    """This process's loader over ``dataset`` (see :func:`fdistill.data.build_distill_loader`);
+    """This process's loader over ``dataset`` (see :func:`fdistill.data.build_distill_loader`;
+    with ``data.gpu_decode``, :func:`fdistill.data.gpu_decode.build_encoded_loader`, same sampler);
     the loop moves it with ``loader.set_epoch(epoch, start_index)``, ``start_index`` being the
     samples this rank had consumed in the epoch, so a resumed run sees exactly what it would
-    have seen."""
+    have seen. Turn a batch into images with :func:`build_batch_view`."""
     from ..data import build_distill_loader
 
     d = cfg.data
+    if d.gpu_decode:
+        from ..data.gpu_decode import build_encoded_loader
+
+        return build_encoded_loader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                                    epoch=epoch, start_index=start_index, num_replicas=num_replicas, rank=rank,
+                                    drop_last=True, pin_memory=pin_memory)
     return build_distill_loader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.train.seed,
                                 epoch=epoch, start_index=start_index, num_replicas=num_replicas, rank=rank,
                                 drop_last=True, pin_memory=pin_memory)

@@ -115,12 +115,12 @@ def build_encoded_loader(root, *, batch_size: int, num_workers: int = 4, seed: i
                          start_index: int = 0, num_replicas: int = 1, rank: int = 0, drop_last: bool = True,
                          shuffle: bool = True, pin_memory: Optional[bool] = None,
                          labels: Optional[bool] = False) -> DistillDataLoader:
-    """A loader of encoded batches over the image folder ``root`` with the same sampler (and so
-    the same samples, batches, resume and epoch semantics) as
+    """A loader of encoded batches over the image folder ``root`` (or an :class:`EncodedImageFolder`)
+    with the same sampler (and so the same samples, batches, resume and epoch semantics) as
     :func:`~fdistill.data.build_distill_loader`; decode them with :class:`DeviceDistillView`."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
-    dataset = EncodedImageFolder(root, labels=labels)
+    dataset = root if isinstance(root, EncodedImageFolder) else EncodedImageFolder(root, labels=labels)
     sampler = ResumableDistributedSampler(len(dataset), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=drop_last, yield_epoch=True)
     if drop_last and sampler.num_samples < batch_size:

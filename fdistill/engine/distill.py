@@ -29,8 +29,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..config import ConfigError, diff_configs, save_yaml, to_dict
-from ..config.distill import (RESUME_SAFE_KEYS, DistillConfig, build_dataset, build_distiller, build_loader,
-                              build_optimizer, build_scheduler, resolve_lr, resolve_precision, student_args_of)
+from ..config.distill import (RESUME_SAFE_KEYS, DistillConfig, build_batch_view, build_dataset, build_distiller,
+                              build_loader, build_optimizer, build_scheduler, resolve_lr, resolve_precision,
+                              student_args_of)
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint, FORMAT, VERSION)
 from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
@@ -155,6 +156,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     dataset = build_dataset(cfg)
     loader = build_loader(cfg, dataset, num_replicas=env.world_size, rank=env.rank,
                           pin_memory=device.type == "cuda")
+    to_images = build_batch_view(cfg, device)  # batch -> uint8 (B, 3, H, W) on the device
     micro_per_epoch = loader.batches_per_epoch
     if micro_per_epoch is None:  # a shard stream: its length is declared
         if not cfg.data.samples_per_epoch:
@@ -253,7 +255,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
                     log.warning("epoch %d ended after fewer batches than data.samples_per_epoch implies", epoch)
                     break
                 scheduler.step_update(step)  # lr of this update (host-side arithmetic)
-                images = [b["images"].to(device, non_blocking=True) for b in micro_batches]  # (B, 3, H, W) uint8
+                images = [to_images(b) for b in micro_batches]  # (B, 3, H, W) uint8 on the device
                 outs, grad_norm, ok = train_step(images)
                 for out in outs:
                     metrics.add_micro(out)
