@@ -124,7 +124,7 @@ def _write_folder(root, n_per_class):
 
 
 @pytest.mark.slow
-def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(micro_demo, tmp_path):
+def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(tmp_path):
     """DATA=PATH: captions 'a photo of a {class}', every stage on the folder; seeds 0 and 1 are
     reported as mean and spread; and seed 0 of a rerun gives the same numbers (deterministic)."""
     data = tmp_path / "data"
@@ -141,3 +141,22 @@ def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(micro_demo, tmp_p
     again = tmp_path / "again"
     run_demo(again, plan=plan, seeds=1, data=str(data))
     assert json.loads((again / "results.json").read_text())["per_seed"][0] == res["per_seed"][0]
+
+
+@pytest.mark.slow
+def test_demo_runs_again_into_the_same_folder(micro_demo, tmp_path):
+    """`make demo` twice: the second run replaces the first one's seed folders (distillation would
+    otherwise refuse a folder with checkpoints); a seed folder with anything else in it is refused
+    before any training and left untouched."""
+    out, _ = micro_demo
+    first = json.loads((out / "results.json").read_text())
+    run_demo(out, plan=MICRO, seeds=1)
+    assert check_demo_report(out) == []
+    assert json.loads((out / "results.json").read_text())["per_seed"] == first["per_seed"]   # deterministic
+
+    mine = tmp_path / "mine" / "seed0"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a previous demo"):
+        run_demo(tmp_path / "mine", plan=MICRO)
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

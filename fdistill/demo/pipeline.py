@@ -84,6 +84,30 @@ def _data_args(data: Optional[str], n: int) -> str:
     return f"synthetic:{n}" if data is None else data
 
 
+#: what a seed's folder holds: one sub-folder per stage
+SEED_DIRS = frozenset({"teacher", "fd", "finetune", "linprobe", "knn", "zeroshot", "diagnose"})
+
+
+def clear_previous_seeds(out: Path, seeds: int) -> None:
+    """Make ``out/seed<i>`` fresh so the demo can be run again into the same folder (each stage
+    starts anew: distillation refuses a folder that already holds checkpoints). A seed folder is
+    removed only if it holds nothing but the demo's own stage folders; anything else is an error
+    raised before any training, and nothing is deleted."""
+    import shutil
+
+    dirs = [out / f"seed{i}" for i in range(seeds)]
+    for d in dirs:
+        if d.exists():
+            foreign = sorted(p.name for p in d.iterdir() if p.name not in SEED_DIRS) if d.is_dir() else [d.name]
+            if foreign:
+                raise FileExistsError(f"{d} is not a previous demo's seed folder (it holds {foreign}); "
+                                      "choose another output folder (make demo DEMO_OUT=... / --output)")
+    for d in dirs:
+        if d.exists():
+            log.info("demo: replacing the previous run in %s", d)
+            shutil.rmtree(d)
+
+
 def check_demo_data(data: Optional[str]) -> None:
     """Fail before any training when ``data`` cannot serve every stage: the demo needs a ``train/``
     and a ``val/`` folder with the same class sub-folders (evaluation never scores the images it
@@ -188,6 +212,7 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, seeds: in
         raise ValueError("seeds must be >= 1")
     check_demo_data(data)
     out = Path(output)
+    clear_previous_seeds(out, seeds)
     out.mkdir(parents=True, exist_ok=True)
     if plan is None:
         plan = DemoPlan.quick() if quick else DemoPlan()
