@@ -150,8 +150,10 @@ def test_demo_runs_again_into_the_same_folder(micro_demo, tmp_path):
     before any training and left untouched."""
     out, _ = micro_demo
     first = json.loads((out / "results.json").read_text())
+    (out / "seed3" / "fd").mkdir(parents=True)                  # left by an earlier run with SEEDS=4
     run_demo(out, plan=MICRO, seeds=1)
     assert check_demo_report(out) == []
+    assert not (out / "seed3").exists()
     assert json.loads((out / "results.json").read_text())["per_seed"] == first["per_seed"]   # deterministic
 
     mine = tmp_path / "mine" / "seed0"

@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="runs/demo", help="output folder (report.html, results.json)")
     p.add_argument("--quick", action="store_true", help="smaller stages (< 3 minutes on 2 cores)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report mean and spread")
-    p.add_argument("--data", default=None, help="an image folder with class sub-folders (or train/ + val/) "
-                                                "instead of the built-in procedural dataset")
+    p.add_argument("--data", default=None, help="a folder with train/ and val/ class sub-folders (captions 'a "
+                                                "photo of a {class}') instead of the built-in procedural dataset")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--check", action="store_true", help="only check the report already in --output (table, "
                                                         "figures, timings); exit 1 if anything is missing")

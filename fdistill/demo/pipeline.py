@@ -95,7 +95,10 @@ def clear_previous_seeds(out: Path, seeds: int) -> None:
     raised before any training, and nothing is deleted."""
     import shutil
 
-    dirs = [out / f"seed{i}" for i in range(seeds)]
+    dirs = {out / f"seed{i}" for i in range(seeds)}
+    if out.is_dir():  # and the extra seeds of an earlier run with more of them
+        dirs |= {d for d in out.iterdir() if d.name.startswith("seed") and d.name[4:].isdigit()}
+    dirs = sorted(dirs)
     for d in dirs:
         if d.exists():
             foreign = sorted(p.name for p in d.iterdir() if p.name not in SEED_DIRS) if d.is_dir() else [d.name]
@@ -203,8 +206,8 @@ def versions() -> Dict[str, str]:
 def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 1,
              data: Optional[str] = None, device: str = "cpu", plan: Optional[DemoPlan] = None) -> Path:
     """Run the whole demo and write ``<output>/report.html`` (+ ``results.json``); returns the
-    report's path. ``data``: a folder with class sub-folders (or ``train/`` + ``val/``) instead of
-    the built-in procedural dataset. ``plan`` overrides the stage sizes (``quick`` picks
+    report's path. ``data``: a folder with ``train/`` and ``val/`` class sub-folders instead of
+    the built-in procedural dataset (captions "a photo of a {class}"). ``plan`` overrides the stage sizes (``quick`` picks
     :meth:`DemoPlan.quick`, else the default plan)."""
     from .report import write_demo_report
 
