@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from fdistill.demo.pipeline import DemoPlan, run_demo
-from fdistill.demo.report import STAGE_NAMES, check_demo_report, summarize, text_table, verdict
+from fdistill.demo.pipeline import STAGE_NAMES, DemoPlan, run_demo
+from fdistill.demo.report import check_demo_report, summarize, text_table, verdict
 
 MICRO = DemoPlan(clip_images=200, clip_steps=3, clip_batch=32, distill_images=200, distill_epochs=1,
                  finetune_train=200, finetune_epochs=1, eval_train=200, diagnose_images=8,

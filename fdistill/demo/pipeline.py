@@ -84,8 +84,11 @@ def _data_args(data: Optional[str], n: int) -> str:
     return f"synthetic:{n}" if data is None else data
 
 
+#: the stages of :func:`run_seed`, in order (the report's checker expects each one timed)
+STAGE_NAMES = ("pretrain CLIP teacher", "feature distillation", "fine-tune teacher and student", "linear probe",
+               "k-NN", "zero-shot", "diagnostics")
 #: what a seed's folder holds: one sub-folder per stage
-SEED_DIRS = frozenset({"teacher", "fd", "finetune", "linprobe", "knn", "zeroshot", "diagnose"})
+SEED_DIRS = frozenset({"teacher", "fd", "diagnose", *METRICS})
 
 
 def clear_previous_seeds(out: Path, seeds: int) -> None:

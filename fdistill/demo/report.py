@@ -136,6 +136,12 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
+def _table_row_head(label: str, r: Dict[str, Tuple[float, float]], n: int) -> str:
+    """The comparison row's first cells (label, teacher, student): what the report writes and
+    :func:`check_demo_report` looks for."""
+    return f"<tr><td>{label}</td><td>{_fmt(r['teacher'], n)}</td><td>{_fmt(r['student'], n)}</td>"
+
+
 def write_demo_report(root: Path, results: Dict[str, Any]) -> Path:
     """Write ``root/report.html`` (+ ``curves.png``) and print the comparison; returns the path."""
     root = Path(root)
@@ -146,8 +152,7 @@ def write_demo_report(root: Path, results: Dict[str, Any]) -> Path:
         r = summ[metric]
         pt, ps = PAPER[metric]
         paper = f"{pt} → {ps}" if pt is not None else "—"
-        rows.append(f"<tr><td>{label}</td><td>{_fmt(r['teacher'], n)}</td><td>{_fmt(r['student'], n)}</td>"
-                    f"<td><b>{_fmt(r['delta'], n, True)}</b></td><td>{paper}</td></tr>")
+        rows.append(_table_row_head(label, r, n) + f"<td><b>{_fmt(r['delta'], n, True)}</b></td><td>{paper}</td></tr>")
     per_seed = "".join(
         f"<tr><td>{s['seed']}</td>" + "".join(f"<td>{s[m]['teacher']:.1f} / {s[m]['student']:.1f}</td>" for m, _ in ROWS)
         + f"<td>{s.get('clip_zero_shot_check') or float('nan'):.1f}</td></tr>" for s in results["per_seed"])
@@ -195,8 +200,6 @@ Seeds: {", ".join(map(str, results['seeds']))} (fixed in advance, never chosen).
     return path
 
 
-STAGE_NAMES = ("pretrain CLIP teacher", "feature distillation", "fine-tune teacher and student", "linear probe",
-               "k-NN", "zero-shot", "diagnostics")
 FIGURES = ("Training curves", "attention distance", "Attention maps", "Loss landscape")
 
 
@@ -208,6 +211,8 @@ def check_demo_report(root: str | Path) -> List[str]:
     those numbers, the four figures embedded as real PNGs, and the time of every stage."""
     import math
     import re
+
+    from .pipeline import STAGE_NAMES
 
     root = Path(root)
     problems: List[str] = []
@@ -237,9 +242,7 @@ def check_demo_report(root: str | Path) -> List[str]:
     else:
         summ, n = summarize(results), len(results["per_seed"])
         for metric, label in ROWS:
-            r = summ[metric]
-            row = (f"<tr><td>{label}</td><td>{_fmt(r['teacher'], n)}</td><td>{_fmt(r['student'], n)}</td>")
-            if row not in page:
+            if _table_row_head(label, summ[metric], n) not in page:
                 problems.append(f"report.html table lacks the row {label!r} with the results' numbers")
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
     for fig in FIGURES:
