@@ -55,3 +55,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- small image folders written by tests ---------------------------------------------------------
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def make_colour_patches(root, n_per_class, seed):
+    """A procedural 4-class task a tiny ViT learns in a few steps, one class folder per COLOURS
+    entry under ``root``: a rectangle of the class's colour (jittered), random size and place, on
+    grey noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            img = rng.integers(60, 200, (32, 32, 1)).repeat(3, 2).astype(np.float32)
+            h, w = rng.integers(12, 24, 2)
+            y, x = rng.integers(0, 32 - h), rng.integers(0, 32 - w)
+            img[y:y + h, x:x + w] = np.asarray(rgb) + rng.integers(-25, 26, 3)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+
+
+def write_random_images(root, n=12):
+    """n random-noise images of random sizes in the flat folder ``root``: mostly RGB JPEGs, every
+    4th a PNG (decoded in the loader workers, not as a JPEG), every 4th a greyscale JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        if i % 4 == 1:
+            Image.fromarray(arr).save(root / f"{i:03d}.png")  # not a JPEG: decoded in the worker
+        elif i % 4 == 2:
+            Image.fromarray(arr[..., 0]).save(root / f"{i:03d}.jpg", quality=90)  # greyscale JPEG
+        else:
+            Image.fromarray(arr).save(root / f"{i:03d}.jpg", quality=90)
+    return root

@@ -8,6 +8,7 @@ import pytest
 
 from fdistill.demo.pipeline import STAGE_NAMES, DemoPlan, run_demo
 from fdistill.demo.report import check_demo_report, summarize, text_table, verdict
+from tests.conftest import make_colour_patches
 
 MICRO = DemoPlan(clip_images=200, clip_steps=3, clip_batch=32, distill_images=200, distill_epochs=1,
                  finetune_train=200, finetune_epochs=1, eval_train=200, diagnose_images=8,
@@ -106,29 +107,13 @@ def test_demo_data_is_checked_before_any_training(tmp_path):
         check_demo_data(str(tmp_path / "split"))
 
 
-def _write_folder(root, n_per_class):
-    """A tiny class-folder dataset: red, green, blue squares on grey (train/ and val/)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_per_class), ("val", max(2, n_per_class // 4))):
-        for c, rgb in enumerate(((220, 30, 30), (30, 200, 30), (30, 30, 220))):
-            d = root / split / ("red", "green", "blue")[c]
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.full((32, 32, 3), 128, np.uint8)
-                x, y = rng.integers(0, 16, 2)
-                img[y:y + 16, x:x + 16] = rgb
-                Image.fromarray(img).save(d / f"{i}.png")
-
-
 @pytest.mark.slow
 def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(tmp_path):
     """DATA=PATH: captions 'a photo of a {class}', every stage on the folder; seeds 0 and 1 are
     reported as mean and spread; and seed 0 of a rerun gives the same numbers (deterministic)."""
     data = tmp_path / "data"
-    _write_folder(data, 50)          # 150 training images: more than one fine-tuning batch (128)
+    make_colour_patches(data / "train", 40, 0)     # 160 training images: more than one fine-tuning batch (128)
+    make_colour_patches(data / "val", 10, 1)
     plan = DemoPlan(**{**MICRO.__dict__, "clip_batch": 16})
     out = tmp_path / "out"
     run_demo(out, plan=plan, seeds=2, data=str(data))

@@ -12,6 +12,7 @@ from fdistill.config import ConfigError, build_config
 from fdistill.config.distill import DistillConfig
 from fdistill.engine import RunError, distill, load_checkpoint
 from fdistill.engine.checkpoint import list_checkpoints
+from tests.conftest import write_random_images
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
@@ -293,18 +294,10 @@ def test_cpu_threads_apply_during_the_run_only(tmp_path):
     assert seen == [1] and torch.get_num_threads() == 2
 
 
-def _jpeg_folder(root, n=32, size=20):
-    """n small JPEGs of random blobs (two classes) and one corrupt .jpg."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        d = root / ("a", "b")[i % 2]
-        d.mkdir(parents=True, exist_ok=True)
-        img = (rng.random((size, size + 4 * (i % 3), 3)) * 255).astype("uint8")
-        Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
-    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+def _jpeg_folder(root):
+    """33 random images (JPEGs, some PNG and greyscale) and one corrupt .jpg."""
+    write_random_images(root, n=33)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     return root
 
 

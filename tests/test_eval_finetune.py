@@ -2,10 +2,8 @@
 exact resume after a stop; refused recipe changes; mixup + EMA; non-finite losses; bad data."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fdistill import create_student
 from fdistill.data import DataError, build_classification_dataset, eval_transform
@@ -14,23 +12,8 @@ from fdistill.eval.classifier import load_classifier
 from fdistill.eval.data import train_transform
 from fdistill.eval.finetune import evaluate_classifier, finetune
 from fdistill.models.loading import StudentAdapter
+from tests.conftest import COLOURS, make_colour_patches
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-
-
-def make_colour_patches(root, n_per_class, seed):
-    """A procedural 4-class task a tiny ViT learns in a few steps: a rectangle of the class's colour
-    (jittered), random size and place, on grey noise."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in COLOURS.items():
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            img = rng.integers(60, 200, (32, 32, 1)).repeat(3, 2).astype(np.float32)
-            h, w = rng.integers(12, 24, 2)
-            y, x = rng.integers(0, 32 - h), rng.integers(0, 32 - w)
-            img[y:y + h, x:x + w] = np.asarray(rgb) + rng.integers(-25, 26, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
 
 
 @pytest.fixture(scope="module")

@@ -9,30 +9,17 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import CIFAR_MINI, need_shared
+from conftest import CIFAR_MINI, need_shared, write_random_images
 from fdistill.data import build_distill_dataset, build_distill_loader
 from fdistill.data.gpu_decode import (DeviceDistillView, EncodedImageFolder, build_encoded_loader, collate_encoded,
                                       decode_images)
 from fdistill.data.seeding import sample_seed
 
 
-def _write_images(root, n=12):
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
-        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
-        if i % 4 == 1:
-            Image.fromarray(arr).save(root / f"{i:03d}.png")  # not a JPEG: decoded in the worker
-        elif i % 4 == 2:
-            Image.fromarray(arr[..., 0]).save(root / f"{i:03d}.jpg", quality=90)  # greyscale JPEG
-        else:
-            Image.fromarray(arr).save(root / f"{i:03d}.jpg", quality=90)
-    return root
 
 
 def test_cpu_fallback_gives_the_cpu_loaders_batches(tmp_path):
-    root = _write_images(tmp_path / "imgs")
+    root = write_random_images(tmp_path / "imgs")
     cpu = build_distill_loader(build_distill_dataset(root, img_size=24, seed=5), batch_size=4, num_workers=0,
                                seed=1, epoch=2)
     enc = build_encoded_loader(root, batch_size=4, num_workers=0, seed=1, epoch=2)
@@ -100,7 +87,7 @@ def test_pixels_are_the_crop_of_the_decoded_image():
 
 
 def test_bad_files_are_skipped_and_counted(tmp_path):
-    root = _write_images(tmp_path / "imgs", n=4)
+    root = write_random_images(tmp_path / "imgs", n=4)
     good = (root / "000.jpg").read_bytes()
     (root / "001.png").unlink()
     (root / "001.jpg").write_bytes(good[: len(good) // 2])  # truncated: caught in the worker
@@ -126,7 +113,7 @@ def test_decode_images_mixed_payloads():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
 def test_cuda_decode_close_to_cpu(tmp_path):
-    root = _write_images(tmp_path / "imgs")
+    root = write_random_images(tmp_path / "imgs")
     enc = build_encoded_loader(root, batch_size=4, num_workers=0, seed=0)
     view = DeviceDistillView(24, seed=0)
     b = next(iter(enc))

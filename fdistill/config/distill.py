@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Optional, Tuple
 
 from .core import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +398,7 @@ def _build_encoded_dataset(d: "DataConfig"):
     return EncodedImageFolder(Path(p).expanduser())
 
 
-def build_batch_view(cfg: DistillConfig, device) -> Callable[[dict], "torch.Tensor"]:
+def build_batch_view(cfg: DistillConfig, device) -> Callable[[dict], torch.Tensor]:
     """``batch -> uint8 images (B, 3, H, W) on device``: a plain copy of the loader's crops, or
     with ``data.gpu_decode`` the decode + FD view on the device (:class:`fdistill.data.gpu_decode.
     DeviceDistillView`, same per-sample draws as the CPU view; it counts undecodable images in
