@@ -139,7 +139,8 @@ def test_identity_model_gives_identity_map_and_zero_distance(models, tmp_path):
                             num_workers=0)
     for renorm in (True, False):
         st = measure_attention(dm, batches, progress=False, renormalize=renorm)
-        assert torch.all(st["distance"] == 0) and torch.all(torch.isfinite(st["distance"]))
+        d = torch.stack(st["distance"])  # one (H,) tensor per layer
+        assert d.shape == (st["layers"], 2) and torch.all(d == 0) and torch.all(torch.isfinite(d))
     for a in st["maps"].values():
         assert torch.allclose(a, torch.eye(17), atol=1e-6)
     js = run_attention_maps([ModelRef(models["identity"][0], label="identity")],

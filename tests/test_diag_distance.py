@@ -104,6 +104,25 @@ def test_meter_streams_like_one_batch():
     assert torch.allclose(out[0], ref, atol=1e-5) and torch.allclose(out[1], ref, atol=1e-5)
 
 
+def test_meter_layers_with_their_own_geometry_and_head_counts():
+    """Swin-like: layer 0 attends in 4x4 windows of 4 px tokens, no prefix, 1 head; layer 1 over a
+    global 4x4 grid of 16 px patches behind [CLS], 3 heads."""
+    torch.manual_seed(0)
+    win = torch.randn(8, 1, 16, 16).softmax(-1)
+    glob = torch.randn(2, 3, 17, 17).softmax(-1)
+    m = AttentionDistanceMeter((4, 4), 16)
+    m.update(0, win, grid_size=(4, 4), patch_size=4, num_prefix_tokens=0)
+    m.update(1, glob)
+    per_layer = m.compute_layers()
+    assert [d.shape for d in per_layer] == [(1,), (3,)]
+    assert torch.allclose(per_layer[0], attention_distance(win, (4, 4), 4, num_prefix_tokens=0), atol=1e-5)
+    assert torch.allclose(per_layer[1], attention_distance(glob, (4, 4), 16), atol=1e-5)
+    with pytest.raises(RuntimeError, match="different head counts"):
+        m.compute()
+    with pytest.raises(ValueError, match="heads"):
+        m.update(0, glob[:, :, 1:, 1:], grid_size=(4, 4), patch_size=4, num_prefix_tokens=0)
+
+
 def test_wrong_token_count_is_an_error():
     with pytest.raises(ValueError, match="prefix"):
         attention_distance(_uniform(4, prefix=0), (4, 4), 16, num_prefix_tokens=1)

@@ -6,13 +6,13 @@
   more diagonal, fewer vertical-bar patterns);
 * :func:`filter_normalized_direction` / :func:`loss_landscape`: 1-D loss landscapes along
   filter-normalised random directions (Figure 5: flatter after FD);
-* :func:`capture_attention`: streams per-layer attention probabilities out of timm, FD-student,
-  open_clip and Hugging Face models.
+* :func:`capture_attention`: streams per-layer attention probabilities out of timm (ViT-like and
+  Swin's windowed attention), FD-student, open_clip and Hugging Face models.
 
 The ``fdistill diagnose`` commands (:mod:`fdistill.diagnostics.commands`) run them on any model
 :func:`fdistill.models.loading.load_model` loads and draw the paper's figures.
 """
-from .capture import AttentionCapture, AttentionCaptureError, capture_attention
+from .capture import AttentionCapture, AttentionCaptureError, WindowGeometry, capture_attention
 from .distance import DEFAULT_RENORMALIZE, AttentionDistanceMeter, attention_distance, grid_distances
 from .landscape import LandscapeResult, alpha_grid, evaluate_classifier, filter_normalized_direction, loss_landscape
 from .maps import AttentionMapMeter, default_layers, mean_attention_map, select_layers
@@ -21,5 +21,5 @@ __all__ = [
     "attention_distance", "AttentionDistanceMeter", "grid_distances", "DEFAULT_RENORMALIZE",
     "AttentionMapMeter", "mean_attention_map", "select_layers", "default_layers",
     "filter_normalized_direction", "loss_landscape", "evaluate_classifier", "alpha_grid", "LandscapeResult",
-    "capture_attention", "AttentionCapture", "AttentionCaptureError",
+    "capture_attention", "AttentionCapture", "AttentionCaptureError", "WindowGeometry",
 ]

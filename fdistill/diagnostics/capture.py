@@ -15,6 +15,12 @@ Supported families (recognised by module type, wherever they sit inside the mode
   forward hook on ``attn_drop`` (identity in eval mode) receives the post-softmax tensor. This is
   the hook point of timm's own ``AttentionExtract`` (``*attn_drop``); we do not use that class
   because it collects every layer's tensor before returning.
+* **timm Swin / Swin V2** ``WindowAttention`` (windowed attention, also EsViT-style Swin
+  teachers loaded through timm): captured at the same hook point, as (B * windows, H, N, N) maps
+  over the N tokens of one window (shifted windows included: tokens from different image regions
+  get -100 added before the softmax, so their weight is ~e^-100). There is no global map, so the
+  capture also reports each such layer's :class:`WindowGeometry` (the window and the stage's token
+  grid, from the enclosing block's ``input_resolution``); :meth:`AttentionCapture.window` gives it.
 * **open_clip** (and any ``torch.nn.MultiheadAttention`` used as self-attention): the call is
   rewritten to ``need_weights=True, average_attn_weights=False`` and the module's second output,
   the per-head weights, is captured and then dropped (the caller asked for none).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -39,6 +46,7 @@ import torch.nn as nn
 from ..teachers.base import TeacherError
 
 AttentionCallback = Callable[[int, torch.Tensor], None]
+Size2 = Tuple[int, int]
 
 #: timm attention classes whose non-fused path is ``attn_drop(softmax(logits [+ bias]))``
 TIMM_ATTENTION_CLASSES: Tuple[Tuple[str, str], ...] = (
@@ -47,6 +55,23 @@ TIMM_ATTENTION_CLASSES: Tuple[Tuple[str, str], ...] = (
     ("timm.models.beit", "Attention"),
     ("timm.models.eva", "EvaAttention"),
 )
+
+
+#: timm windowed attention classes (same non-fused path; maps over one window's tokens)
+TIMM_WINDOW_ATTENTION_CLASSES: Tuple[Tuple[str, str], ...] = (
+    ("timm.models.swin_transformer", "WindowAttention"),
+    ("timm.models.swin_transformer_v2", "WindowAttention"),
+)
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Where a windowed layer's tokens sit: ``window`` (wh, ww) tokens per window (row-major, as
+    in the captured map) and ``resolution`` (H, W) the token grid of the stage it works on, so one
+    token step is ``image_size / resolution`` pixels."""
+
+    window: Size2
+    resolution: Size2
 
 
 class AttentionCaptureError(TeacherError):
@@ -60,9 +85,9 @@ class AttentionCaptureError(TeacherError):
         self.no_attention = no_attention
 
 
-def _timm_classes() -> Tuple[type, ...]:
+def _timm_classes(names: Tuple[Tuple[str, str], ...] = TIMM_ATTENTION_CLASSES) -> Tuple[type, ...]:
     out = []
-    for mod, cls in TIMM_ATTENTION_CLASSES:
+    for mod, cls in names:
         try:
             c = getattr(importlib.import_module(mod), cls, None)
         except ImportError:
@@ -83,6 +108,7 @@ class AttentionCapture:
         self._callback = callback
         self.expected_tokens = expected_tokens
         self._index: Dict[int, int] = {}
+        self._windows: Dict[int, WindowGeometry] = {}
         self.layer_names: List[str] = []
         self.families: List[str] = []
         self.calls = 0
@@ -91,7 +117,11 @@ class AttentionCapture:
     def num_layers(self) -> int:
         return len(self.layer_names)
 
-    def _emit(self, module: nn.Module, qualname: str, attn) -> None:
+    def window(self, layer: int) -> Optional[WindowGeometry]:
+        """The window geometry of a windowed layer (as of its latest call), ``None`` for global attention."""
+        return self._windows.get(layer)
+
+    def _emit(self, module: nn.Module, qualname: str, attn, window: Optional[WindowGeometry] = None) -> None:
         if not isinstance(attn, torch.Tensor):
             raise AttentionCaptureError(
                 f"{self.name}: attention module {qualname} ({type(module).__name__}) returned no weights")
@@ -100,32 +130,58 @@ class AttentionCapture:
         if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
             return  # cross-attention / pooling (e.g. an attention-pool head): not token self-attention
         T = attn.shape[-1]
-        if self.expected_tokens is not None and T != self.expected_tokens:
+        if window is not None:
+            if T != window.window[0] * window.window[1]:
+                raise AttentionCaptureError(f"{self.name}: {qualname} attends over {T} tokens but its window is "
+                                            f"{window.window[0]}x{window.window[1]}")
+        elif self.expected_tokens is not None and T != self.expected_tokens:
             raise AttentionCaptureError(
                 f"{self.name}: {qualname} attends over {T} tokens but the model's token map has "
-                f"{self.expected_tokens} (windowed or pooled attention has no global map to measure)")
+                f"{self.expected_tokens} (pooled or windowed attention of an unsupported kind has no global map)")
         key = id(module)
         if key not in self._index:
             self._index[key] = len(self.layer_names)
             self.layer_names.append(qualname)
+        layer = self._index[key]
+        if window is not None:
+            self._windows[layer] = window
         self.calls += 1
-        self._callback(self._index[key], attn.detach())
+        self._callback(layer, attn.detach())
+
+
+def _window_geometry(attn: nn.Module, block: Optional[nn.Module]) -> WindowGeometry:
+    """The geometry of a timm Swin ``WindowAttention`` now (window and stage grid can be resized)."""
+    res = getattr(block, "input_resolution", None)
+    if res is None:
+        raise AttentionCaptureError(f"{type(attn).__name__}: the enclosing block has no input_resolution, so the "
+                                    "window's place in the image (pixels per token) is unknown")
+    w = attn.window_size
+    return WindowGeometry(window=(int(w[0]), int(w[1])), resolution=(int(res[0]), int(res[1])))
 
 
 def _install_timm(model: nn.Module, cap: AttentionCapture, undo: list) -> int:
     classes = _timm_classes()
+    windowed = _timm_classes(TIMM_WINDOW_ATTENTION_CLASSES)
+    modules = dict(model.named_modules())
     n = 0
-    for qualname, m in model.named_modules():
-        if not (classes and isinstance(m, classes)):
+    for qualname, m in modules.items():
+        is_window = bool(windowed) and isinstance(m, windowed)
+        if not (is_window or (classes and isinstance(m, classes))):
             continue
         drop = getattr(m, "attn_drop", None)
-        if not isinstance(drop, nn.Module) or not hasattr(m, "fused_attn"):
+        if not isinstance(drop, nn.Module) or not (is_window or hasattr(m, "fused_attn")):
             continue
-        old = m.fused_attn
-        m.fused_attn = False
-        undo.append(lambda m=m, old=old: setattr(m, "fused_attn", old))
-        h = drop.register_forward_hook(lambda mod, args, out, m=m, q=qualname: cap._emit(m, q, out))
-        undo.append(h.remove)
+        if hasattr(m, "fused_attn"):  # Swin V2 always forms the weights
+            old = m.fused_attn
+            m.fused_attn = False
+            undo.append(lambda m=m, old=old: setattr(m, "fused_attn", old))
+        if is_window:
+            block = modules.get(qualname.rpartition(".")[0])
+            hook = (lambda mod, args, out, m=m, q=qualname, b=block:
+                    cap._emit(m, q, out, window=_window_geometry(m, b)))
+        else:
+            hook = (lambda mod, args, out, m=m, q=qualname: cap._emit(m, q, out))
+        undo.append(drop.register_forward_hook(hook).remove)
         n += 1
     return n
 
@@ -282,11 +338,13 @@ def capture_attention(
         model: a :class:`~fdistill.teachers.Teacher` adapter or any ``nn.Module`` containing
             supported attention modules (see module docstring).
         callback: called once per layer and forward pass with the layer index (0 = first to run)
-            and the detached (B, H, T, T) post-softmax probabilities (rows = queries). It should
-            reduce them immediately; the tensor is freed when it returns.
+            and the detached (B, H, T, T) post-softmax probabilities (rows = queries); for windowed
+            layers (B * windows, H, N, N) over one window's N tokens, and the yielded capture's
+            ``window(layer)`` gives the geometry. It should reduce them immediately; the tensor is
+            freed when it returns.
         name: model name for error messages (default: the adapter's ``name``).
-        expected_tokens: if given, every captured map must be over this many tokens (catches
-            windowed attention, e.g. Swin, which has no global map).
+        expected_tokens: if given, every captured global map must be over this many tokens (catches
+            pooled or unknown windowed attention, which has no global map).
 
     Raises:
         AttentionCaptureError: no supported attention module in ``model``; or, on leaving the
@@ -302,7 +360,8 @@ def capture_attention(
         if not cap.families:
             raise AttentionCaptureError(
                 f"{label}: no attention layers fdistill can capture{_unsupported_hint(model)}; supported: timm "
-                "ViT/BEiT/EVA attention, open_clip / torch.nn.MultiheadAttention, Hugging Face attention",
+                "ViT/BEiT/EVA and Swin/SwinV2 window attention, open_clip / torch.nn.MultiheadAttention, "
+                "Hugging Face attention",
                 no_attention=True)
         yield cap
         if cap.calls == 0:

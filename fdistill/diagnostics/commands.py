@@ -103,7 +103,10 @@ def measure_attention(
     progress: bool = True,
 ) -> Dict[str, Any]:
     """One streaming pass of ``batches`` (uint8 images, labels) through ``dm`` with attention
-    captured: per-layer, per-head distances (L, H) and per-layer mean maps {0-based: (T, T)}."""
+    captured: per-layer, per-head distances (``distance``: one (H_l,) tensor per layer), per-layer
+    mean maps (``maps``: {0-based: (T, T)}) and each layer's token geometry (``geometry``: a
+    :func:`layer_geometry` dict; windowed layers measure and map one window, see
+    :mod:`fdistill.diagnostics.distance`)."""
     from tqdm.auto import tqdm
 
     from .capture import AttentionCaptureError
@@ -118,9 +121,15 @@ def measure_attention(
                                         renormalize=renormalize) if distance else None
     map_meter = AttentionMapMeter() if maps else None
 
+    geometry: Dict[int, Dict[str, Any]] = {}
+
     def on_layer(layer: int, attn: torch.Tensor) -> None:
+        g = geometry.get(layer)
+        if g is None:  # `cap` is bound: layers are only seen inside the `with` block
+            g = geometry[layer] = layer_geometry(dm, cap.window(layer))
         if dist_meter is not None:
-            dist_meter.update(layer, attn)
+            dist_meter.update(layer, attn, grid_size=g["grid"], patch_size=g["patch_px"],
+                              num_prefix_tokens=g["num_prefix_tokens"])
         if map_meter is not None:
             map_meter.update(layer, attn)
 
@@ -132,20 +141,36 @@ def measure_attention(
             dm.run(dm.normalize(images.to(device, non_blocking=True)))
             n += images.shape[0]
     out: Dict[str, Any] = dict(num_images=n, layers=cap.num_layers, layer_modules=list(cap.layer_names),
-                               families=list(cap.families))
+                               families=list(cap.families), geometry=[geometry[i] for i in range(cap.num_layers)])
     if dist_meter is not None:
-        out["distance"] = dist_meter.compute()  # (L, H)
+        out["distance"] = dist_meter.compute_layers()  # L x (H_l,)
     if map_meter is not None:
         out["maps"] = map_meter.compute()
     return out
 
 
-def distance_summary(d: torch.Tensor) -> Dict[str, List[float]]:
-    """Per-layer mean, spread (std over heads), min and max of an (L, H) distance table."""
-    H = d.shape[1]
-    std = d.std(dim=1, unbiased=False) if H > 1 else torch.zeros(d.shape[0])
-    return dict(layer_mean_px=d.mean(1).tolist(), head_spread_px=std.tolist(), head_min_px=d.min(1).values.tolist(),
-                head_max_px=d.max(1).values.tolist())
+def layer_geometry(dm: DiagnosticModel, window=None) -> Dict[str, Any]:
+    """One captured layer's token geometry: ``grid`` (the map's patch grid: the model's, or the
+    window), ``patch_px`` (pixels per token step), ``num_prefix_tokens`` and, for windowed layers,
+    ``windowed`` True with the stage's ``resolution``. ``window``: a
+    :class:`~fdistill.diagnostics.capture.WindowGeometry` or None."""
+    if window is None:
+        return dict(grid=list(dm.grid), patch_px=dm.patch_size, num_prefix_tokens=dm.num_prefix_tokens,
+                    windowed=False)
+    res = window.resolution
+    px = [dm.img_size[0] / res[0], dm.img_size[1] / res[1]]
+    px = [int(v) if float(v).is_integer() else v for v in px]
+    return dict(grid=list(window.window), patch_px=px[0] if px[0] == px[1] else px, num_prefix_tokens=0,
+                windowed=True, resolution=list(res))
+
+
+def distance_summary(d: torch.Tensor | Sequence[torch.Tensor]) -> Dict[str, List[float]]:
+    """Per-layer mean, spread (std over heads), min and max of an (L, H) distance table (or one
+    (H_l,) tensor per layer)."""
+    rows = [torch.as_tensor(r, dtype=torch.float32) for r in d]
+    return dict(layer_mean_px=[float(r.mean()) for r in rows],
+                head_spread_px=[float(r.std(unbiased=False)) if r.numel() > 1 else 0.0 for r in rows],
+                head_min_px=[float(r.min()) for r in rows], head_max_px=[float(r.max()) for r in rows])
 
 
 def map_summary(a: torch.Tensor, grid, num_prefix_tokens: int) -> Dict[str, float]:
@@ -195,9 +220,14 @@ def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: 
                    skipped: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
     models = []
     for desc, st in results:
-        d = st["distance"]
-        models.append(dict(desc, layers=int(d.shape[0]), heads=int(d.shape[1]), families=st["families"],
-                           num_images=st["num_images"], distance_px=d.tolist(), **distance_summary(d)))
+        d = st["distance"]  # one (H_l,) tensor per layer
+        heads = [int(r.numel()) for r in d]
+        windowed = [g for g in st["geometry"] if g["windowed"]]
+        models.append(dict(desc, layers=len(d), heads=heads[0] if len(set(heads)) == 1 else None,
+                           heads_per_layer=heads, families=st["families"], num_images=st["num_images"],
+                           windowed=bool(windowed), layer_patch_px=[g["patch_px"] for g in st["geometry"]],
+                           layer_window=[g["grid"] if g["windowed"] else None for g in st["geometry"]],
+                           distance_px=[r.tolist() for r in d], **distance_summary(d)))
     n = results[0][1]["num_images"] if results else 0
     return dict(diagnostic="attention-distance", data=opts.data, split=opts.split, num_images=n, seed=opts.seed,
                 exclude_self=exclude_self, renormalize=renormalize, renormalize_default=DEFAULT_RENORMALIZE,
@@ -208,6 +238,9 @@ def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: 
 def _write_distance(js: Dict[str, Any], out_dir: Path) -> Dict[str, Path]:
     cap = (f"Figure 3 style: mean attention distance of each head (dots) per layer, averaged over query patches "
            f"and {js['num_images']} {js['split']} images of {js['data']}. " + js["note"])
+    if any(m.get("windowed") for m in js["models"]):
+        cap += (" Windowed models (Swin): distance within each window, in pixels of the layer's stage (its stride "
+                "per token is given in the panel); a window bounds what a head can reach.")
     png = plot_attention_distance(js["models"], out_dir / "attention_distance.png", caption=cap) \
         if js["models"] else None
     path = save_json_atomic(js, out_dir / "attention_distance.json")
@@ -231,14 +264,18 @@ def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence
             key = f"model{i}.layer{li + 1}"
             tensors[key] = a.contiguous()
             keys.append(key)
-            summaries.append(dict(layer=li + 1, **map_summary(a, desc["grid"], desc["num_prefix_tokens"])))
+            g = st["geometry"][li]
+            summaries.append(dict(layer=li + 1, tokens=int(a.shape[-1]), windowed=g["windowed"], grid=g["grid"],
+                                  num_prefix_tokens=g["num_prefix_tokens"],
+                                  **map_summary(a, g["grid"], g["num_prefix_tokens"])))
         models.append(dict(desc, depth=depth, layers=[li + 1 for li in chosen], tokens=int(st["maps"][0].shape[-1]),
                            num_images=st["num_images"], map_keys=keys, summary=summaries))
     n = results[0][1]["num_images"] if results else 0
     js = dict(diagnostic="attention-maps", data=opts.data, split=opts.split, num_images=n, seed=opts.seed,
               maps_file="attention_maps.safetensors",
               note="Per-layer attention probabilities averaged over heads and images; rows are queries, columns "
-                   "keys, prefix tokens first then patches in row-major order (rows sum to 1).",
+                   "keys, prefix tokens first then patches in row-major order (rows sum to 1). Windowed layers "
+                   "(Swin; summary windowed=true) give one window's map, averaged over windows too.",
               models=models, skipped=list(skipped or []))
     return js, tensors
 
@@ -256,12 +293,16 @@ def _write_maps(js, tensors, out_dir: Path) -> Dict[str, Path]:
     tmp = st_path.with_name(st_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "fdistill-attention-maps"})
     os.replace(tmp, st_path)
-    panels = [dict(label=m["label"], num_prefix_tokens=m["num_prefix_tokens"],
+    panels = [dict(label=m["label"], num_prefix_tokens={r["layer"]: r["num_prefix_tokens"] for r in m["summary"]},
+                   windowed={r["layer"] for r in m["summary"] if r["windowed"]},
                    maps={layer: tensors[key] for layer, key in zip(m["layers"], m["map_keys"])}) for m in js["models"]]
     cap = (f"Figure 4 style: attention maps averaged over heads and {js['num_images']} {js['split']} images of "
            f"{js['data']}; rows = query tokens, columns = key tokens, prefix tokens first (white lines), then "
            f"patches in row-major order. Colour: 0 (dark) to each panel's 99th percentile (yellow). Diagonal "
            f"bands = relative-position attention; vertical bars = all queries attending the same keys.")
+    if any(r["windowed"] for m in js["models"] for r in m["summary"]):
+        cap += (" Windowed layers (Swin) show one window's map averaged over all windows; in shifted-window layers "
+                "the blocks are the image regions a window may not mix.")
     png = plot_attention_maps(panels, out_dir / "attention_maps.png", caption=cap)
     return dict(json=path, png=png, tensors=st_path)
 

@@ -17,6 +17,13 @@ Two choices decide what the weights ``a_qk`` are:
   tokens (and on the query itself) counts as distance 0, and a head that sends most of its mass
   to [CLS] looks "local" whatever it does with the rest. The default is ``True``.
 
+Windowed attention (Swin, Swin V2) has no global map: each layer attends within windows of its
+stage's token grid. There the same measure is taken inside every window, with the window as the grid
+and the stage's pixels per token (image size / stage grid: 4, 8, 16, 32 px for Swin at 224) as the
+patch size, so a layer's number is bounded by its window's extent in pixels. Shifted windows need no
+special case: tokens from different image regions get -100 before the softmax (weight ~e^-100), and
+tokens of one region are contiguous in the image as in the window.
+
 Worked oracles (4x4 grid of 16-px patches, see tests): attention spread uniformly over the 16
 patches, or over all 17 tokens with renormalisation, gives 32.1282 px with the query kept; over
 the 15 other patches (``exclude_self=True, renormalize=True``) 34.2701 px = 32.1282 * 16/15.
@@ -27,7 +34,7 @@ a query with no mass left contributes 0 (no division by zero).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -135,8 +142,13 @@ def attention_distance(
 
 class AttentionDistanceMeter:
     """Streaming per-layer, per-head mean attention distance: feed (B, H, T, T) attention one
-    layer at a time with :meth:`update`, read (L, H) with :meth:`compute`. Keeps only (H,) sums
-    per layer on the device (no host sync until :meth:`compute`)."""
+    layer at a time with :meth:`update`, read (L, H) with :meth:`compute` (or one (H_l,) tensor per
+    layer with :meth:`compute_layers` when layers have different head counts, as Swin stages do).
+    Keeps only (H,) sums per layer on the device (no host sync until reading).
+
+    The constructor's geometry applies to every layer unless :meth:`update` is given a layer's own
+    (windowed attention: the window as ``grid``, the stage's pixels per token as ``patch_size``, no
+    prefix tokens)."""
 
     def __init__(self, grid_size: Size2, patch_size: float | Size2, *, num_prefix_tokens: int = 1,
                  exclude_self: bool = True, renormalize: bool = DEFAULT_RENORMALIZE):
@@ -147,29 +159,47 @@ class AttentionDistanceMeter:
         self.renormalize = bool(renormalize)
         self._sums: Dict[int, torch.Tensor] = {}
         self._counts: Dict[int, int] = {}
-        self._dist: Optional[torch.Tensor] = None
+        self._dist: Dict[tuple, torch.Tensor] = {}  # (grid, patch size, device) -> (N, N) distances
 
-    def update(self, layer: int, attn: torch.Tensor) -> None:
-        n = _check(attn, self.grid_size, self.num_prefix_tokens)
-        if self._dist is None or self._dist.device != attn.device:
-            self._dist = grid_distances(self.grid_size, self.patch_size, device=attn.device)
-        s = attention_distance_sum(attn.detach(), self._dist, num_prefix_tokens=self.num_prefix_tokens,
+    def _distances(self, grid: Size2, patch_size, device) -> torch.Tensor:
+        ps = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size
+        key = (tuple(grid), ps, str(device))
+        if key not in self._dist:
+            self._dist[key] = grid_distances(grid, patch_size, device=device)
+        return self._dist[key]
+
+    def update(self, layer: int, attn: torch.Tensor, *, grid_size: Optional[Size2] = None,
+               patch_size: float | Size2 | None = None, num_prefix_tokens: Optional[int] = None) -> None:
+        """Add one batch of ``layer``'s attention; ``grid_size`` / ``patch_size`` /
+        ``num_prefix_tokens`` override the constructor's geometry for this call."""
+        grid = self.grid_size if grid_size is None else (int(grid_size[0]), int(grid_size[1]))
+        ps = self.patch_size if patch_size is None else patch_size
+        P = self.num_prefix_tokens if num_prefix_tokens is None else int(num_prefix_tokens)
+        n = _check(attn, grid, P)
+        s = attention_distance_sum(attn.detach(), self._distances(grid, ps, attn.device), num_prefix_tokens=P,
                                    exclude_self=self.exclude_self, renormalize=self.renormalize)
         if layer in self._sums:
+            if self._sums[layer].numel() != s.numel():
+                raise ValueError(f"layer {layer} had {self._sums[layer].numel()} heads, now {s.numel()}")
             self._sums[layer] = self._sums[layer] + s.double()
             self._counts[layer] += attn.shape[0] * n
         else:
             self._sums[layer] = s.double()
             self._counts[layer] = attn.shape[0] * n
 
-    def compute(self) -> torch.Tensor:
-        """(L, H) mean distances in pixels, layers in index order (on the CPU)."""
+    def compute_layers(self) -> List[torch.Tensor]:
+        """Mean distances in pixels, one (H_l,) float32 CPU tensor per layer in index order."""
         if not self._sums:
             raise RuntimeError("AttentionDistanceMeter has seen no attention")
         layers = sorted(self._sums)
         if layers != list(range(len(layers))):
             raise RuntimeError(f"attention seen for layers {layers}, expected 0..{len(layers) - 1}")
-        heads = {self._sums[i].numel() for i in layers}
+        return [(self._sums[i] / self._counts[i]).float().cpu() for i in layers]
+
+    def compute(self) -> torch.Tensor:
+        """(L, H) mean distances in pixels, layers in index order (on the CPU)."""
+        per_layer = self.compute_layers()
+        heads = {d.numel() for d in per_layer}
         if len(heads) != 1:
-            raise RuntimeError(f"layers have different head counts {sorted(heads)}")
-        return torch.stack([(self._sums[i] / self._counts[i]).cpu() for i in layers]).float()
+            raise RuntimeError(f"layers have different head counts {sorted(heads)}; use compute_layers()")
+        return torch.stack(per_layer)

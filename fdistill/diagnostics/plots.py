@@ -51,24 +51,33 @@ def _title(label: str, width: int = 38) -> str:
 
 
 def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None) -> Path:
-    """``models``: dicts with ``label`` and ``distance_px`` ((L, H) nested lists or a tensor),
-    optionally ``patch_size`` / ``grid`` for the panel title."""
+    """``models``: dicts with ``label`` and ``distance_px`` (per layer, a list of per-head
+    distances; layers may differ in head count, as Swin stages do), optionally ``patch_size`` /
+    ``grid`` for the panel title and, for windowed models, ``windowed`` with ``layer_patch_px`` and
+    ``layer_window`` (dotted lines separate stages)."""
     plt = _plt()
     n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.4), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], models):
-        d = torch.as_tensor(m["distance_px"], dtype=torch.float32)  # (L, H)
-        L, H = d.shape
-        layers = torch.arange(1, L + 1, dtype=torch.float32)
-        ax.scatter(layers.repeat_interleave(H), d.reshape(-1), s=14, alpha=0.75, color="#1f77b4",
-                   edgecolors="none", label="one head")
-        ax.plot(layers, d.mean(1), color="#d62728", lw=1.0, alpha=0.8, label="mean over heads")
+        rows = [torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r in m["distance_px"]]  # L x (H_l,)
+        L = len(rows)
+        xs = torch.cat([torch.full((r.numel(),), float(i + 1)) for i, r in enumerate(rows)])
+        ax.scatter(xs, torch.cat(rows), s=14, alpha=0.75, color="#1f77b4", edgecolors="none", label="one head")
+        ax.plot(range(1, L + 1), [float(r.mean()) for r in rows], color="#d62728", lw=1.0, alpha=0.8,
+                label="mean over heads")
         ax.set_xlabel("layer")
         ax.set_xticks(range(1, L + 1) if L <= 16 else range(1, L + 1, max(1, L // 8)))
+        heads = sorted({r.numel() for r in rows})
+        head_txt = f"{heads[0]} heads" if len(heads) == 1 else f"{heads[0]}-{heads[-1]} heads"
         sub = ""
-        if m.get("patch_size") and m.get("grid"):
+        if m.get("windowed"):
+            stages = _stages(m.get("layer_patch_px") or [], m.get("layer_window") or [])
+            for first, _, _ in stages[1:]:
+                ax.axvline(first - 0.5, color="gray", lw=0.6, ls=":")
+            sub = "\nwindows " + ", ".join(f"{w[0]}x{w[1]} @ {px} px" for _, px, w in stages if w) + f", {head_txt}"
+        elif m.get("patch_size") and m.get("grid"):
             g = m["grid"]
-            sub = f"\n{m['patch_size']} px patches, {g[0]}x{g[1]} grid, {H} heads"
+            sub = f"\n{m['patch_size']} px patches, {g[0]}x{g[1]} grid, {head_txt}"
         ax.set_title(_title(m["label"]) + sub, fontsize=9.5)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean attention distance (px)")
@@ -78,24 +87,35 @@ def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, 
     return _save(fig, path)
 
 
+def _stages(patch_px: Sequence, windows: Sequence) -> list:
+    """(first layer, 1-based; pixels per token; window) for each run of layers sharing both."""
+    out = []
+    for i, (px, w) in enumerate(zip(patch_px, windows)):
+        if not out or out[-1][1:] != (px, w):
+            out.append((i + 1, px, w))
+    return out
+
+
 def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None,
                         clip_quantile: float = 0.99) -> Path:
     """``models``: dicts with ``label``, ``maps`` ({1-based layer: (T, T)}) and
-    ``num_prefix_tokens``. Each panel's colour scale runs from 0 to the ``clip_quantile`` of its
-    values (the [CLS] column would otherwise wash out the patch structure)."""
+    ``num_prefix_tokens`` (one number, or {1-based layer: number}), optionally ``windowed`` (the
+    layers whose map is one window's). Each panel's colour scale runs from 0 to the
+    ``clip_quantile`` of its values (the [CLS] column would otherwise wash out the patch structure)."""
     plt = _plt()
     rows = len(models)
     cols = max(len(m["maps"]) for m in models)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.4, 2.75 * rows + 0.3), squeeze=False)
     for r, m in enumerate(models):
         items = sorted(m["maps"].items())
-        P = int(m.get("num_prefix_tokens", 0))
+        prefix = m.get("num_prefix_tokens", 0)
         for c in range(cols):
             ax = axes[r][c]
             if c >= len(items):
                 ax.axis("off")
                 continue
             layer, a = items[c]
+            P = int(prefix.get(layer, 0) if isinstance(prefix, dict) else prefix)
             a = torch.as_tensor(a, dtype=torch.float32)
             vmax = float(torch.quantile(a.flatten()[:: max(1, a.numel() // 200_000)], clip_quantile))
             im = ax.imshow(a.numpy(), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), interpolation="nearest")
@@ -108,7 +128,7 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
                 ax.axvline(P - 0.5, color="white", lw=0.5, alpha=0.7)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"layer {layer}", fontsize=9)
+            ax.set_title(f"layer {layer}" + (" (one window)" if layer in m.get("windowed", ()) else ""), fontsize=9)
             if c == 0:
                 ax.set_ylabel(f"{_title(m['label'], 30)}\nquery token", fontsize=8.5)
             if r == rows - 1:
