@@ -98,3 +98,30 @@ def write_random_images(root, n=12):
         else:
             Image.fromarray(arr).save(root / f"{i:03d}.jpg", quality=90)
     return root
+
+
+def tiny_hf_clip_folder(root, name="clip"):
+    """A tiny random Hugging Face ``CLIPModel`` (vision: 2 layers, width 32, 32 px, patch 8; text:
+    1 layer over a 26-letter character vocabulary) saved with its tokenizer in ``root / name``.
+    Returns (model, tokenizer, folder)."""
+    import json
+    import string
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
+    text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=24, bos_token_id=52, eos_token_id=53, pad_token_id=53)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)).eval()
+    folder = root / name
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok, folder

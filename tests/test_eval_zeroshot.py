@@ -13,6 +13,7 @@ from fdistill.eval.zeroshot import (SIMPLE_TEMPLATES, _token_stats, denormalize_
                                     resolve_classnames, text_classifier, zero_shot, zero_shot_student)
 from fdistill.teachers import TeacherError
 from fdistill.teachers.base import Teacher, TeacherTokens
+from tests.conftest import tiny_hf_clip_folder
 
 TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
                  text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
@@ -182,26 +183,8 @@ def test_timm_clip_tower_needs_a_head_and_a_text_model(trained_clip, tiny_vit_te
 
 def test_hf_clip_zero_shot_matches_a_direct_computation(tmp_path):
     # an HF CLIPModel folder (tiny, random): the command's scores equal CLIP's own image/text features
-    import json
-    import string
-
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=24, bos_token_id=52, eos_token_id=53, pad_token_id=53)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=12)).eval()
-    folder = tmp_path / "clip"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    model, tok, folder = tiny_hf_clip_folder(tmp_path)
 
     t = create_teacher(f"hf:{folder}")
     ds = build_classification_dataset("synthetic:50", "val", eval_transform(32))

@@ -1,16 +1,14 @@
 """``hf:`` teachers against transformers' own forward, on tiny models saved with save_pretrained."""
-import json
-import string
 import time
 
 import pytest
 import torch
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionConfig,
-                          CLIPVisionModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
-                          Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
 
 from fdistill import FeatureDistiller, create_teacher
 from fdistill.teachers import TeacherError
+from tests.conftest import tiny_hf_clip_folder
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
              patch_size=8)
@@ -93,25 +91,8 @@ def test_frozen_and_random_init(tmp_path):
     assert not torch.equal(r.model.embeddings.cls_token, ref.embeddings.cls_token)
 
 
-def _tiny_clip_folder(tmp_path):
-    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
-    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    text = dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=24, bos_token_id=52, eos_token_id=53, pad_token_id=53)
-    cfg = CLIPConfig(text_config=text, vision_config=dict(SMALL), projection_dim=12)
-    model = CLIPModel(cfg).eval()
-    folder = tmp_path / "clip-full"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return model, tok, folder
-
-
 def test_full_clip_model_keeps_text_tower_for_zero_shot(tmp_path):
-    model, tok, folder = _tiny_clip_folder(tmp_path)
+    model, tok, folder = tiny_hf_clip_folder(tmp_path, "clip-full")
     t = create_teacher(f"hf:{folder}")
     x = torch.randn(2, 3, 32, 32)
     out = t.forward_tokens(x)
