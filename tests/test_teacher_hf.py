@@ -4,7 +4,8 @@ import time
 import pytest
 import torch
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
-                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel, ViTConfig, ViTModel)
+                          Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel,
+                          ViTConfig, ViTModel)
 
 from fdistill import FeatureDistiller, create_teacher
 from fdistill.teachers import TeacherError
