@@ -16,7 +16,7 @@ def _eval_schemas():
         from fdistill.config import finetune
     except ImportError:
         return []
-    names = ("FinetuneConfig", "LinprobeConfig", "SweepConfig", "KnnConfig", "ZeroshotConfig")
+    names = ("FinetuneConfig", "LinprobeConfig", "SweepConfig", "KnnConfig", "ZeroshotConfig", "SegprobeConfig")
     return [getattr(finetune, n) for n in names if hasattr(finetune, n)]
 
 

@@ -1,4 +1,4 @@
-"""``fdistill finetune | linprobe | knn | zeroshot``: argument parsing only; the work is in
+"""``fdistill finetune | linprobe | knn | zeroshot | segprobe``: argument parsing only; the work is in
 :mod:`fdistill.eval.commands` (configs: :mod:`fdistill.config.finetune`)."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ MODEL_HELP = ("a teacher spec (timm:..., open_clip:ARCH/TAG, hf:REPO, python:FIL
 
 
 def _schema(command: str):
-    from ..config.finetune import FinetuneConfig, KnnConfig, LinprobeConfig, ZeroshotConfig
+    from ..config.finetune import FinetuneConfig, KnnConfig, LinprobeConfig, SegprobeConfig, ZeroshotConfig
 
-    return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig, "zeroshot": ZeroshotConfig}[command]
+    return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig, "zeroshot": ZeroshotConfig,
+            "segprobe": SegprobeConfig}[command]
 
 
 def _kwargs_list(raw, n_models: int):
@@ -151,3 +152,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", metavar="SPEC", help="teacher of an FD student (default: the one its run recorded)")
     p.set_defaults(_flag_keys=(("templates", "templates"), ("classnames", "classnames"),
                                ("text_model", "text_model"), ("teacher", "teacher")))
+
+    p = sub.add_parser(
+        "segprobe", help="linear semantic segmentation probe on the frozen token map (DINOv2-style; mIoU)",
+        description="A dense evaluation: BatchNorm + 1x1 conv on the frozen model's output patch tokens, upsampled "
+                    "to the label map, per-pixel cross-entropy; mIoU / pixel accuracy / mean class accuracy. Data: an "
+                    "ADE20K-style folder (images/<split>, annotations/<split>; ADE20K itself with "
+                    "--reduce-zero-label --num-classes 150) or synthetic[:N].")
+    _common(p)
+    p.add_argument("--num-classes", type=int, help="sets num_classes= (default: classes.txt, or 11 for synthetic)")
+    p.add_argument("--reduce-zero-label", action="store_true",
+                   help="sets reduce_zero_label=true: label 0 ignored, 1..K -> 0..K-1 (ADE20K)")
+    p.set_defaults(_flag_keys=(("num_classes", "num_classes"), ("reduce_zero_label", "reduce_zero_label")))

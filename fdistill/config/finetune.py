@@ -236,6 +236,38 @@ class ZeroshotConfig:
     device: Device = "auto"
 
 
+@dataclass
+class SegprobeConfig:
+    """Linear semantic segmentation probe (DINOv2's linear evaluation; :mod:`fdistill.eval.segmentation`)."""
+
+    data: EvalDataConfig = field(default_factory=lambda: EvalDataConfig(batch_size=16, interpolation="bilinear"))
+    #: classes; null = from the dataset (``classes.txt`` of an ADE20K-style folder, 11 for synthetic)
+    num_classes: Optional[int] = None
+    #: ADE20K's convention: label 0 ("other") ignored, 1..K -> 0..K-1
+    reduce_zero_label: bool = False
+    epochs: int = 20
+    #: stop after this many steps (null: ``epochs`` full epochs)
+    max_steps: Optional[int] = None
+    warmup_epochs: float = 1.0
+    #: AdamW peak learning rate (warm-up + cosine, per step)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    #: training crops: RandomResizedCrop scale range (+ horizontal flip); evaluation resizes the whole image
+    scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    precision: Precision = "auto"
+    device: Device = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2")
+        _check(self.epochs >= 1, "epochs must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]")
+        _check(self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0")
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+               f"scale must be [min, max] with 0 < min <= max <= 1, got {self.scale}")
+
+
 # -- builders ----------------------------------------------------------------------------------------
 def resolve_finetune_lr(optim: FinetuneOptimConfig, global_batch: int) -> Tuple[float, float, float]:
     """(peak lr, warm-up start lr, final lr) for ``global_batch`` images per step: the official
@@ -304,3 +336,16 @@ def build_knn_recipe(cfg: KnnConfig) -> Dict[str, Any]:
 
 def build_zeroshot_recipe(cfg: ZeroshotConfig) -> Dict[str, Any]:
     return dict(templates=cfg.templates, classnames=cfg.classnames)
+
+
+def build_segprobe_data_args(cfg: SegprobeConfig) -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.data.segmentation.build_segmentation_dataset` (not the split)."""
+    return dict(num_classes=cfg.num_classes, reduce_zero_label=cfg.reduce_zero_label, scale=tuple(cfg.scale),
+                interpolation=cfg.data.interpolation, seed=cfg.seed)
+
+
+def build_segprobe_recipe(cfg: SegprobeConfig, *, device_type: str = "cpu") -> Dict[str, Any]:
+    """Keyword arguments of :func:`fdistill.eval.segmentation.seg_linear_probe`."""
+    return dict(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                warmup_epochs=cfg.warmup_epochs, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                precision=_precision(cfg.precision, device_type), seed=cfg.seed)

@@ -1,6 +1,6 @@
 """The evaluation commands as library functions: load a model, build the datasets a config asks
 for, call the evaluation, write ``metrics.json`` and return the metrics. The CLI
-(``fdistill finetune | linprobe | knn | zeroshot``) only parses arguments and calls these; configs
+(``fdistill finetune | linprobe | knn | zeroshot | segprobe``) only parses arguments and calls these; configs
 are read through the ``build_*`` functions of :mod:`fdistill.config.finetune`.
 
 ``compare(command, models, ...)`` runs one recipe over several models (e.g. a CLIP teacher and
@@ -27,8 +27,8 @@ from ..teachers.base import Teacher, TeacherError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_finetune", "run_linprobe", "run_knn", "run_zeroshot", "compare", "format_table", "write_json",
-           "load_eval_model", "COMMANDS"]
+__all__ = ["run_finetune", "run_linprobe", "run_knn", "run_zeroshot", "run_segprobe", "compare", "format_table",
+           "write_json", "load_eval_model", "COMMANDS"]
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -308,11 +308,37 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
     return _finish(metrics, output, cols, echo)
 
 
+# -- dense: linear segmentation probe ----------------------------------------------------------------------
+def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None,
+                 output: Optional[str] = None, echo: bool = True) -> Dict[str, Any]:
+    """``fdistill segprobe``: DINOv2-style linear semantic segmentation on the frozen token map;
+    ``miou`` / ``aacc`` / ``macc`` on ``val`` (default: the ``val`` split of ``train``)."""
+    from ..config.finetune import build_segprobe_data_args, build_segprobe_recipe
+    from ..data.segmentation import build_segmentation_dataset
+    from .segmentation import seg_linear_probe
+
+    t0 = time.time()
+    val = val or train  # a folder's / synthetic's own val split
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)  # randomly initialised models (tests, baselines) are reproducible
+    adapter = load_eval_model(model, model_kwargs)
+    size = _img_size(cfg.data.img_size, adapter)
+    data_args = build_segprobe_data_args(cfg)
+    train_ds = build_segmentation_dataset(train, "train", size, train=True, **data_args)
+    val_ds = build_segmentation_dataset(val, "val", size, train=False, **data_args)
+    res = seg_linear_probe(adapter, train_ds, val_ds, device=device,
+                           **build_segprobe_recipe(cfg, device_type=device.type))
+    metrics = _record("segprobe", model, model_kwargs, train, val, cfg, device, t0, **res)
+    return _finish(metrics, output, ["miou", "aacc", "macc", "steps"], echo)
+
+
 COMMANDS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "finetune": run_finetune, "linprobe": run_linprobe, "knn": run_knn, "zeroshot": run_zeroshot,
+    "segprobe": run_segprobe,
 }
 _COLUMNS = {"finetune": ["top1", "top5", "best_epoch"], "linprobe": ["top1", "top5", "feature"],
-            "knn": ["top1", "top5", "k"], "zeroshot": ["top1", "top5", "teacher_top1", "teacher_top5"]}
+            "knn": ["top1", "top5", "k"], "zeroshot": ["top1", "top5", "teacher_top1", "teacher_top5"],
+            "segprobe": ["miou", "aacc", "macc"]}
 
 
 def _slug(spec: str, i: int) -> str:
