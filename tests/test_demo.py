@@ -6,19 +6,19 @@ import shutil
 
 import pytest
 
-from fdistill.demo.pipeline import STAGE_NAMES, DemoPlan, run_demo
+from fdistill.demo.pipeline import METRICS, STAGE_NAMES, DemoPlan, run_demo
 from fdistill.demo.report import check_demo_report, summarize, text_table, verdict
 from tests.conftest import make_colour_patches
 
 MICRO = DemoPlan(clip_images=200, clip_steps=3, clip_batch=32, distill_images=200, distill_epochs=1,
                  finetune_train=200, finetune_epochs=1, eval_train=200, diagnose_images=8,
-                 landscape_points=3, landscape_directions=1)
+                 landscape_points=3, landscape_directions=1, seg_train=100, seg_epochs=1)
 
 
 def _results(teacher, student, seeds=None):
     """A results dict as run_demo writes it, with the given fine-tuning top-1 per seed."""
     seeds = seeds or list(range(len(teacher)))
-    per_seed = [{"seed": s, **{m: {"teacher": t, "student": st} for m in ("finetune", "linprobe", "knn", "zeroshot")}}
+    per_seed = [{"seed": s, **{m: {"teacher": t, "student": st} for m in METRICS}}
                 for s, t, st in zip(seeds, teacher, student)]
     return {"per_seed": per_seed, "seeds": seeds, "data": "synthetic"}
 
@@ -63,6 +63,10 @@ def test_micro_demo_runs_every_stage_and_writes_a_whole_report(micro_demo, capsy
     ft = json.loads((out / "seed0" / "finetune" / "compare.json").read_text())["results"]
     assert res["per_seed"][0]["finetune"] == {"teacher": pytest.approx(ft[0]["top1"]),
                                                "student": pytest.approx(ft[1]["top1"])}
+    seg = json.loads((out / "seed0" / "segprobe" / "compare.json").read_text())["results"]
+    assert res["per_seed"][0]["segprobe"] == {"teacher": pytest.approx(seg[0]["miou"]),
+                                               "student": pytest.approx(seg[1]["miou"])}
+    assert res["metrics"] == list(METRICS) and "Linear segmentation mIoU" in page
     assert res["versions"]["torch"] and res["plan"]["clip_steps"] == MICRO.clip_steps
 
 
@@ -79,8 +83,10 @@ def test_checker_finds_what_is_missing(micro_demo, tmp_path):
     (broken / "report.html").write_text(page)
     res = json.loads((broken / "results.json").read_text())
     res["per_seed"][0]["zeroshot"]["student"] = float("nan")
+    del res["per_seed"][0]["segprobe"]  # built-in data has masks: the segmentation row is required
     (broken / "results.json").write_text(json.dumps(res))
     problems = "\n".join(check_demo_report(broken))
+    assert "segprobe teacher value is None" in problems
     assert "Loss landscape" in problems
     assert "stage 'k-NN'" in problems
     assert "zeroshot student" in problems
@@ -121,6 +127,10 @@ def test_demo_on_a_user_folder_with_two_seeds_is_deterministic(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["seeds"] == [0, 1] and len(res["per_seed"]) == 2
     assert res["data"] == str(data)
+    # class folders have no label maps: no segmentation stage, row or number, and the report is still whole
+    assert "segprobe" not in res["metrics"] and "segprobe" not in res["per_seed"][0]
+    assert "segmentation probe" not in [s["name"] for s in res["stages"]]
+    assert "Linear segmentation" not in (out / "report.html").read_text()
     assert "± " in (out / "report.html").read_text()
     assert json.loads((out / "seed0" / "knn" / "compare.json").read_text())["results"][0]["val"] == str(data)
     again = tmp_path / "again"

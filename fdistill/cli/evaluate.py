@@ -92,7 +92,12 @@ def _int_list(text: str):
     return vals
 
 
-def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
+TRAIN_HELP = ("training images: a folder with class sub-folders (or a root with train/ and val/), 'synthetic[:N]', "
+              "or a torchvision name such as cifar10")
+
+
+def _common(p: argparse.ArgumentParser, *, train: bool = True, train_help: str = TRAIN_HELP,
+            download: bool = True) -> None:
     p.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     p.add_argument("--model-kwargs", action="append", metavar="JSON",
                    help="keyword arguments for the model's spec as JSON, e.g. '{\"weights\": \"r56.safetensors\"}'; "
@@ -100,11 +105,10 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True) -> None:
     p.add_argument("--compare", nargs="+", metavar="SPEC",
                    help="run several models with the same recipe and print them side by side (writes compare.json)")
     if train:
-        p.add_argument("--train", metavar="PATH", help="training images: a folder with class sub-folders (or a root "
-                                                       "with train/ and val/), 'synthetic[:N]', or a torchvision "
-                                                       "name such as cifar10")
+        p.add_argument("--train", metavar="PATH", help=train_help)
     p.add_argument("--val", metavar="PATH", help="evaluation images (default: the val split of --train)")
-    p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
+    if download:
+        p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
     p.add_argument("--output", metavar="DIR", help="where metrics.json (and, for finetune, weights) go")
     p.add_argument("--config", metavar="FILE", help="a YAML recipe (default: the schema's defaults, see configs/)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="sets device=")
@@ -159,7 +163,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "to the label map, per-pixel cross-entropy; mIoU / pixel accuracy / mean class accuracy. Data: an "
                     "ADE20K-style folder (images/<split>, annotations/<split>; ADE20K itself with "
                     "--reduce-zero-label --num-classes 150) or synthetic[:N].")
-    _common(p)
+    _common(p, download=False, train_help="an ADE20K-style folder (images/<split>/*.jpg + annotations/<split>/*.png; "
+                                          "train = train or training, val = val or validation) or 'synthetic[:N]' "
+                                          "(the built-in scenes' object masks)")
     p.add_argument("--num-classes", type=int, help="sets num_classes= (default: classes.txt, or 11 for synthetic)")
     p.add_argument("--reduce-zero-label", action="store_true",
                    help="sets reduce_zero_label=true: label 0 ignored, 1..K -> 0..K-1 (ADE20K)")

@@ -9,8 +9,9 @@ lists the exact command lines:
 2. ``fdistill distill``        -- feature distillation of that teacher into a same-size ViT with
    the paper's defaults (shared relative position bias, smooth-L1 beta 2, standardised target,
    [CLS] x10, drop path on the student);
-3. ``fdistill finetune`` / ``linprobe`` / ``knn`` / ``zeroshot`` with ``--compare TEACHER STUDENT``
-   -- one identical recipe for both;
+3. ``fdistill finetune`` / ``linprobe`` / ``knn`` / ``zeroshot`` / ``segprobe`` with
+   ``--compare TEACHER STUDENT`` -- one identical recipe for both (the segmentation probe needs
+   label maps: it runs on the built-in scenes' object masks, not on a class-folder ``DATA``);
 4. ``fdistill diagnose report``  -- attention distance, attention maps, loss landscape for both;
 5. ``report.html``               -- a Table-1-like comparison, curves, figures, timings, versions.
 
@@ -31,7 +32,9 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
-METRICS = ("finetune", "linprobe", "knn", "zeroshot")
+METRICS = ("finetune", "linprobe", "knn", "zeroshot", "segprobe")
+#: the number each metric's compare.json gives per model (``top1`` unless listed)
+METRIC_KEYS = {"segprobe": "miou"}
 
 
 @dataclass
@@ -50,12 +53,14 @@ class DemoPlan:
     diagnose_images: int = 64
     landscape_points: int = 21
     landscape_directions: int = 5
+    seg_train: int = 2000
+    seg_epochs: int = 5
 
     @classmethod
     def quick(cls) -> "DemoPlan":
         return cls(clip_images=4000, clip_steps=160, clip_batch=256, distill_images=3000, distill_epochs=3,
                    finetune_train=2000, finetune_epochs=3, eval_train=2000, diagnose_images=32,
-                   landscape_points=11, landscape_directions=3)
+                   landscape_points=11, landscape_directions=3, seg_train=1000, seg_epochs=3)
 
 
 @dataclass
@@ -86,7 +91,21 @@ def _data_args(data: Optional[str], n: int) -> str:
 
 #: the stages of :func:`run_seed`, in order (the report's checker expects each one timed)
 STAGE_NAMES = ("pretrain CLIP teacher", "feature distillation", "fine-tune teacher and student", "linear probe",
-               "k-NN", "zero-shot", "diagnostics")
+               "k-NN", "zero-shot", "segmentation probe", "diagnostics")
+
+
+def has_masks(data: Optional[str]) -> bool:
+    """Whether the demo's data has label maps for the segmentation probe (the built-in scenes do;
+    a folder of class sub-folders does not)."""
+    return data is None or data == "synthetic" or str(data).startswith("synthetic:")
+
+
+def expected_metrics(data: Optional[str]) -> List[str]:
+    return [m for m in METRICS if m != "segprobe" or has_masks(data)]
+
+
+def expected_stages(data: Optional[str]) -> List[str]:
+    return [n for n in STAGE_NAMES if n != "segmentation probe" or has_masks(data)]
 #: what a seed's folder holds: one sub-folder per stage
 SEED_DIRS = frozenset({"teacher", "fd", "diagnose", *METRICS})
 
@@ -172,21 +191,27 @@ def run_seed(out: Path, seed: int, plan: DemoPlan, *, data: Optional[str], devic
                    f"device={device}", "data.num_workers=0"])
     stage("zero-shot", ["zeroshot", "--compare", teacher, student, "--val", evtrain, "--output",
                         str(out / "zeroshot"), f"device={device}", "data.num_workers=0"])
+    if has_masks(data):
+        stage("segmentation probe", [
+            "segprobe", "--config", str(CONFIG_DIR / "segprobe.yaml"), "--compare", teacher, student,
+            "--train", _data_args(data, plan.seg_train), "--output", str(out / "segprobe"), f"seed={seed}",
+            f"epochs={plan.seg_epochs}", f"device={device}"])
     stage("diagnostics", [
         "diagnose", "report", "--model", teacher, "--label", "CLIP teacher", "--model", student,
         "--label", "FD student", "--data", _data_args(data, plan.eval_train), "--images", str(plan.diagnose_images),
         "--directions", str(plan.landscape_directions), "--alphas", str(plan.landscape_points),
         "--seed", str(seed), "--device", device, "--out", str(out / "diagnose"), "--no-progress"])
-    return collect_seed(out)
+    return collect_seed(out, expected_metrics(data))
 
 
-def collect_seed(out: Path) -> Dict[str, Any]:
-    """Read each stage's JSON: {metric: {"teacher": top1, "student": top1}}."""
+def collect_seed(out: Path, metrics=METRICS) -> Dict[str, Any]:
+    """Read each stage's JSON: {metric: {"teacher": value, "student": value}} (top-1, or mIoU)."""
     res: Dict[str, Any] = {}
-    for metric in METRICS:
+    for metric in metrics:
         js = json.loads((out / metric / "compare.json").read_text())
         t, s = js["results"][0], js["results"][1]
-        res[metric] = {"teacher": float(t["top1"]), "student": float(s["top1"])}
+        key = METRIC_KEYS.get(metric, "top1")
+        res[metric] = {"teacher": float(t[key]), "student": float(s[key])}
     clip = json.loads((out / "teacher" / "summary.json").read_text())
     res["clip_zero_shot_check"] = clip.get("zero_shot_top1")
     return res
@@ -230,6 +255,7 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, seeds: in
                                                    stages=stages)})
     results = {
         "quick": quick, "seeds": list(range(seeds)), "data": data or "synthetic (built-in procedural shapes)",
+        "data_spec": data, "metrics": expected_metrics(data),
         "device": device, "plan": asdict(plan), "versions": versions(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "total_seconds": time.perf_counter() - t0,
         "stages": [{"name": s.name, "seed": s.seed, "seconds": s.seconds, "command": _cmd_str(s.command)}
