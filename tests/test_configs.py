@@ -112,3 +112,22 @@ def test_unknown_keys_and_wrong_types_are_rejected_with_a_suggestion(tmp_path):
     with pytest.raises(ConfigError, match="student.arch"):
         _cfg("tiny_cpu.yaml", "student.arch=vit_gigantic")
     assert load_yaml(REPO / "configs/distill/clip_vit_large_300ep.yaml")["student"]["patch_size"] == 14
+
+
+def test_a_partial_section_refines_the_schemas_own_default_for_it(tmp_path):
+    """LinprobeConfig's data section defaults to a 16384-image batch (MAE), SegprobeConfig's to 16
+    images and bilinear resizing: overriding one key of the section (on the command line or in a
+    YAML file) must keep the others, not fall back to EvalDataConfig's generic defaults."""
+    from fdistill.config.finetune import EvalDataConfig, KnnConfig, LinprobeConfig, SegprobeConfig
+
+    assert EvalDataConfig().batch_size == 128  # what the section class alone would give
+    lp = build_config(LinprobeConfig, None, ["data.img_size=64"])
+    assert (lp.data.img_size, lp.data.batch_size) == (64, 16384)
+    seg = build_config(SegprobeConfig, None, {"data": {"num_workers": 2}})
+    assert (seg.data.batch_size, seg.data.interpolation, seg.data.num_workers) == (16, "bilinear", 2)
+    cfg = tmp_path / "knn.yaml"
+    cfg.write_text("data:\n  crop_pct: 1.0\n")
+    knn = build_config(KnnConfig, cfg)
+    assert (knn.data.crop_pct, knn.data.batch_size) == (1.0, 256)
+    with pytest.raises(ConfigError, match="unknown config key 'data.batchsize'"):  # still validated
+        build_config(LinprobeConfig, None, ["data.batchsize=4"])

@@ -178,6 +178,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _nested_default(f: dataclasses.Field, tp: Any) -> Any:
+    """The default instance of a dataclass-typed field (``default`` or ``default_factory``), else None."""
+    if not dataclasses.is_dataclass(tp):
+        return None
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    if f.default is not dataclasses.MISSING and dataclasses.is_dataclass(f.default):
+        return f.default
+    return None
+
+
 def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     """Build dataclass ``cls`` from a (partial) dict, validating every key and value."""
     if not isinstance(data, dict):
@@ -193,7 +204,13 @@ def from_dict(cls: Type[T], data: Dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name in fields:
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+            value = data[name]
+            default = _nested_default(fields[name], hints[name])
+            if default is not None and isinstance(value, dict):
+                # a partial mapping for a nested section refines *this* schema's default for it
+                # (e.g. LinprobeConfig's data.batch_size=16384), not the section class's own defaults
+                value = merge(to_dict(default), value)
+            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
