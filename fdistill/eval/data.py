@@ -19,7 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
-           "to_float_images"]
+           "to_float_images", "model_inputs", "autocast", "PRECISIONS"]
+
+#: the evaluation precisions: fp32, or bf16 / fp16 autocast
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def train_transform(
@@ -99,3 +102,21 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def model_inputs(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device) -> torch.Tensor:
+    """A loader's batch (uint8, or floats in [0, 1]; (B, 3, H, W)) -> a model's normalised float
+    input on ``device``: each model normalises with its own statistics (module docstring)."""
+    return normalize(to_float_images(images.to(device, non_blocking=True)), mean, std)
+
+
+def autocast(device: str | torch.device, precision: str):
+    """``torch.autocast`` for ``precision`` ``bf16`` / ``fp16`` on ``device``; for ``fp32`` a
+    disabled one (a no-op)."""
+    from ..engine.step import AUTOCAST_DTYPES
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    dt = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher, TeacherError, TeacherTokens
-from .data import normalize, to_float_images
+from .data import model_inputs
 from .layer_decay import find_blocks
 
 __all__ = ["FeatureSet", "extract_features", "pool_tokens", "default_pool", "BlockTaps",
@@ -204,7 +204,7 @@ def extract_features(
     labels: List[torch.Tensor] = []
     use_amp = amp_dtype is not None and device.type == "cuda"
     for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-        x = normalize(to_float_images(images.to(device, non_blocking=True)), adapter.mean, adapter.std)
+        x = model_inputs(images, adapter.mean, adapter.std, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
             out = batch_features(adapter, x, features)
         for name, f in out.items():

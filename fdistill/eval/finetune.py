@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 
 from ..teachers.base import Teacher
 from .classifier import build_classifier, save_classifier_spec
-from .data import dataset_classes, normalize, to_float_images
+from .data import PRECISIONS, autocast, dataset_classes, model_inputs
 from .layer_decay import param_groups_layer_decay
 
 log = logging.getLogger(__name__)
@@ -51,14 +50,6 @@ __all__ = ["finetune", "evaluate_classifier", "FINETUNE_CKPT_FORMAT", "RESUME_SA
 FINETUNE_CKPT_FORMAT = "fdistill-finetune-checkpoint"
 #: recipe entries that may differ between a checkpoint and the resumed run
 RESUME_SAFE = ("epochs", "max_steps", "eval_interval", "log_interval", "num_workers")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device: torch.device, precision: str):
-    dt = _DTYPES[precision]
-    if dt is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dt)
 
 
 @torch.no_grad()
@@ -74,9 +65,9 @@ def evaluate_classifier(model: nn.Module, loader, *, mean: Sequence[float], std:
     model.eval()
     stats, ncls = None, 0
     for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
-        x = normalize(to_float_images(images.to(device, non_blocking=True)), mean, std)
+        x = model_inputs(images, mean, std, device)
         y = torch.as_tensor(y).to(device, non_blocking=True)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(x)
         logits = logits.float()
         ncls = logits.shape[1]
@@ -221,8 +212,8 @@ def finetune(
     env = env or DistEnv(device=device)
     out = Path(output_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
                   max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
                   lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
@@ -374,7 +365,7 @@ def finetune(
                 y = torch.as_tensor(y).to(device, non_blocking=True)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     logits = ddp_model(x)
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher, TeacherError
-from .data import dataset_classes, normalize, to_float_images
+from .data import autocast, dataset_classes, model_inputs
 from .features import FeatureSet, batch_features, default_pool
 from .knn import topk_accuracy
 
@@ -148,12 +148,10 @@ def linear_probe(
     train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
                                device=device, drop_last=len(train_ds) > batch_size)
     val_loader = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-               enabled=precision in ("bf16", "fp16"))
 
     def feats_of(images):
-        x = normalize(to_float_images(images.to(device, non_blocking=True)), adapter.mean, adapter.std)
-        with torch.no_grad(), torch.autocast(**amp):
+        x = model_inputs(images, adapter.mean, adapter.std, device)
+        with torch.no_grad(), autocast(device, precision):
             return batch_features(adapter, x, [feature])[feature]
 
     head: Optional[LinearProbeHead] = None

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher
-from .data import make_loader, normalize, to_float_images
+from .data import autocast, make_loader, model_inputs
 
 __all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "seg_linear_probe"]
 
@@ -118,12 +118,10 @@ def seg_linear_probe(
     train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
                                device=device, drop_last=len(train_ds) > batch_size)
     val_loader = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-               enabled=precision in ("bf16", "fp16"))
 
     def fmap_of(images):
-        x = normalize(to_float_images(images.to(device, non_blocking=True)), adapter.mean, adapter.std)
-        with torch.no_grad(), torch.autocast(**amp):
+        x = model_inputs(images, adapter.mean, adapter.std, device)
+        with torch.no_grad(), autocast(device, precision):
             return token_map(adapter, x).float()
 
     steps_per_epoch = len(train_loader)

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher, TeacherError, TeacherTokens
-from .data import normalize, to_float_images
+from .data import autocast, model_inputs
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,6 @@ def _text_weights(view: ClipView, classnames, templates, device, progress) -> to
     return w.to(device)
 
 
-def _amp(device: torch.device, precision: str):
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dt or torch.bfloat16, enabled=dt is not None)
-
-
 @torch.no_grad()
 def zero_shot(
     adapter: Teacher,
@@ -193,8 +188,8 @@ def zero_shot(
     W = _text_weights(view, list(classnames), templates, device, progress)  # (D, C)
     scores, labels = [], []
     for images, y in tqdm(loader, desc="zero-shot", unit="batch", disable=not progress, dynamic_ncols=True):
-        x = normalize(to_float_images(images.to(device, non_blocking=True)), adapter.mean, adapter.std)
-        with _amp(device, precision):
+        x = model_inputs(images, adapter.mean, adapter.std, device)
+        with autocast(device, precision):
             emb = view.encode_image(x)
         scores.append(F.normalize(emb.float(), dim=-1) @ W)
         labels.append(torch.as_tensor(y).to(device))
@@ -277,9 +272,9 @@ def zero_shot_student(
     for (ti, y), (si, y2) in tqdm(loaders, desc="zero-shot", unit="batch", total=total, disable=not progress,
                                   dynamic_ncols=True):
         y = torch.as_tensor(y).to(device)
-        xt = normalize(to_float_images(ti.to(device, non_blocking=True)), teacher.mean, teacher.std)
-        xs = normalize(to_float_images(si.to(device, non_blocking=True)), student.mean, student.std)
-        with _amp(device, precision):
+        xt = model_inputs(ti, teacher.mean, teacher.std, device)
+        xs = model_inputs(si, student.mean, student.std, device)
+        with autocast(device, precision):
             tt = teacher.forward_tokens(xt)
             if tt.prefix is None:
                 raise TeacherError(f"{teacher.name} has no [CLS] token; student zero-shot needs a CLIP ViT teacher")
