@@ -74,7 +74,7 @@ def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, 
             stages = _stages(m.get("layer_patch_px") or [], m.get("layer_window") or [])
             for first, _, _ in stages[1:]:
                 ax.axvline(first - 0.5, color="gray", lw=0.6, ls=":")
-            sub = "\nwindows " + ", ".join(f"{w[0]}x{w[1]} @ {px} px" for _, px, w in stages if w) + f", {head_txt}"
+            sub = f"\n{_windows_text(stages)}, {head_txt}"
         elif m.get("patch_size") and m.get("grid"):
             g = m["grid"]
             sub = f"\n{m['patch_size']} px patches, {g[0]}x{g[1]} grid, {head_txt}"
@@ -85,6 +85,17 @@ def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, 
     axes[0][-1].legend(fontsize=7.5, loc="lower right")
     _caption(fig, caption)
     return _save(fig, path)
+
+
+def _windows_text(stages: list) -> str:
+    """'7x7 windows, 4-32 px per token' (one window size) or '8x8 @ 4 px, 4x4 @ 8 px' (several)."""
+    wins = {tuple(w) for _, _, w in stages if w}
+    px = [p for _, p, w in stages if w]
+    if len(wins) == 1 and px:
+        w = next(iter(wins))
+        step = f"{px[0]}" if px[0] == px[-1] else f"{px[0]}-{px[-1]}"
+        return f"{w[0]}x{w[1]} windows, {step} px/token"
+    return ", ".join(f"{w[0]}x{w[1]} @ {p} px" for _, p, w in stages if w)
 
 
 def _stages(patch_px: Sequence, windows: Sequence) -> list:
