@@ -134,8 +134,12 @@ def test_reduce_zero_label_and_folder_errors(tmp_path):
 
 
 def test_synthetic_masks_are_the_shape_classes():
+    import pickle
+
     ds = build_segmentation_dataset("synthetic:20", "train", 32, train=False)
     assert ds.classes[0] == "background" and len(ds.classes) == 11
+    copy = pickle.loads(pickle.dumps(ds))  # loader workers under any start method
+    assert all(torch.equal(a, b) for a, b in zip(copy[3], ds[3]))
     for i in range(5):
         s = ds.shapes.sample(i)
         _, m = ds.load(i)

@@ -37,28 +37,41 @@ IGNORE_INDEX = 255
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation")}
 DEFAULT_SYNTHETIC_TRAIN = 2000
 
-__all__ = ["SegmentationFolder", "SyntheticSegmentation", "segmentation_transform", "build_segmentation_dataset",
-           "IGNORE_INDEX"]
+__all__ = ["SegmentationFolder", "SyntheticSegmentation", "SegmentationTransform", "segmentation_transform",
+           "build_segmentation_dataset", "IGNORE_INDEX"]
+
+
+class SegmentationTransform:
+    """(PIL image, (H, W) integer mask) -> (uint8 (3, S, S), int64 (S, S)), transformed together by
+    torchvision ``transforms.v2`` (the mask with nearest-neighbour). A class, not a closure, so
+    loader workers can pickle it under any start method."""
+
+    def __init__(self, img_size: int | Tuple[int, int], *, train: bool, scale: Sequence[float] = (0.5, 1.0),
+                 interpolation: str = "bilinear"):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import v2
+
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        interp = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+        ops = [v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True),
+               v2.RandomHorizontalFlip()] if train else [v2.Resize(size, interpolation=interp, antialias=True)]
+        self.tf = v2.Compose([v2.ToImage(), *ops])
+
+    def __call__(self, image: Image.Image, mask: np.ndarray):
+        from torchvision import tv_tensors
+
+        img, m = self.tf(image, tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).long()))
+        return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return f"SegmentationTransform({self.tf})"
 
 
 def segmentation_transform(img_size: int | Tuple[int, int], *, train: bool,
                            scale: Sequence[float] = (0.5, 1.0), interpolation: str = "bilinear"):
-    """(PIL image, (H, W) integer mask) -> (uint8 (3, S, S), int64 (S, S)), applied jointly."""
-    from torchvision import tv_tensors
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
-
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    interp = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
-    ops = [v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True),
-           v2.RandomHorizontalFlip()] if train else [v2.Resize(size, interpolation=interp, antialias=True)]
-    tf = v2.Compose([v2.ToImage(), *ops])
-
-    def apply(image: Image.Image, mask: np.ndarray):
-        img, m = tf(image, tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).long()))
-        return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)
-
-    return apply
+    """Training crops (RandomResizedCrop ``scale`` + flip) or the evaluation resize, applied to
+    image and mask together: a :class:`SegmentationTransform`."""
+    return SegmentationTransform(img_size, train=train, scale=scale, interpolation=interpolation)
 
 
 class SyntheticSegmentation(Dataset):
