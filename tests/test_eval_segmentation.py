@@ -177,3 +177,25 @@ def test_recipe_is_checked_before_any_work():
         build_config(SegprobeConfig, None, ["num_classes=1"])
     with pytest.raises(ConfigError, match="did you mean 'reduce_zero_label'"):
         build_config(SegprobeConfig, None, ["reduce_zero_labels=true"])
+
+
+def test_all_ignored_batches_train_nothing_and_nan_inputs_stop_the_probe(tmp_path):
+    root = _cells_folder(tmp_path / "cells", "training", 8, 0, zero_label=True)
+    for f in (root / "annotations" / "training").iterdir():  # every pixel "other": ignored
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(f)
+    _cells_folder(root, "validation", 4, 1, zero_label=True)
+    kw = dict(num_classes=3, reduce_zero_label=True)
+    tr = build_segmentation_dataset(str(root), "train", 32, train=True, **kw)
+    va = build_segmentation_dataset(str(root), "val", 32, train=False, **kw)
+    res = seg_linear_probe(PatchColour(), tr, va, epochs=2, batch_size=4, num_workers=0, progress=False)
+    assert res["train_loss"] == 0.0 and res["steps"] == 4  # no labelled pixel: loss 0, no NaN
+
+    class NaNTokens(PatchColour):
+        def _forward_tokens(self, x):
+            t = super()._forward_tokens(x)
+            return TeacherTokens(None, t.patches * float("nan"), t.grid)
+
+    tr = build_segmentation_dataset(str(_cells_folder(tmp_path / "ok", "training", 8, 2)), "train", 32, train=True,
+                                    num_classes=3)
+    with pytest.raises(DataError, match="non-finite training loss in epoch 1"):
+        seg_linear_probe(NaNTokens(), tr, tr, epochs=2, batch_size=4, num_workers=0, progress=False)

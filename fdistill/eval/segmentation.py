@@ -15,6 +15,7 @@ the probe is a few dozen lines on top of fdistill's adapters (every teacher and 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -145,10 +146,9 @@ def seg_linear_probe(
                                              warmup_lr=lr * 1e-3, min_lr=0.0)
                 sched.step_update(0)
             y = masks.to(device, non_blocking=True)
-            loss = F.cross_entropy(_logits(head, f, y.shape[-2:]), y, ignore_index=ignore)
-            if not torch.isfinite(loss):
-                raise DataError(f"segprobe: non-finite loss at step {step} (all pixels ignored in a batch, or "
-                                "a diverging learning rate)")
+            # mean over the labelled pixels; a batch with none (all ignored) gives 0, not NaN
+            loss = F.cross_entropy(_logits(head, f, y.shape[-2:]), y, ignore_index=ignore, reduction="sum") \
+                / (y != ignore).sum().clamp_min(1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -160,7 +160,11 @@ def seg_linear_probe(
             if step >= total:
                 break
         bar.close()
-        curve.append(dict(epoch=epoch + 1, step=step, train_loss=float(epoch_loss) / max(n_epoch, 1)))
+        mean_loss = float(epoch_loss) / max(n_epoch, 1)  # one host sync per epoch, none per step
+        if not math.isfinite(mean_loss):
+            raise DataError(f"segprobe: non-finite training loss in epoch {epoch + 1} (lower the lr; check the "
+                            "images for NaN)")
+        curve.append(dict(epoch=epoch + 1, step=step, train_loss=mean_loss))
         if step >= total:
             break
     head.eval()
