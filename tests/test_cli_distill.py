@@ -85,7 +85,12 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 def test_validate_config_and_info(capsys):
     assert main(["validate-config", TINY, "--print"]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "teacher:" in out and "base_lr: 0.0015" in out
+    assert "valid distill recipe" in out and "teacher:" in out and "base_lr: 0.0015" in out
+    # evaluation recipes too, their kind read from the folder
+    assert main(["validate-config", str(REPO / "configs" / "segprobe" / "ade20k_linear.yaml"), "epochs=2"]) == 0
+    assert "valid segprobe recipe" in capsys.readouterr().out
+    assert main(["validate-config", str(REPO / "configs" / "linprobe" / "mae.yaml"), "sweep.epochs=0"]) == 2
+    assert "sweep.epochs" in capsys.readouterr().err
     assert main(["info", "--config", TINY]) == 0
     out = capsys.readouterr().out
     assert "grids match" in out and "FLOPs" in out and "params" in out and "global batch" in out

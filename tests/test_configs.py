@@ -6,25 +6,10 @@ import pytest
 
 from fdistill.config import ConfigError, build_config, load_yaml
 from fdistill.config.distill import DistillConfig, validate_without_building
+from fdistill.config.schemas import SCHEMA_NAMES, build_any_config, infer_schema
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*") if p.suffix in (".yaml", ".yml"))
-
-
-def _eval_schemas():
-    try:
-        from fdistill.config import finetune
-    except ImportError:
-        return []
-    names = ("FinetuneConfig", "LinprobeConfig", "SweepConfig", "KnnConfig", "ZeroshotConfig", "SegprobeConfig")
-    return [getattr(finetune, n) for n in names if hasattr(finetune, n)]
-
-
-def _schemas_for(path: Path):
-    """configs/distill/* and any */distill.yaml (the demo's stage) -> the distillation schema;
-    anything else -> one of the evaluation schemas."""
-    folder = path.relative_to(REPO / "configs").parts[0]
-    return [DistillConfig] if folder == "distill" or path.stem == "distill" else _eval_schemas()
 
 
 def test_there_are_recipes():
@@ -37,20 +22,32 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_config_validates(path):
-    schemas = _schemas_for(path)
-    if not schemas:
-        pytest.fail(f"no schema known for {path}")
-    errors = []
-    for schema in schemas:
-        try:
-            cfg = build_config(schema, path)
-        except ConfigError as e:
-            errors.append(f"{schema.__name__}: {e}")
-            continue
-        if schema is DistillConfig:
-            validate_without_building(cfg)
-        return
-    pytest.fail(f"{path} validates against none of its schemas:\n" + "\n".join(errors))
+    # its kind is said by its folder (configs/<kind>/) or its name (configs/demo/<kind>.yaml), and it
+    # validates against exactly that schema
+    assert path.parent.name in SCHEMA_NAMES or path.stem in SCHEMA_NAMES, f"{path}: kind unknown"
+    kind, cfg = build_any_config(path)
+    assert kind in (path.parent.name, path.stem)
+    if kind == "distill":
+        validate_without_building(cfg)
+
+
+def test_a_recipe_elsewhere_is_recognised_by_the_one_schema_it_fits(tmp_path):
+    seg = tmp_path / "my_seg.yaml"
+    seg.write_text("num_classes: 150\nreduce_zero_label: true\n")
+    assert infer_schema(seg) == "segprobe"
+    kind, cfg = build_any_config(seg, ["epochs=3"])
+    assert kind == "segprobe" and cfg.epochs == 3 and cfg.num_classes == 150
+    both = tmp_path / "data_only.yaml"
+    both.write_text("data:\n  batch_size: 8\n")  # every schema has a data section
+    with pytest.raises(ConfigError, match="valid distill, finetune, linprobe, knn, zeroshot, segprobe recipe; say which"):
+        infer_schema(both)
+    assert build_any_config(both, schema="knn")[1].data.batch_size == 8
+    none = tmp_path / "nothing.yaml"
+    none.write_text("colour: blue\n")
+    with pytest.raises(ConfigError, match="fits no recipe kind"):
+        infer_schema(none)
+    with pytest.raises(ConfigError, match="unknown schema 'seg'"):
+        build_any_config(seg, schema="seg")
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "distill" in p.parts], ids=lambda p: p.name)

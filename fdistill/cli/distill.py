@@ -37,14 +37,20 @@ def _info(args) -> int:
 def _validate(args) -> int:
     from ..config import to_dict
     from ..config.distill import validate_without_building
+    from ..config.schemas import build_any_config
 
-    cfg = _load_config(args.config, args.overrides)
-    validate_without_building(cfg)
+    kind, cfg = build_any_config(args.config, list(args.overrides or []), schema=args.schema)
+    if kind == "distill":
+        validate_without_building(cfg)
     if args.print:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    print(f"{args.config}: valid ({cfg.teacher.spec} -> {cfg.student.arch}, {cfg.train.epochs:g} epochs)")
+    if kind == "distill":
+        print(f"{args.config}: valid distill recipe ({cfg.teacher.spec} -> {cfg.student.arch}, "
+              f"{cfg.train.epochs:g} epochs)")
+    else:
+        print(f"{args.config}: valid {kind} recipe (fdistill {kind} --config {args.config})")
     return 0
 
 
@@ -80,10 +86,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("validate-config", help="check a distillation config without building anything",
-                       description="Check keys, types and values of a config (with overrides) and exit.")
+    p = sub.add_parser("validate-config", help="check any recipe (distill, finetune, linprobe, knn, zeroshot, "
+                                               "segprobe) without building anything",
+                       description="Check keys, types and values of a recipe (with overrides) and exit. Its kind is "
+                                   "its folder (configs/<kind>/) or file name, or the one schema it fits; "
+                                   "--schema says it outright.")
     p.add_argument("config", metavar="FILE")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    p.add_argument("--schema", choices=["distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe"],
+                   help="the recipe's kind (default: inferred)")
     p.add_argument("--print", action="store_true", help="also print the resolved config")
     p.set_defaults(func=_validate)
 
