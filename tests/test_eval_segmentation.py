@@ -199,3 +199,16 @@ def test_all_ignored_batches_train_nothing_and_nan_inputs_stop_the_probe(tmp_pat
                                     num_classes=3)
     with pytest.raises(DataError, match="non-finite training loss in epoch 1"):
         seg_linear_probe(NaNTokens(), tr, tr, epochs=2, batch_size=4, num_workers=0, progress=False)
+
+
+def test_a_fixed_size_model_and_a_bigger_recipe_fail_before_any_data_is_read(tmp_path):
+    from fdistill.config import build_config
+    from fdistill.config.finetune import SegprobeConfig
+    from fdistill.eval.commands import run_segprobe
+    from fdistill.teachers import TeacherError
+
+    cfg = build_config(SegprobeConfig, None, ["data.img_size=64", "device=cpu"])
+    kw = dict(pretrained=False, img_size=32, patch_size=8, depth=1, embed_dim=24, num_heads=2, dynamic_img_size=False)
+    with pytest.raises(TeacherError, match=r"takes 32x32 inputs only, but the recipe asks for 64; set data.img_size=32"):
+        run_segprobe(cfg, model="timm:vit_tiny_patch16_224", model_kwargs=kw, train=str(tmp_path / "absent"),
+                     echo=False)

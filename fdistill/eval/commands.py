@@ -323,6 +323,9 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     torch.manual_seed(cfg.seed)  # randomly initialised models (tests, baselines) are reproducible
     adapter = load_eval_model(model, model_kwargs)
     size = _img_size(cfg.data.img_size, adapter)
+    if not adapter.accepts_size(size):  # before any data is read: e.g. a fixed-size CLIP and a 512 px recipe
+        raise TeacherError(f"{model} takes {adapter.img_size[0]}x{adapter.img_size[1]} inputs only, but the recipe "
+                           f"asks for {size}; set data.img_size={adapter.img_size[0]} (or null: the model's own size)")
     data_args = build_segprobe_data_args(cfg)
     train_ds = build_segmentation_dataset(train, "train", size, train=True, **data_args)
     val_ds = build_segmentation_dataset(val, "val", size, train=False, **data_args)
