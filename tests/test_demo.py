@@ -79,6 +79,8 @@ def test_checker_finds_what_is_missing(micro_demo, tmp_path):
     # drop the loss-landscape figure and one stage's time, and change a number in the table
     start = page.index('<figure><img alt="Loss landscape')
     page = page[:start] + page[page.index("</figure>", start) + len("</figure>"):]
+    start = page.index('<figure><img alt="Segmentation predictions of the FD student')
+    page = page[:start] + page[page.index("</figure>", start) + len("</figure>"):]
     page = page.replace("<td>k-NN</td><td>", "<td>k-NN</td><td>x", 1)
     (broken / "report.html").write_text(page)
     res = json.loads((broken / "results.json").read_text())
@@ -88,6 +90,8 @@ def test_checker_finds_what_is_missing(micro_demo, tmp_path):
     problems = "\n".join(check_demo_report(broken))
     assert "segprobe teacher value is None" in problems
     assert "Loss landscape" in problems
+    assert "Segmentation predictions of the FD student" in problems
+    assert "Segmentation predictions of the CLIP teacher" not in problems
     assert "stage 'k-NN'" in problems
     assert "zeroshot student" in problems
     assert check_demo_report(tmp_path / "nothing") == [f"missing {tmp_path / 'nothing' / 'results.json'}",

@@ -14,6 +14,7 @@ from fdistill.data import DataError
 from fdistill.data.segmentation import (IGNORE_INDEX, SegmentationFolder, build_segmentation_dataset,
                                         segmentation_transform)
 from fdistill.eval.segmentation import confusion_matrix, seg_linear_probe, segmentation_scores, token_map
+from fdistill.diagnostics.plots import figure_png_ok
 from fdistill.teachers.base import Teacher, TeacherTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,6 +164,7 @@ def test_segprobe_command_compares_two_models(tmp_path, capsys):
         on_disk = json.loads((tmp_path / r["metrics_file"].split("/")[-2] / "metrics.json").read_text())
         assert on_disk["command"] == "segprobe" and on_disk["steps"] == 3 and on_disk["num_classes"] == 11
         assert 0.0 <= on_disk["miou"] <= 100.0 and 0.0 <= on_disk["aacc"] <= 100.0
+        assert figure_png_ok(on_disk["figure"]) and on_disk["figure"].endswith("predictions.png")
     # seeded: the same random model and the same head twice
     assert combined["results"][0]["miou"] == pytest.approx(combined["results"][1]["miou"])
 
@@ -212,3 +214,17 @@ def test_a_fixed_size_model_and_a_bigger_recipe_fail_before_any_data_is_read(tmp
     with pytest.raises(TeacherError, match=r"takes 32x32 inputs only, but the recipe asks for 64; set data.img_size=32"):
         run_segprobe(cfg, model="timm:vit_tiny_patch16_224", model_kwargs=kw, train=str(tmp_path / "absent"),
                      echo=False)
+
+
+def test_prediction_figure_colours_classes_apart_and_ignored_pixels_black(tmp_path):
+    from fdistill.eval.segmentation_figure import class_palette, plot_segmentation_examples
+
+    for k in (3, 11, 150):
+        pal = class_palette(k)
+        assert pal.shape == (k + 1, 3) and (pal[-1] == 0).all()
+        assert len({tuple(np.round(c, 4)) for c in pal[:-1]}) == k  # every class its own colour
+    img = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    mask = torch.zeros(2, 8, 8, dtype=torch.long)
+    mask[:, :2] = IGNORE_INDEX
+    out = plot_segmentation_examples(img, mask, mask.clone(), ["a", "b"], tmp_path / "f.png", title="t")
+    assert out == tmp_path / "f.png" and figure_png_ok(out) and not list(tmp_path.glob("*.tmp*"))

@@ -125,6 +125,15 @@ def _finetune_dir(seed_dir: Path, i: int) -> Path:
     return Path(mf).parent if mf else seed_dir / "finetune"
 
 
+def _seg_figures(seed_dir: Path, rows) -> List[Tuple[str, Path]]:
+    """(who, predictions.png) of the teacher and the student when the segmentation probe ran."""
+    if not any(m == "segprobe" for m, _ in rows):
+        return []
+    results = json.loads((seed_dir / "segprobe" / "compare.json").read_text())["results"]
+    return [(who, Path(r.get("figure") or seed_dir / "segprobe" / "missing.png"))
+            for who, r in zip(("CLIP teacher", "FD student"), results)]
+
+
 def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
     if not path.is_file():
         return []
@@ -176,6 +185,8 @@ def write_demo_report(root: Path, results: Dict[str, Any]) -> Path:
         _img(diag / "attention_distance.png", "Per-head attention distance, per layer (paper Fig. 3)"),
         _img(diag / "attention_maps.png", "Attention maps averaged over heads and images (paper Fig. 4)"),
         _img(diag / "loss_landscape.png", "Loss landscape along filter-normalised directions (paper Fig. 5)"),
+        *(_img(path, f"Segmentation predictions of the {who} (linear probe, seed 0)")
+          for who, path in _seg_figures(root / "seed0", rows_of(results))),
     ])
     total = results["total_seconds"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fdistill demo report</title>
@@ -223,7 +234,8 @@ def check_demo_report(root: str | Path) -> List[str]:
     Checked: ``results.json`` holds, for every seed, a teacher and a student number in [0, 100]
     for each metric the data allows (the segmentation probe needs the built-in scenes' masks) and a
     time for every stage; ``report.html`` has the comparison table with
-    those numbers, the four figures embedded as real PNGs, and the time of every stage."""
+    those numbers, the four figures embedded as real PNGs (six with the segmentation probe's
+    predictions), and the time of every stage."""
     import re
 
     from .pipeline import expected_metrics, expected_stages
@@ -266,7 +278,8 @@ def check_demo_report(root: str | Path) -> List[str]:
             if _table_row_head(label, summ[metric], n) not in page:
                 problems.append(f"report.html table lacks the row {label!r} with the results' numbers")
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
-    for fig in FIGURES:
+    seg = ("Segmentation predictions of the CLIP teacher", "Segmentation predictions of the FD student")
+    for fig in FIGURES + (seg if "segprobe" in metrics else ()):
         hit = [data for alt, data in images if fig.lower() in alt.lower()]
         if not hit:
             problems.append(f"report.html lacks the figure {fig!r}")

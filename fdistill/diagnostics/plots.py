@@ -19,7 +19,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -28,12 +29,13 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file, then a rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     os.replace(tmp, path)
     return path
 
@@ -55,7 +57,7 @@ def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, 
     distances; layers may differ in head count, as Swin stages do), optionally ``patch_size`` /
     ``grid`` for the panel title and, for windowed models, ``windowed`` with ``layer_patch_px`` and
     ``layer_window`` (dotted lines separate stages)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(models)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.4), sharey=True, squeeze=False)
     for ax, m in zip(axes[0], models):
@@ -84,7 +86,7 @@ def plot_attention_distance(models: Sequence[Dict], path: str | os.PathLike, *, 
     axes[0][0].set_ylim(bottom=0)
     axes[0][-1].legend(fontsize=7.5, loc="lower right")
     _caption(fig, caption)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _windows_text(stages: list) -> str:
@@ -113,7 +115,7 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
     ``num_prefix_tokens`` (one number, or {1-based layer: number}), optionally ``windowed`` (the
     layers whose map is one window's). Each panel's colour scale runs from 0 to the
     ``clip_quantile`` of its values (the [CLS] column would otherwise wash out the patch structure)."""
-    plt = _plt()
+    plt = pyplot()
     rows = len(models)
     cols = max(len(m["maps"]) for m in models)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 0.4, 2.75 * rows + 0.3), squeeze=False)
@@ -132,7 +134,7 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
             im = ax.imshow(a.numpy(), cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-12), interpolation="nearest")
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             cb.ax.tick_params(labelsize=6.5)
-            cb.locator = _plt().MaxNLocator(3)
+            cb.locator = pyplot().MaxNLocator(3)
             cb.update_ticks()
             if P > 0:  # separate prefix tokens from patches
                 ax.axhline(P - 0.5, color="white", lw=0.5, alpha=0.7)
@@ -145,13 +147,13 @@ def plot_attention_maps(models: Sequence[Dict], path: str | os.PathLike, *, capt
             if r == rows - 1:
                 ax.set_xlabel("key token", fontsize=8.5)
     _caption(fig, caption)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_landscape(models: Sequence[Dict], path: str | os.PathLike, *, caption: Optional[str] = None) -> Path:
     """``models``: dicts with ``label``, ``alphas``, ``seeds``, ``loss`` and ``accuracy`` (one list
     per direction, accuracy in [0, 1])."""
-    plt = _plt()
+    plt = pyplot()
     n = len(models)
     fig, axes = plt.subplots(2, n, figsize=(3.8 * n + 0.6, 6.0), sharex=True, sharey="row", squeeze=False)
     colors = plt.get_cmap("tab10")
@@ -178,7 +180,7 @@ def plot_loss_landscape(models: Sequence[Dict], path: str | os.PathLike, *, capt
     axes[1][0].set_ylabel("accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="upper center")
     _caption(fig, caption)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def figure_png_ok(path: str | os.PathLike) -> bool:

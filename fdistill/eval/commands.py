@@ -312,7 +312,8 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
 def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None,
                  output: Optional[str] = None, echo: bool = True) -> Dict[str, Any]:
     """``fdistill segprobe``: DINOv2-style linear semantic segmentation on the frozen token map;
-    ``miou`` / ``aacc`` / ``macc`` on ``val`` (default: the ``val`` split of ``train``)."""
+    ``miou`` / ``aacc`` / ``macc`` on ``val`` (default: the ``val`` split of ``train``); with
+    ``output``, ``predictions.png`` shows a few validation images, label maps and predictions."""
     from ..config.finetune import build_segprobe_data_args, build_segprobe_recipe
     from ..data.segmentation import build_segmentation_dataset
     from .segmentation import seg_linear_probe
@@ -329,7 +330,8 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     data_args = build_segprobe_data_args(cfg)
     train_ds = build_segmentation_dataset(train, "train", size, train=True, **data_args)
     val_ds = build_segmentation_dataset(val, "val", size, train=False, **data_args)
-    res = seg_linear_probe(adapter, train_ds, val_ds, device=device,
+    figure = Path(output) / "predictions.png" if output else None
+    res = seg_linear_probe(adapter, train_ds, val_ds, device=device, figure=figure,
                            **build_segprobe_recipe(cfg, device_type=device.type))
     metrics = _record("segprobe", model, model_kwargs, train, val, cfg, device, t0, **res)
     return _finish(metrics, output, ["miou", "aacc", "macc", "steps"], echo)

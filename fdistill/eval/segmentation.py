@@ -16,6 +16,7 @@ the probe is a few dozen lines on top of fdistill's adapters (every teacher and 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -97,12 +98,16 @@ def seg_linear_probe(
     device: str | torch.device = "cpu",
     max_steps: Optional[int] = None,
     progress: bool = True,
+    figure: Optional[str | os.PathLike] = None,
+    figure_images: int = 6,
 ) -> Dict[str, Any]:
     """Train :class:`SegLinearHead` on ``adapter``'s frozen token maps and score it on ``val_ds``.
 
     ``train_ds`` / ``val_ds`` give (uint8 image (3, S, S), int64 mask (S, S)) with ``classes``
     and ``ignore_index`` (:func:`fdistill.data.segmentation.build_segmentation_dataset`). AdamW at
-    ``lr`` with linear warm-up and cosine decay (per step)."""
+    ``lr`` with linear warm-up and cosine decay (per step). With ``figure``, the first
+    ``figure_images`` validation images, their label maps and the predictions are drawn there
+    (:func:`fdistill.eval.segmentation_figure.plot_segmentation_examples`)."""
     from tqdm.auto import tqdm
 
     from ..data import DataError
@@ -169,12 +174,23 @@ def seg_linear_probe(
             break
     head.eval()
     conf = torch.zeros(K, K, dtype=torch.long, device=device)
+    shown: List[tuple] = []  # (images, masks, predictions) on the CPU, for the figure
     with torch.no_grad():
         for images, masks in tqdm(val_loader, desc="segprobe eval", unit="batch", disable=not progress, leave=False):
             y = masks.to(device, non_blocking=True)
             pred = _logits(head, fmap_of(images), y.shape[-2:]).argmax(1)
             conf += confusion_matrix(pred, y, K, ignore)
+            if figure is not None and sum(len(b[0]) for b in shown) < figure_images:
+                shown.append((images.cpu(), masks.cpu(), pred.cpu()))
     res = segmentation_scores(conf.cpu(), classes)
+    if figure is not None and shown:
+        from .segmentation_figure import plot_segmentation_examples
+
+        imgs, gts, prs = (torch.cat(t)[:figure_images] for t in zip(*shown))
+        name = getattr(adapter, "name", "model")
+        res["figure"] = str(plot_segmentation_examples(
+            imgs, gts, prs, classes, figure, ignore_index=ignore,
+            title=f"{name}: linear segmentation probe, mIoU {res['miou']:.1f} (first {len(imgs)} val images)"))
     return dict(res, num_classes=K, lr=lr, steps=step, epochs_done=step / steps_per_epoch,
                 train_loss=float(loss_sum) / max(step, 1), curve=curve, train_images=len(train_ds),
                 val_images=len(val_ds), ignore_index=ignore)
