@@ -187,7 +187,8 @@ def seg_linear_probe(
         from .segmentation_figure import plot_segmentation_examples
 
         imgs, gts, prs = (torch.cat(t)[:figure_images] for t in zip(*shown))
-        name = getattr(adapter, "name", "model")
+        name = str(getattr(adapter, "name", "model"))
+        name = name if len(name) <= 48 else "..." + name[-45:]  # a run's checkpoint path can be long
         res["figure"] = str(plot_segmentation_examples(
             imgs, gts, prs, classes, figure, ignore_index=ignore,
             title=f"{name}: linear segmentation probe, mIoU {res['miou']:.1f} (first {len(imgs)} val images)"))
