@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config.schemas import SCHEMA_NAMES
+
 OVERRIDES_HELP = "config overrides, dotted keys: optim.base_lr=1e-3 train.epochs=100"
 
 
@@ -86,15 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("validate-config", help="check any recipe (distill, finetune, linprobe, knn, zeroshot, "
-                                               "segprobe) without building anything",
+    p = sub.add_parser("validate-config", help=f"check any recipe ({', '.join(SCHEMA_NAMES)}) without building "
+                                               "anything",
                        description="Check keys, types and values of a recipe (with overrides) and exit. Its kind is "
                                    "its folder (configs/<kind>/) or file name, or the one schema it fits; "
                                    "--schema says it outright.")
     p.add_argument("config", metavar="FILE")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
-    p.add_argument("--schema", choices=["distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe"],
-                   help="the recipe's kind (default: inferred)")
+    p.add_argument("--schema", choices=SCHEMA_NAMES, help="the recipe's kind (default: inferred)")
     p.add_argument("--print", action="store_true", help="also print the resolved config")
     p.set_defaults(func=_validate)
 

@@ -11,10 +11,9 @@ MODEL_HELP = ("a teacher spec (timm:..., open_clip:ARCH/TAG, hf:REPO, python:FIL
 
 
 def _schema(command: str):
-    from ..config.finetune import FinetuneConfig, KnnConfig, LinprobeConfig, SegprobeConfig, ZeroshotConfig
+    from ..config.schemas import schemas
 
-    return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig, "zeroshot": ZeroshotConfig,
-            "segprobe": SegprobeConfig}[command]
+    return schemas()[command]
 
 
 def _kwargs_list(raw, n_models: int):

@@ -106,6 +106,8 @@ def expected_metrics(data: Optional[str]) -> List[str]:
 
 def expected_stages(data: Optional[str]) -> List[str]:
     return [n for n in STAGE_NAMES if n != "segmentation probe" or has_masks(data)]
+
+
 #: what a seed's folder holds: one sub-folder per stage
 SEED_DIRS = frozenset({"teacher", "fd", "diagnose", *METRICS})
 
@@ -139,7 +141,7 @@ def check_demo_data(data: Optional[str]) -> None:
     trained on), or the built-in ``synthetic[:N]``."""
     from ..data.errors import DataError
 
-    if data is None or data == "synthetic" or data.startswith("synthetic:"):
+    if has_masks(data):  # the built-in procedural data
         return
     root = Path(data).expanduser()
     if not root.is_dir():

@@ -1,8 +1,9 @@
 """The demo's report: one self-contained HTML page (PNGs embedded) and a printed table.
 
 Shows what came out, whichever model wins: a Table-1-like comparison (teacher vs FD student:
-fine-tune, linear probe, k-NN, zero-shot, linear segmentation mIoU; mean and spread over seeds), the training curves, the
-diagnostic figures, the wall-clock time of every stage with its exact command, versions and seeds.
+fine-tune, linear probe, k-NN, zero-shot, linear segmentation mIoU; mean and spread over seeds),
+the training curves, the diagnostic figures, the wall-clock time of every stage with its exact
+command, versions and seeds.
 """
 from __future__ import annotations
 
@@ -125,13 +126,15 @@ def _finetune_dir(seed_dir: Path, i: int) -> Path:
     return Path(mf).parent if mf else seed_dir / "finetune"
 
 
-def _seg_figures(seed_dir: Path, rows) -> List[Tuple[str, Path]]:
-    """(who, predictions.png) of the teacher and the student when the segmentation probe ran."""
-    if not any(m == "segprobe" for m, _ in rows):
-        return []
+#: the alt text of the segmentation probe's figures, teacher then student (written and checked)
+SEG_FIGURES = ("Segmentation predictions of the CLIP teacher", "Segmentation predictions of the FD student")
+
+
+def _seg_figures(seed_dir: Path) -> List[Tuple[str, Path]]:
+    """(alt text, predictions.png) of the teacher and the student of a seed's segmentation probe."""
     results = json.loads((seed_dir / "segprobe" / "compare.json").read_text())["results"]
-    return [(who, Path(r.get("figure") or seed_dir / "segprobe" / "missing.png"))
-            for who, r in zip(("CLIP teacher", "FD student"), results)]
+    return [(alt, Path(r.get("figure") or seed_dir / "segprobe" / "missing.png"))
+            for alt, r in zip(SEG_FIGURES, results)]
 
 
 def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
@@ -164,7 +167,7 @@ def write_demo_report(root: Path, results: Dict[str, Any]) -> Path:
     root = Path(root)
     curves = plot_curves(results, root, root / "curves.png")
     summ, n = summarize(results), len(results["per_seed"])
-    rows = []
+    rows, seg = [], "segprobe" in dict(rows_of(results))
     for metric, label in rows_of(results):
         r = summ[metric]
         pt, ps = PAPER[metric]
@@ -185,8 +188,7 @@ def write_demo_report(root: Path, results: Dict[str, Any]) -> Path:
         _img(diag / "attention_distance.png", "Per-head attention distance, per layer (paper Fig. 3)"),
         _img(diag / "attention_maps.png", "Attention maps averaged over heads and images (paper Fig. 4)"),
         _img(diag / "loss_landscape.png", "Loss landscape along filter-normalised directions (paper Fig. 5)"),
-        *(_img(path, f"Segmentation predictions of the {who} (linear probe, seed 0)")
-          for who, path in _seg_figures(root / "seed0", rows_of(results))),
+        *(_img(path, f"{alt} (linear probe, seed 0)") for alt, path in (_seg_figures(root / "seed0") if seg else [])),
     ])
     total = results["total_seconds"]
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>fdistill demo report</title>
@@ -204,7 +206,7 @@ Seeds: {", ".join(map(str, results['seeds']))} (fixed in advance, never chosen).
 <table><tr><th></th><th>CLIP teacher</th><th>FD student</th><th>FD − teacher</th><th>paper, ViT-B/16 (IN-1K)</th></tr>
 {''.join(rows)}</table>
 <p class="verdict">{html.escape(verdict(results))}</p>
-{_SEG_NOTE if any(m == "segprobe" for m, _ in rows_of(results)) else ""}
+{_SEG_NOTE if seg else ""}
 <h3>Per seed (teacher / student)</h3>
 <table><tr><th>seed</th>{''.join(f'<th>{html.escape(l)}</th>' for _, l in rows_of(results))}<th>teacher pre-training zero-shot check (%)</th></tr>{per_seed}</table>
 <h2>Figures</h2>{figures}
@@ -278,8 +280,7 @@ def check_demo_report(root: str | Path) -> List[str]:
             if _table_row_head(label, summ[metric], n) not in page:
                 problems.append(f"report.html table lacks the row {label!r} with the results' numbers")
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)"', page)
-    seg = ("Segmentation predictions of the CLIP teacher", "Segmentation predictions of the FD student")
-    for fig in FIGURES + (seg if "segprobe" in metrics else ()):
+    for fig in FIGURES + (SEG_FIGURES if "segprobe" in metrics else ()):
         hit = [data for alt, data in images if fig.lower() in alt.lower()]
         if not hit:
             problems.append(f"report.html lacks the figure {fig!r}")

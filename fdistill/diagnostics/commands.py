@@ -222,10 +222,9 @@ def _distance_json(results, opts: DataOptions, exclude_self: bool, renormalize: 
     for desc, st in results:
         d = st["distance"]  # one (H_l,) tensor per layer
         heads = [int(r.numel()) for r in d]
-        windowed = [g for g in st["geometry"] if g["windowed"]]
         models.append(dict(desc, layers=len(d), heads=heads[0] if len(set(heads)) == 1 else None,
                            heads_per_layer=heads, families=st["families"], num_images=st["num_images"],
-                           windowed=bool(windowed), layer_patch_px=[g["patch_px"] for g in st["geometry"]],
+                           windowed=any(g["windowed"] for g in st["geometry"]), layer_patch_px=[g["patch_px"] for g in st["geometry"]],
                            layer_window=[g["grid"] if g["windowed"] else None for g in st["geometry"]],
                            distance_px=[r.tolist() for r in d], **distance_summary(d)))
     n = results[0][1]["num_images"] if results else 0

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
-           "to_float_images", "model_inputs", "autocast", "PRECISIONS"]
+           "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
 
 #: the evaluation precisions: fp32, or bf16 / fp16 autocast
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -120,3 +120,25 @@ def autocast(device: str | torch.device, precision: str):
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dt = AUTOCAST_DTYPES.get(precision)
     return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
+
+
+def probe_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, num_workers: int, seed: int,
+                  device: str | torch.device) -> Tuple[DataLoader, DataLoader]:
+    """(train, val) loaders of a head trained on a frozen model: training shuffled (dropping a
+    last partial batch when there is more than one), evaluation in order."""
+    train = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
+                        device=device, drop_last=len(train_ds) > batch_size)
+    val = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+    return train, val
+
+
+def frozen_forward(adapter, fn: Callable, *, device: torch.device, precision: str) -> Callable:
+    """``images -> fn(adapter, inputs)`` for a frozen model: the loader's batch normalised with the
+    adapter's statistics on ``device``, run without gradients under :func:`autocast`."""
+
+    def run(images: torch.Tensor):
+        x = model_inputs(images, adapter.mean, adapter.std, device)
+        with torch.no_grad(), autocast(device, precision):
+            return fn(adapter, x)
+
+    return run

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher, TeacherError
-from .data import autocast, dataset_classes, model_inputs
+from .data import dataset_classes, frozen_forward, probe_loaders
 from .features import FeatureSet, batch_features, default_pool
 from .knn import topk_accuracy
 
@@ -136,7 +136,6 @@ def linear_probe(
     from tqdm.auto import tqdm
 
     from ..data import DataError
-    from .data import make_loader
 
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -145,14 +144,10 @@ def linear_probe(
     if dataset_classes(val_ds) != classes:
         raise DataError("train and val classes differ")
     adapter = adapter.to(device).eval()
-    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
-                               device=device, drop_last=len(train_ds) > batch_size)
-    val_loader = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-
-    def feats_of(images):
-        x = model_inputs(images, adapter.mean, adapter.std, device)
-        with torch.no_grad(), autocast(device, precision):
-            return batch_features(adapter, x, [feature])[feature]
+    train_loader, val_loader = probe_loaders(train_ds, val_ds, batch_size=batch_size, num_workers=num_workers,
+                                             seed=seed, device=device)
+    feats_of = frozen_forward(adapter, lambda a, x: batch_features(a, x, [feature])[feature], device=device,
+                              precision=precision)
 
     head: Optional[LinearProbeHead] = None
     steps_per_epoch = len(train_loader)

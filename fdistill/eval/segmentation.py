@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher
-from .data import autocast, make_loader, model_inputs
+from .data import frozen_forward, probe_loaders
 
 __all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "seg_linear_probe"]
 
@@ -121,14 +121,9 @@ def seg_linear_probe(
     ignore = int(getattr(train_ds, "ignore_index", 255))
     K = len(classes)
     adapter = adapter.to(device).eval()
-    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
-                               device=device, drop_last=len(train_ds) > batch_size)
-    val_loader = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-
-    def fmap_of(images):
-        x = model_inputs(images, adapter.mean, adapter.std, device)
-        with torch.no_grad(), autocast(device, precision):
-            return token_map(adapter, x).float()
+    train_loader, val_loader = probe_loaders(train_ds, val_ds, batch_size=batch_size, num_workers=num_workers,
+                                             seed=seed, device=device)
+    fmap_of = frozen_forward(adapter, lambda a, x: token_map(a, x).float(), device=device, precision=precision)
 
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
