@@ -3,15 +3,15 @@
 The paper reports FD's gains on dense tasks too (ADE20K semantic segmentation, COCO detection,
 NYUv2 depth) after full fine-tuning with task heads (UperNet, Mask R-CNN). The cheap, standard way to
 compare two backbones' *dense* features side by side is DINOv2's linear segmentation evaluation
-(Oquab et al. 2023, Sec. 7.4 "linear"): the frozen model's output patch tokens, as a (C, gh, gw)
+(Oquab et al. 2023, the "linear" setting): the frozen model's output patch tokens, as a (C, gh, gw)
 map, go through BatchNorm and a 1x1 convolution to K class logits per token, bilinearly upsampled
 to the label map and trained with per-pixel cross-entropy (ignored pixels left out). Reported:
 mIoU (mean over classes of TP / (TP + FP + FN), classes absent from both prediction and ground
 truth left out, as mmsegmentation does), pixel accuracy (aAcc) and mean class accuracy (mAcc).
 
-Written here rather than taken from mmsegmentation: it does not install against this torch, and
-the probe is a few dozen lines on top of fdistill's adapters (every teacher and FD student gives
-``forward_tokens``). Tokens are computed on the fly under ``no_grad`` each step (augmented crops).
+Written here rather than taken from mmsegmentation: that would add mmcv/mmengine and their
+config system for what is a few dozen lines on top of fdistill's adapters (every teacher and FD
+student gives ``forward_tokens``). Tokens are computed on the fly under ``no_grad`` each step (augmented crops).
 """
 from __future__ import annotations
 
