@@ -32,7 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu")
-    q.add_argument("--model-cfg", default=None, help="open_clip model config JSON (default: the demo's tiny CLIP)")
+    q.add_argument("--warmup-steps", type=int, default=50)
+    q.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (the schedule still spans --steps): a prefix of the same run")
+    q.add_argument("--model-cfg", default=None,
+                   help="'tiny' (the demo's CLIP, 4x4 tokens; default), 'mini' (the miniature's teacher, 8x8 "
+                        "tokens) or an open_clip model config JSON file")
+    q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); the shipped "
+                                                             "teachers were trained with 1, which reproduces them")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_pretrain_clip)
 
@@ -53,11 +60,19 @@ def _demo(args) -> int:
 
 
 def _pretrain_clip(args) -> int:
-    from ..demo.clip_pretrain import pretrain_clip_on
+    import torch
 
-    cfg = json.loads(open(args.model_cfg).read()) if args.model_cfg else None
+    from ..demo.clip_pretrain import CLIP_CFGS, pretrain_clip_on
+
+    if args.model_cfg is None or args.model_cfg in CLIP_CFGS:
+        cfg = CLIP_CFGS[args.model_cfg or "tiny"]
+    else:
+        cfg = json.loads(open(args.model_cfg).read())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = pretrain_clip_on(args.data, args.output, model_cfg=cfg, steps=args.steps, batch_size=args.batch_size,
-                               lr=args.lr, seed=args.seed, device=args.device, progress=not args.no_progress)
+                               lr=args.lr, seed=args.seed, device=args.device, progress=not args.no_progress,
+                               warmup_steps=args.warmup_steps, max_steps=args.max_steps)
     print(f"CLIP teacher: {summary['spec']}  (loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
           f"zero-shot top-1 on val {summary['zero_shot_top1']:.1f}%, {summary['seconds']:.0f} s)")
     return 0

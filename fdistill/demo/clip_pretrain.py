@@ -32,6 +32,16 @@ TINY_CLIP_CFG: Dict[str, Any] = dict(
     vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=4, head_width=32, mlp_ratio=4.0),
     text_cfg=dict(context_length=32, vocab_size=49408, width=128, heads=4, layers=2),
 )
+#: the miniature's teacher (``fdistill/assets/clip_mini``): 32 px images, patch 4 (8x8 tokens, so
+#: token-level FD targets mean something), width 128, 4 layers; a narrower 2-layer text tower
+#: (the caption grammar is small; the token table dominates the file size)
+MINI_CLIP_CFG: Dict[str, Any] = dict(
+    embed_dim=64,
+    vision_cfg=dict(image_size=32, patch_size=4, width=128, layers=4, head_width=32, mlp_ratio=4.0),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2),
+)
+#: named model configs of ``fdistill pretrain-clip --model-cfg NAME``
+CLIP_CFGS: Dict[str, Dict[str, Any]] = {"tiny": TINY_CLIP_CFG, "mini": MINI_CLIP_CFG}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's statistics, as open_clip uses
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -91,12 +101,22 @@ def pretrain_clip(
     device: str = "cpu",
     log_every: int = 25,
     progress: bool = True,
+    max_steps: Optional[int] = None,
+    prefix_steps: int = 3,
 ) -> Dict[str, Any]:
     """Train a CLIP model from scratch on image-caption ``pairs`` and save it for open_clip.
 
-    The whole pair set is materialised once (images as uint8, captions tokenised), then trained
-    with random batches (seeded), AdamW, warmup + cosine, open_clip's ``ClipLoss`` with a learned
-    temperature. Returns ``{"spec", "output", "loss_first", "loss_last", "seconds", "curve"}``
+    Random batches (indices drawn with replacement from a seeded generator), AdamW, warm-up +
+    cosine over ``steps``, open_clip's ``ClipLoss`` with a learned temperature. When the run draws
+    at least as many samples as the set holds, the pairs are materialised once (images as uint8,
+    captions tokenised); a larger set (e.g. ``synthetic:1000000``, a stream the run samples from)
+    is read batch by batch. Both give the same batches, so the result does not depend on which.
+
+    ``max_steps`` stops early (the schedule still spans ``steps``): a prefix of the same run, which
+    is how a shipped teacher is checked to reproduce (``summary["prefix"]``: the losses of the first
+    ``prefix_steps`` steps and a fingerprint of the weights after them).
+
+    Returns ``{"spec", "output", "loss_first", "loss_last", "seconds", "curve", "prefix"}``
     (``curve``: ``[(step, loss), ...]``) and writes ``metrics.jsonl`` next to the weights.
     """
     import open_clip
@@ -111,18 +131,12 @@ def pretrain_clip(
     model = open_clip.CLIP(**cfg).to(device)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
 
-    # materialise the pairs once: (N, 3, H, W) uint8 and (N, L) token ids
     t0 = time.perf_counter()
-    images, captions = [], []
-    for i in tqdm(range(len(pairs)), desc="clip data", disable=not progress, leave=False):
-        img, cap = pairs[i]
-        images.append(torch.as_tensor(img))
-        captions.append(cap)
-    images_u8 = torch.stack(images)  # (N, 3, H, W)
-    tokens = tokenizer(captions)  # (N, L)
     size = cfg["vision_cfg"]["image_size"]
-    if images_u8.shape[-1] != size or images_u8.shape[-2] != size:
-        raise ValueError(f"images are {tuple(images_u8.shape[-2:])}, the CLIP config expects {size}x{size}")
+    batch_of = _batch_reader(pairs, tokenizer, materialise=len(pairs) <= steps * batch_size, progress=progress)
+    first = batch_of(torch.zeros(1, dtype=torch.long))[0]
+    if first.shape[-1] != size or first.shape[-2] != size:
+        raise ValueError(f"images are {tuple(first.shape[-2:])}, the CLIP config expects {size}x{size}")
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
 
@@ -135,21 +149,28 @@ def pretrain_clip(
     curve: List[tuple] = []
     metrics_path = out / "metrics.jsonl"
     metrics = metrics_path.open("w")
-    bar = tqdm(range(steps), desc="pretrain CLIP", disable=not progress)
+    run_steps = steps if max_steps is None else min(steps, max_steps)
+    bar = tqdm(range(run_steps), desc="pretrain CLIP", disable=not progress)
+    prefix: Dict[str, Any] = {"steps": prefix_steps, "loss": []}
     model.train()
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, warmup_steps, lr, min_lr)
-        idx = torch.randint(0, len(images_u8), (batch_size,), generator=g)
-        x = (images_u8[idx].to(device).float().div_(255) - mean) / std
-        img_f, txt_f, scale = model(x, tokens[idx].to(device))
+        idx = torch.randint(0, len(pairs), (batch_size,), generator=g)
+        images_u8, tokens = batch_of(idx)  # (B, 3, H, W) uint8, (B, L)
+        x = (images_u8.to(device).float().div_(255) - mean) / std
+        img_f, txt_f, scale = model(x, tokens.to(device))
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % log_every == 0 or step == steps - 1:
+        if step < prefix_steps:
+            prefix["loss"].append(float(loss.detach()))
+            if step == prefix_steps - 1:
+                prefix["weights"] = weights_fingerprint(model)
+        if step % log_every == 0 or step == run_steps - 1:
             lv = float(loss.detach())
             curve.append((step, lv))
             bar.set_postfix(loss=f"{lv:.3f}")
@@ -165,7 +186,33 @@ def pretrain_clip(
         "preprocess_cfg": {"size": size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
     }, indent=2))
     return {"spec": f"open_clip:local-dir:{out.resolve()}", "output": str(out), "loss_first": curve[0][1],
-            "loss_last": curve[-1][1], "seconds": seconds, "curve": curve}
+            "loss_last": curve[-1][1], "seconds": seconds, "curve": curve, "prefix": prefix,
+            "steps": steps, "steps_run": run_steps, "batch_size": batch_size, "seed": seed}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> List[float]:
+    """Per-tensor sums of absolute values (float64) in ``state_dict`` order: two runs with the
+    same weights give the same list; one changed value changes it."""
+    return [float(v.detach().double().abs().sum()) for v in model.state_dict().values()]
+
+
+def _batch_reader(pairs: Dataset, tokenizer, *, materialise: bool, progress: bool):
+    """``indices (B,) -> (uint8 images (B, 3, H, W), token ids (B, L))`` over ``pairs``: from a
+    copy held in memory (``materialise``) or read and tokenised per batch."""
+    if not materialise:
+        def read(idx: torch.Tensor):
+            items = [pairs[int(i)] for i in idx]
+            return torch.stack([torch.as_tensor(im) for im, _ in items]), tokenizer([c for _, c in items])
+
+        return read
+    images, captions = [], []
+    for i in tqdm(range(len(pairs)), desc="clip data", disable=not progress, leave=False):
+        img, cap = pairs[i]
+        images.append(torch.as_tensor(img))
+        captions.append(cap)
+    images_u8 = torch.stack(images)  # (N, 3, H, W)
+    tokens = tokenizer(captions)  # (N, L)
+    return lambda idx: (images_u8[idx], tokens[idx])
 
 
 @torch.no_grad()
