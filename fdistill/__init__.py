@@ -4,7 +4,7 @@ ICCV 2023; arXiv 2205.14141) as a library and a command-line tool.
 Public API::
 
     import fdistill
-    teacher = fdistill.create_teacher("timm:vit_base_patch16_clip_224.openai")
+    teacher = fdistill.create_teacher("timm:vit_base_patch16_clip_quickgelu_224.openai")
     student = fdistill.create_student("vit_base", patch_size=16, img_size=224)
     distiller = fdistill.FeatureDistiller(teacher, student)      # paper defaults
     out = distiller(images)        # images (B, 3, H, W) in [0, 1]; out["loss"].backward()

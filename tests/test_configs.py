@@ -72,7 +72,7 @@ def test_clip_vit_base_300ep_is_the_official_recipe():
     assert (o.warmup_epochs, o.warmup_lr, o.min_lr, tuple(o.betas), o.eps) == (10, 5e-7, 5e-6, (0.9, 0.999), 1e-8)
     assert c.data.batch_size == 128 and tuple(c.data.scale) == (0.08, 1.0) and c.train.epochs == 300
     assert c.teacher.after_norm and c.distill.norm == "standardize" and c.distill.beta == 2.0
-    assert c.teacher.spec == "timm:vit_base_patch16_clip_224.openai"
+    assert c.teacher.spec == "timm:vit_base_patch16_clip_quickgelu_224.openai"
 
 
 def test_other_recipes_differ_from_the_base_where_the_official_configs_do():
@@ -80,7 +80,7 @@ def test_other_recipes_differ_from_the_base_where_the_official_configs_do():
     assert c.train.epochs == 100 and c.student.drop_path_rate == 0.1 and tuple(c.data.scale) == (0.67, 1.0)
     c = _cfg("clip_vit_large_300ep.yaml")
     assert (c.student.arch, c.student.patch_size, c.student.drop_path_rate) == ("vit_large", 14, 0.3)
-    assert c.teacher.spec == "timm:vit_large_patch14_clip_224.openai"
+    assert c.teacher.spec == "timm:vit_large_patch14_clip_quickgelu_224.openai"
     for name, spec in (("dino_vit_base_300ep.yaml", "timm:vit_base_patch16_224.dino"),
                        ("deit_vit_base_300ep.yaml", "timm:deit_base_patch16_224.fb_in1k"),
                        ("mae_vit_base_300ep.yaml", "timm:vit_base_patch16_224.mae")):

@@ -7,7 +7,7 @@ import argparse
 from typing import List
 
 EXAMPLES = """examples:
-  fdistill diagnose attention-distance --model timm:vit_base_patch16_clip_224.openai --model runs/fd_clip \\
+  fdistill diagnose attention-distance --model timm:vit_base_patch16_clip_quickgelu_224.openai --model runs/fd_clip \\
       --data /data/imagenet --images 128 --device cuda --out diag/
   fdistill diagnose attention-maps --model runs/fd_clip --layers 1,2,-3,-2,-1 --data synthetic --out diag/
   fdistill diagnose loss-landscape --model finetune/clip --model finetune/fd_clip --data /data/imagenet --out diag/

@@ -10,7 +10,7 @@ Models:
 
 * a CLIP model with its text tower: ``open_clip:`` and ``hf:`` (full ``CLIPModel``) adapters give
   ``encode_text`` / ``encode_image`` / ``embed_tokens`` themselves;
-* a timm CLIP image tower (``timm:vit_base_patch16_clip_224.openai``) with its projection head:
+* a timm CLIP image tower (``timm:vit_base_patch16_clip_quickgelu_224.openai``) with its projection head:
   the image embedding is the tower's own ``forward_head``; the text tower must come from
   ``text_model`` (e.g. ``open_clip:ViT-B-16/openai``);
 * an **FD student distilled from a CLIP teacher**: the student's tokens go through the FD

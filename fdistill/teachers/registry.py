@@ -22,7 +22,7 @@ def register_teacher_source(prefix: str, factory: Callable[..., Teacher]) -> Non
 
 
 def create_teacher(spec: str, **kwargs) -> Teacher:
-    """Build a frozen teacher from a spec string, e.g. ``timm:vit_base_patch16_clip_224.openai``,
+    """Build a frozen teacher from a spec string, e.g. ``timm:vit_base_patch16_clip_quickgelu_224.openai``,
     ``open_clip:ViT-B-16/openai``, ``hf:openai/clip-vit-base-patch16``,
     ``python:my_models.py:build_resnet`` (with ``weights=PATH``, ``feature_module=...``)."""
     if isinstance(spec, Teacher):

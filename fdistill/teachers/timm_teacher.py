@@ -2,6 +2,7 @@
 ConvNets). ViTs give prefix + patch tokens; NHWC (Swin) and NCHW (CNN) maps become patch tokens."""
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -9,6 +10,8 @@ import torch.nn as nn
 
 from .base import Teacher, TeacherError, TeacherTokens, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
+
+log = logging.getLogger(__name__)
 
 
 class TimmTeacher(Teacher):
@@ -87,20 +90,29 @@ def create_timm_teacher(
     dynamic_img_size: Optional[bool] = None,
     mean: Optional[tuple] = None,
     std: Optional[tuple] = None,
+    allow_activation_mismatch: bool = False,
+    checkpoint_key: Optional[str] = None,
     **model_kwargs,
 ) -> TimmTeacher:
     """Build a frozen timm teacher.
 
     Args:
-        name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_clip_224.openai``).
+        name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_clip_quickgelu_224.openai``).
         pretrained: load the tag's weights from the Hugging Face cache / hub.
-        checkpoint: a local weight file (safetensors or a PyTorch state dict, loaded with
-            ``weights_only=True``) used instead of the hub; timm's own key conversion applies.
+        checkpoint: a local weight file (safetensors or a PyTorch file, loaded with
+            ``weights_only=True``) used instead of the hub, in the layout its authors publish
+            (OpenAI/open_clip CLIP, DINO, DeiT, MAE, EsViT, timm; see :mod:`fdistill.teachers.checkpoints`);
+            timm's own key conversion applies.
+        checkpoint_key: the entry of the file that holds the weights (e.g. ``teacher``), if
+            not the first of ``state_dict`` / ``model`` / ``teacher`` / ``module``.
         after_norm: target after the final norm (the official configs' ``PRED_FEAT_AFTERNORM``).
         img_size: input size if different from the model's default.
         dynamic_img_size: let a ViT take other input sizes (needed to align grids by resizing);
             by default turned on where the architecture supports it.
         mean, std: override the input normalisation of the model's pretrained config.
+        allow_activation_mismatch: build a model whose activation differs from the one its
+            weights were trained with (see :func:`check_native_activation`) with a warning
+            instead of an error.
         model_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tiny test models).
     """
     import timm
@@ -108,13 +120,15 @@ def create_timm_teacher(
     kwargs = dict(model_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    if checkpoint:
-        from pathlib import Path
+    state_dict = None
+    if checkpoint:  # read first: a bad file fails before any model is built
+        from .checkpoints import read_teacher_state_dict
 
-        if not Path(checkpoint).expanduser().is_file():
-            raise TeacherError(f"timm:{name}: checkpoint file not found: {checkpoint}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(checkpoint).expanduser()))
-        pretrained = True
+        try:
+            state_dict = read_teacher_state_dict(checkpoint, checkpoint_key)
+        except TeacherError as e:
+            raise TeacherError(f"timm:{name}: {e}") from None
+        pretrained = False  # the weights come from the file, not the hub
 
     def build(dyn: bool):
         extra = dict(dynamic_img_size=True) if dyn else {}
@@ -140,7 +154,45 @@ def create_timm_teacher(
         if pretrained and not checkpoint:
             raise pretrained_error(f"timm:{name}", e, "checkpoint=PATH") from e
         raise
+    if state_dict is not None:
+        from .checkpoints import load_into_timm_model
+
+        load_into_timm_model(model, state_dict, source=f"timm:{name} from {checkpoint}")
+    check_native_activation(name, model, weights_loaded=bool(pretrained) or state_dict is not None,
+                            allow=allow_activation_mismatch)
     if not hasattr(model, "patch_embed"):
         dyn = True  # fully convolutional: any input size works
     return TimmTeacher(model, name=f"timm:{name}", after_norm=after_norm, dynamic_img_size=dyn,
                        mean=mean, std=std)
+
+
+def model_activations(model: nn.Module) -> set:
+    """Class names of the activation modules of ``model``'s MLPs (e.g. ``{'GELU'}``, ``{'QuickGELU'}``)."""
+    return {type(m.act).__name__ for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "act")}
+
+
+def check_native_activation(name: str, model: nn.Module, *, weights_loaded: bool, allow: bool = False) -> None:
+    """Refuse a timm model whose weights were trained with another activation than it is built with.
+
+    OpenAI's CLIP towers were trained with QuickGELU, ``x * sigmoid(1.702 x)``; timm's plain
+    ``vit_*_clip_224.openai`` models build GELU and say so only in ``pretrained_cfg['notes']``
+    ("natively QuickGELU, use quickgelu model variant for original results"). With those weights
+    the tokens are not CLIP's, so a distillation target would silently be another network's. With
+    weights loaded this is an error naming the ``*_clip_quickgelu_*`` variant (``allow=True``:
+    a warning); a randomly initialised model only gets a warning (its activation is just a choice).
+    """
+    notes = " ".join(getattr(model, "pretrained_cfg", {}).get("notes", ()) or ())
+    if "quickgelu" not in notes.lower():
+        return
+    acts = model_activations(model)
+    if acts == {"QuickGELU"} or not acts:
+        return
+    arch, _, tag = name.partition(".")
+    fixed = arch.replace("_clip_", "_clip_quickgelu_", 1) if "_clip_quickgelu_" not in arch else arch
+    fixed = f"{fixed}.{tag}" if tag else fixed
+    msg = (f"timm:{name} is built with {'/'.join(sorted(acts))} but its weights were trained with QuickGELU "
+           f"(timm: {notes!r}), so its tokens would not be the original model's; use timm:{fixed} "
+           "(or open_clip:<arch>/openai)")
+    if weights_loaded and not allow:
+        raise TeacherError(msg + ", or pass allow_activation_mismatch=True to build it anyway")
+    log.warning("%s", msg)
