@@ -16,7 +16,10 @@ def _groups_by_name(model, opt):
     return {g["weight_decay"]: sorted(ids[id(p)] for p in g["params"]) for g in opt.param_groups}
 
 
-def test_no_weight_decay_on_biases_norms_tokens_and_position_tables(tiny_vit_teacher):
+def test_weight_decay_groups_follow_the_official_optimizer(tiny_vit_teacher):
+    """Official ``get_pretrain_param_groups``: no decay on 1-d tensors, ``.bias`` and the ViT's
+    ``no_weight_decay()`` ({pos_embed, cls_token}); everything else, the 2-d shared
+    relative-position-bias table included, decays."""
     student = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                              pos_embed="shared_rpb")
     d = FeatureDistiller(tiny_vit_teacher, student)
@@ -24,16 +27,30 @@ def test_no_weight_decay_on_biases_norms_tokens_and_position_tables(tiny_vit_tea
     groups = _groups_by_name(d.branch, opt)
     no_wd, wd = groups[0.0], groups[0.05]
     assert "student.cls_token" in no_wd and "student.mask_token" in no_wd
-    assert "student.rel_pos_bias.relative_position_bias_table" in no_wd  # 2-d, excluded by name
+    assert "student.rel_pos_bias.relative_position_bias_table" in wd  # 2-d and not named: decayed (official)
     assert "projector.bias" in no_wd and "student.norm.weight" in no_wd
     assert "student.blocks.0.gamma_1" in no_wd  # layer scale: 1-d
-    assert all(n.endswith((".bias", "q_bias", "v_bias")) or "norm" in n or "gamma" in n or n.endswith(("cls_token", "mask_token"))
-               or "relative_position_bias_table" in n for n in no_wd)
-    # every matrix of the blocks, patch embedding and projector decays
+    assert all(n.endswith((".bias", "q_bias", "v_bias")) or "norm" in n or "gamma" in n
+               or n.endswith(("cls_token", "mask_token")) for n in no_wd)
+    # every matrix of the blocks, patch embedding, projector and the bias table decays
     assert set(wd) == {n for n, p in d.branch.named_parameters() if p.ndim >= 2} - set(no_wd)
     assert "projector.weight" in wd and "student.blocks.1.attn.qkv.weight" in wd
     assert "student.patch_embed.proj.weight" in wd
     assert not any(n.startswith("teacher") for n in no_wd + wd)
+
+
+@pytest.mark.parametrize("pos_embed, table", [("shared_rpb", "student.rel_pos_bias.relative_position_bias_table"),
+                                              ("rpb", "student.blocks.1.attn.relative_position_bias_table")])
+def test_rel_pos_bias_tables_can_be_exempted_from_weight_decay(tiny_vit_teacher, pos_embed, table):
+    student = create_student("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             pos_embed=pos_embed)
+    d = FeatureDistiller(tiny_vit_teacher, student)
+    official = _groups_by_name(d.branch, create_adamw(d.branch, lr=1e-3, weight_decay=0.05))
+    exempt = _groups_by_name(d.branch, create_adamw(d.branch, lr=1e-3, weight_decay=0.05, decay_rel_pos_bias=False))
+    assert table in official[0.05] and table in exempt[0.0]
+    # nothing else moves between the groups
+    assert set(official[0.05]) - set(exempt[0.05]) == {n for n in official[0.05] if "relative_position_bias_table" in n}
+    assert set(exempt[0.0]) - set(official[0.0]) == set(official[0.05]) - set(exempt[0.05])
 
 
 def test_absolute_position_embedding_gets_no_decay(tiny_vit_teacher):

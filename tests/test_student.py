@@ -1,4 +1,5 @@
 """The FD student: position encodings, masking, MAE-style token dropping, timm compatibility."""
+import math
 import pytest
 import timm
 import torch
@@ -125,3 +126,46 @@ def test_grad_checkpointing_same_result():
     b = s.forward_tokens(x)
     b.sum().backward()
     assert torch.allclose(a, b) and torch.allclose(g, s.blocks[0].attn.qkv.weight.grad, atol=1e-6)
+
+
+# -- the official initialisation ---------------------------------------------------------------------
+#: std of a normal truncated at plus/minus one std, in units of that std: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))
+TRUNC1_STD = math.sqrt(1 - 2 * (math.exp(-0.5) / math.sqrt(2 * math.pi)) / math.erf(1 / math.sqrt(2)))
+
+
+def test_official_init_matches_the_official_scheme_per_parameter_group():
+    """Official FD student (``VisionTransformerForFD``): Linear and patch-embedding weights normal(0,
+    0.02) truncated at +-0.02, ``attn.proj`` / ``mlp.fc2`` then divided by sqrt(2 * layer); biases 0,
+    LayerNorm 1/0, [CLS] the same truncated normal, RPB table and q/v biases 0, layer scale 0.1."""
+    torch.manual_seed(0)
+    s = create_student("vit_tiny", img_size=64, patch_size=8, depth=3, init_values=0.1)
+    assert abs(TRUNC1_STD - 0.5396) < 1e-3
+    for name, p in s.named_parameters():
+        w = p.detach()
+        if name.endswith(".weight") and w.ndim >= 2:  # Linear and Conv2d
+            layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else None
+            rescaled = name.endswith(("attn.proj.weight", "mlp.fc2.weight"))
+            bound = 0.02 / math.sqrt(2 * layer) if rescaled else 0.02
+            assert w.abs().max() <= bound + 1e-7, name
+            assert abs(w.mean()) < 0.05 * bound, name
+            assert w.std() == pytest.approx(bound * TRUNC1_STD, rel=0.06), name
+        elif name.endswith(("gamma_1", "gamma_2")):
+            assert torch.all(w == 0.1), name
+        elif "norm" in name and name.endswith(".weight"):
+            assert torch.all(w == 1), name
+        elif name.endswith((".bias", "q_bias", "v_bias", "relative_position_bias_table")):
+            assert torch.all(w == 0), name
+        elif name in ("cls_token", "mask_token"):
+            assert w.abs().max() <= 0.02 and w.abs().max() > 0.01, name
+        else:
+            raise AssertionError(f"parameter {name} not covered by the official scheme")
+
+
+def test_timm_init_is_kept_on_request_and_differs_where_the_official_one_does():
+    torch.manual_seed(0)
+    timm_init = create_student("vit_tiny", img_size=64, patch_size=8, depth=2, init="timm")
+    pe = timm_init.patch_embed.proj.weight.detach()
+    assert pe.abs().max() > 0.02  # PyTorch's Kaiming-uniform conv init, bound 1/sqrt(3*8*8) = 0.072
+    assert timm_init.blocks[0].attn.qkv.weight.detach().abs().max() > 0.02  # untruncated normal(0, 0.02)
+    with pytest.raises(ValueError, match="unknown init"):
+        create_student("vit_tiny", init="xavier")

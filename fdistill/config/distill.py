@@ -43,7 +43,7 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass
 class TeacherConfig:
     #: a teacher spec: ``timm:<model>``, ``open_clip:<arch>/<tag>``, ``hf:<repo>``, ``python:<file>:<fn>``
-    spec: str = "timm:vit_base_patch16_clip_224.openai"
+    spec: str = "timm:vit_base_patch16_clip_quickgelu_224.openai"
     #: extra keyword arguments of the teacher factory (``checkpoint``, ``pretrained``, model sizes...)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     #: target = tokens after the teacher's final norm (official ``PRED_FEAT_AFTERNORM: True``)
@@ -53,7 +53,7 @@ class TeacherConfig:
 
     def __post_init__(self):
         _check(isinstance(self.spec, str) and ":" in self.spec,
-               f"teacher.spec {self.spec!r} must look like '<source>:<name>', e.g. 'timm:vit_base_patch16_clip_224.openai'")
+               f"teacher.spec {self.spec!r} must look like '<source>:<name>', e.g. 'timm:vit_base_patch16_clip_quickgelu_224.openai'")
 
 
 @dataclass
@@ -72,6 +72,9 @@ class StudentConfig:
     num_heads: Optional[int] = None
     #: activation checkpointing (recompute blocks in backward: less memory, ~30% more compute)
     grad_checkpointing: bool = False
+    #: ``official``: the official FD/BEiT initialisation (normal std 0.02 truncated at +-1 std, the
+    #: patch-embedding conv included; ``fix_init_weight``), ``timm``: timm's Beit init. FD ViT only
+    init: Literal["official", "timm"] = "official"
     #: extra ``timm.create_model`` arguments of a ``timm:`` student (e.g. ``window_size: 14``)
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -124,6 +127,8 @@ class DataConfig:
     img_size: Optional[int] = None
     #: RandomResizedCrop area range (official 300-epoch configs: 0.08; 100-epoch: 0.67)
     scale: Tuple[float, float] = (0.08, 1.0)
+    #: crop resampling: official ``data_fd.py`` uses ``T.RandomResizedCrop``'s default, bilinear
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     #: horizontal-flip probability
     hflip: float = 0.5
@@ -173,6 +178,9 @@ class OptimConfig:
     accum_steps: int = 1
     #: fused AdamW kernel; null = use it where torch has one (CUDA, CPU)
     fused: Optional[bool] = None
+    #: weight decay on the shared relative-position-bias table: the official optimizer decays it
+    #: (2-d, and not in the ViT's ``no_weight_decay()``); false exempts it (timm's Beit)
+    decay_rel_pos_bias: bool = True
 
     def __post_init__(self):
         _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
@@ -286,7 +294,7 @@ def student_args_of(cfg: DistillConfig) -> Dict[str, Any]:
                     grad_checkpointing=s.grad_checkpointing, **({"kwargs": dict(s.kwargs)} if s.kwargs else {}))
     return dict(arch=s.arch, img_size=s.img_size, patch_size=s.patch_size, pos_embed=s.pos_embed,
                 drop_path_rate=s.drop_path_rate, init_values=s.init_values, embed_dim=s.embed_dim,
-                depth=s.depth, num_heads=s.num_heads, grad_checkpointing=s.grad_checkpointing)
+                depth=s.depth, num_heads=s.num_heads, grad_checkpointing=s.grad_checkpointing, init=s.init)
 
 
 # -- builders: the only readers of a DistillConfig -----------------------------------------------
@@ -351,7 +359,8 @@ def build_optimizer(cfg: DistillConfig, model, *, total_batch: int):
 
     o = cfg.optim
     lr, _, _ = resolve_lr(o, total_batch)
-    return create_adamw(model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=o.fused)
+    return create_adamw(model, lr=lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, fused=o.fused,
+                        decay_rel_pos_bias=o.decay_rel_pos_bias)
 
 
 def build_scheduler(cfg: DistillConfig, optimizer, *, steps_per_epoch: int, total_batch: int):
@@ -381,7 +390,12 @@ def build_dataset(cfg: DistillConfig):
     if d.gpu_decode:
         return _build_encoded_dataset(d)
     return build_distill_dataset(d.path, img_size=data_img_size(cfg), scale=tuple(d.scale), ratio=tuple(d.ratio),
-                                 hflip=d.hflip, seed=cfg.train.seed, **d.kwargs)
+                                 hflip=d.hflip, seed=cfg.train.seed, **_view_kwargs(d))
+
+
+def _view_kwargs(d: "DataConfig") -> Dict[str, Any]:
+    """``data.kwargs`` with ``data.interpolation`` (a ``kwargs.interpolation`` of an older recipe wins)."""
+    return {"interpolation": d.interpolation, **d.kwargs}
 
 
 def _build_encoded_dataset(d: "DataConfig"):
@@ -411,7 +425,7 @@ def build_batch_view(cfg: DistillConfig, device) -> Callable[[dict], torch.Tenso
     if getattr(device, "type", str(device)) != "cuda":
         log.warning("data.gpu_decode without a CUDA device: JPEGs are decoded on the CPU in the training process")
     view = DeviceDistillView(data_img_size(cfg), scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
-                             seed=cfg.train.seed, **d.kwargs)
+                             seed=cfg.train.seed, **_view_kwargs(d))
     return lambda batch: view(batch, device)
 
 

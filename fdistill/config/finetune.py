@@ -100,6 +100,10 @@ class FinetuneOptimConfig:
     eps: float = 1e-8
     #: max global gradient norm; 0 turns clipping off
     clip_grad: float = 5.0
+    #: weight decay on the (2-d) relative-position-bias tables: the official ``optimizer.py``
+    #: decays every >= 2-d tensor not named by ``no_weight_decay()`` ({pos_embed, cls_token}), so
+    #: true; false exempts them (BEiT's fine-tuning, timm's Beit)
+    decay_rel_pos_bias: bool = True
 
     def __post_init__(self):
         _check(self.base_lr > 0 and (self.lr is None or self.lr > 0), "optim.base_lr / optim.lr must be > 0")
@@ -306,6 +310,7 @@ def build_finetune_recipe(cfg: FinetuneConfig, *, world_size: int = 1, device_ty
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
         lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        decay_rel_pos_bias=cfg.optim.decay_rel_pos_bias,
         clip_grad=cfg.optim.clip_grad, mixup=mixup, label_smoothing=a.label_smoothing,
         ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
         precision=_precision(cfg.precision, device_type), eval_interval=cfg.eval_interval,

@@ -176,7 +176,7 @@ class DeviceDistillView:
     seed (what ``build_distill_dataset(seed=...)`` would get)."""
 
     def __init__(self, img_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: str = "bicubic", seed: int = 0):
+                 interpolation: str = "bilinear", seed: int = 0):
         self.view: DistillView = distill_transform(img_size, scale=scale, ratio=ratio, hflip=hflip,
                                                    interpolation=interpolation)
         self.seed = int(seed)

@@ -122,7 +122,7 @@ def default_num_workers() -> int:
 def build_distill_dataset(path_or_name: Union[str, os.PathLike, Sequence[str]], *, img_size, scale=(0.08, 1.0),
                           ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0,
                           synthetic_size: int = DEFAULT_SYNTHETIC_SIZE, labels: Optional[bool] = False,
-                          interpolation: str = "bicubic") -> Dataset:
+                          interpolation: str = "bilinear") -> Dataset:
     """The distillation dataset for ``path_or_name`` with the FD view (:func:`distill_transform`).
 
     Args:

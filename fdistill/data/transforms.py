@@ -95,14 +95,15 @@ class DistillView(torch.nn.Module):
 
 def distill_transform(img_size: Union[int, Sequence[int]], scale: Tuple[float, float] = (0.08, 1.0),
                       ratio: Tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                      interpolation: str = "bicubic") -> DistillView:
+                      interpolation: str = "bilinear") -> DistillView:
     """The FD training view: RandomResizedCrop + horizontal flip -> uint8 tensor (3, H, W).
 
     Args:
         img_size: output side (int) or (H, W).
         scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges (paper defaults).
         hflip: flip probability (0 disables).
-        interpolation: ``bicubic`` (default, as timm/official) | ``bilinear`` | ``nearest``.
+        interpolation: ``bilinear`` (default: official ``data_fd.py`` uses ``T.RandomResizedCrop``'s
+            default) | ``bicubic`` | ``nearest``.
     """
     if not (0 < scale[0] <= scale[1] <= 1.0):
         raise DataError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")

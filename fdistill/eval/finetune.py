@@ -141,6 +141,7 @@ def finetune(
     min_lr: float = 2.5e-7 * 128 / 512,
     weight_decay: float = 0.05,
     layer_decay: float = 0.6,
+    decay_rel_pos_bias: bool = True,
     betas: Tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     clip_grad: float = 5.0,
@@ -175,6 +176,7 @@ def finetune(
         lr, warmup_lr, min_lr: peak, warm-up start and final learning rates (already scaled to
             the global batch); each layer's group multiplies them by its ``lr_scale``.
         weight_decay, layer_decay, betas, eps: AdamW + layer-wise lr decay.
+        decay_rel_pos_bias: weight decay on relative-position-bias tables (official FD: yes).
         clip_grad: max gradient norm (0: off).
         mixup: keyword arguments of timm ``Mixup`` (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
             ``switch_prob``, ``mode``) or None; label smoothing goes inside it when set.
@@ -217,7 +219,8 @@ def finetune(
     recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
                   max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
                   lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
-                  betas=list(betas), eps=eps, clip_grad=clip_grad, mixup=mixup, label_smoothing=label_smoothing,
+                  decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,
+                  mixup=mixup, label_smoothing=label_smoothing,
                   ema_decay=ema_decay, precision=precision, eval_interval=eval_interval, log_interval=log_interval,
                   seed=seed, train_images=len(train_ds))
 
@@ -253,8 +256,8 @@ def finetune(
     if spec["kind"] == "adapter" and not (source or {}).get("spec"):
         log.warning("no source spec given: load_classifier will not be able to rebuild this %s classifier "
                     "(pass source={'spec': ..., 'kwargs': ...})", adapter.name)
-    groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay,
-                                      no_weight_decay=no_weight_decay_patterns(model))
+    nwd = no_weight_decay_patterns(model, decay_rel_pos_bias=decay_rel_pos_bias)
+    groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay, no_weight_decay=nwd)
     optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
                                   warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=True,

@@ -16,6 +16,7 @@ Because the parameters keep BEiT's names, an exported student loads with
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,6 +29,8 @@ from timm.models.beit import Block as BeitBlock
 from torch.utils.checkpoint import checkpoint
 
 POS_EMBEDS = ("shared_rpb", "rpb", "ape")
+#: ``official``: the FD/BEiT initialisation (:meth:`FDStudent.official_init_`); ``timm``: timm's Beit
+INITS = ("official", "timm")
 
 #: Standard ViT widths (embed_dim, depth, num_heads), as in timm / DeiT / BEiT.
 STUDENT_SIZES: Dict[str, Tuple[int, int, int]] = {
@@ -151,6 +154,40 @@ class FDStudent(Beit):
     @torch.jit.ignore
     def no_weight_decay(self):
         return set(super().no_weight_decay()) | {"mask_token"}
+
+    @torch.no_grad()
+    def official_init_(self) -> "FDStudent":
+        """Re-initialise as the official FD student (``models/feature_distillation.py``
+        ``VisionTransformerForFD`` on ``models/vision_transformer.py``, BEiT's scheme).
+
+        Every Linear and the patch-embedding Conv2d: normal(0, 0.02) truncated at plus/minus one
+        std (``VisionTransformerForFD._trunc_normal_`` passes ``a=-std, b=std``), biases 0;
+        LayerNorm 1 / 0; [CLS] (and the mask token) the same truncated normal; relative-position
+        tables and q/v biases stay 0, layer scale stays ``init_values``; then ``fix_init_weight``:
+        each block's ``attn.proj`` and ``mlp.fc2`` weights divided by sqrt(2 * layer), layers
+        counted from 1. timm's Beit differs in two ways this undoes: its truncation bounds are
+        plus/minus 2 (absolute: 100 std, so effectively untruncated) and it leaves the
+        patch-embedding conv at PyTorch's default (Kaiming-uniform)."""
+        std = 0.02
+
+        def tn(t: torch.Tensor) -> None:
+            trunc_normal_(t, std=std, a=-std, b=std)
+
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                tn(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for t in (self.cls_token, self.pos_embed, self.mask_token):
+            if t is not None:
+                tn(t)
+        for layer_id, blk in enumerate(self.blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        return self
 
     # -- forward --------------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -282,13 +319,18 @@ def create_student(
     mlp_ratio: float = 4.0,
     qkv_bias: bool = True,
     grad_checkpointing: bool = False,
+    init: str = "official",
 ) -> FDStudent:
     """Build a randomly initialised FD student.
 
     ``arch`` is one of :data:`STUDENT_SIZES` (``vit_tiny`` ... ``vit_huge``); ``embed_dim``,
     ``depth`` and ``num_heads`` override its widths (tiny test models). Defaults follow the
-    official FD configs: shared relative position bias, layer scale 0.1, qkv bias, LN eps 1e-6.
+    official FD configs: shared relative position bias, layer scale 0.1, qkv bias, LN eps 1e-6,
+    the official initialisation (``init="official"``, :meth:`FDStudent.official_init_`;
+    ``"timm"`` keeps timm's Beit initialisation).
     """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
     if arch not in STUDENT_SIZES:
         raise ValueError(f"unknown student arch {arch!r}; expected one of {sorted(STUDENT_SIZES)}")
     d, L, h = STUDENT_SIZES[arch]
@@ -300,6 +342,8 @@ def create_student(
         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values, drop_path_rate=drop_path_rate,
     )
     model = FDStudent(pos_embed=pos_embed, **args)
+    if init == "official":
+        model.official_init_()
     model.set_grad_checkpointing(grad_checkpointing)
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()}
     model._timm_args = dict(args, num_classes=0, global_pool="token", **_pos_embed_flags(pos_embed))

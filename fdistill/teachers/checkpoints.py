@@ -16,7 +16,8 @@ EsViT Swin-B              ``{"student": ..., "teacher": {"backbone.*", "head.*"}
 (``module.``, ``_orig_mod.``, and ``backbone.``, dropping what is outside the backbone, e.g. a
 DINO/EsViT projection head); :func:`load_into_timm_model` then applies the architecture's own
 timm ``checkpoint_filter_fn`` (OpenAI CLIP -> timm ViT, original Swin -> timm Swin, position
-embedding resizing), drops a classifier the teacher does not use and loads strictly: any other
+embedding resizing), treats the classifier as optional (a teacher's tokens come from ``forward_features``) and loads
+strictly: any other
 missing or unexpected key is an error that names them. Written here because timm's
 ``pretrained_cfg_overlay=dict(file=...)`` path knows neither the DINO-style containers nor the
 ``backbone.`` prefix, and fails on a backbone-only file for a model with a classifier.
@@ -88,10 +89,16 @@ def load_into_timm_model(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
                                f"checkpoint: {type(e).__name__}: {e}") from e
     own = model.state_dict()
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
-    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    dropped = [k for k in sd if k not in own and any(k.startswith(c + ".") or k == c for c in classifiers + ("head",))]
-    sd = {k: v for k, v in sd.items() if k not in dropped and not k.endswith(REBUILT_BUFFERS)}
-    missing = [k for k in own if k not in sd and not k.endswith(REBUILT_BUFFERS)]
+    classifiers = ((classifier,) if isinstance(classifier, str) else tuple(classifier)) + ("head",)
+
+    def is_classifier(k: str) -> bool:
+        return any(k == c or k.startswith(c + ".") for c in classifiers)
+
+    # a teacher's tokens come from forward_features: its classifier is optional on both sides (a
+    # backbone-only file for a model with a head; a classifier of another class count is dropped)
+    sd = {k: v for k, v in sd.items() if not k.endswith(REBUILT_BUFFERS)
+          and not (is_classifier(k) and (k not in own or tuple(v.shape) != tuple(own[k].shape)))}
+    missing = [k for k in own if k not in sd and not k.endswith(REBUILT_BUFFERS) and not is_classifier(k)]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
         raise TeacherError(
@@ -99,8 +106,7 @@ def load_into_timm_model(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
             + (f"missing {len(missing)} keys (e.g. {missing[:4]})" if missing else "")
             + ("; " if missing and unexpected else "")
             + (f"unexpected {len(unexpected)} keys (e.g. {unexpected[:4]})" if unexpected else "")
-            + " -- check the model name and its kwargs (depth, width, window_size, num_classes) "
-              "or pass checkpoint_key=")
+            + " -- check the model name and its kwargs (depth, width, window_size) or pass checkpoint_key=")
     bad = [k for k, v in sd.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         k = bad[0]
