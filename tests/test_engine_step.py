@@ -71,3 +71,28 @@ def test_compiled_step_matches_eager(distiller):
     (ob,), _, _ = b(x)
     assert a.forward is not distiller  # still compiled: no fallback happened
     assert oa["loss"].item() == pytest.approx(ob["loss"].item(), rel=1e-4)
+
+
+def test_fp16_follows_the_official_grad_scaler(distiller):
+    """``train.precision=fp16`` is main_fd.py's AMP: ``amp.GradScaler()`` with its defaults (scale
+    2^16, x2 after 2000 finite steps, /2 on an overflow), ``unscale_`` before clipping (the clip
+    sees true gradients), and an overflowing step skipped with the weights untouched."""
+    step = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-3), precision="fp16", clip_grad=3.0)
+    s = step.scaler
+    assert s.is_enabled() and s.get_scale() == 2.0 ** 16
+    assert (s.get_growth_factor(), s.get_backoff_factor(), s.get_growth_interval()) == (2.0, 0.5, 2000)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    # the clip sees unscaled gradients: a norm of the gradients' own size, not scaled by 2^16
+    _, norm, ok = step([x])
+    assert bool(ok) and 0 < float(norm) < 1e3
+    # an overflow: the step is skipped, the weights stay, the scale halves
+    before = [p.detach().clone() for p in distiller.branch.parameters()]
+    first = next(p for p in distiller.branch.parameters() if p.requires_grad)
+    hook = first.register_hook(lambda g: torch.full_like(g, float("inf")))
+    _, norm, ok = step([x])
+    hook.remove()
+    assert not bool(ok)
+    assert s.get_scale() == 2.0 ** 15
+    assert all(torch.equal(a, b) for a, b in zip(distiller.branch.parameters(), before))
+    _, _, ok = step([x])
+    assert bool(ok) and not all(torch.equal(a, b) for a, b in zip(distiller.branch.parameters(), before))
