@@ -66,3 +66,22 @@ def test_bad_files_and_overrides(tmp_path):
         build_config(Cfg, tmp_path / "list.yaml")
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["novalue"])
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.base_lr=nan", "optim.weight_decay=-.inf",
+                                      "distill.mask_ratio=.nan", "student.drop_path_rate=inf", "optim.betas=[0.9, .nan]"])
+def test_non_finite_numbers_are_refused_before_any_compute(override):
+    """``optim.lr=.inf`` used to pass every ``> 0`` check and end in a run of non-finite weights."""
+    from fdistill.config.distill import DistillConfig
+
+    with pytest.raises(ConfigError, match="finite"):
+        build_config(DistillConfig, "configs/distill/tiny_cpu.yaml", [override])
+
+
+def test_non_finite_numbers_are_refused_in_every_schema():
+    from fdistill.config.finetune import FinetuneConfig, LinprobeConfig
+
+    with pytest.raises(ConfigError, match="optim.base_lr: must be a finite number"):
+        build_config(FinetuneConfig, None, ["optim.base_lr=.inf"])
+    with pytest.raises(ConfigError, match="finite"):
+        build_config(LinprobeConfig, None, ["weight_decay=nan"])
