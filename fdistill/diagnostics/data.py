@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ..data.workers import ignore_stop_signals
+
 Size2 = Tuple[int, int]
 
 
@@ -37,7 +39,8 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(Subset(self.dataset, self.indices), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, persistent_workers=False)
+                            num_workers=self.num_workers, persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals)
         for images, labels in loader:
             yield images, torch.as_tensor(labels, dtype=torch.long)
 

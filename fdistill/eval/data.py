@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.workers import ignore_stop_signals
+
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
            "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
 
@@ -88,7 +90,7 @@ def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=False, generator=g,
+        persistent_workers=False, generator=g, worker_init_fn=ignore_stop_signals,
     )
 
 

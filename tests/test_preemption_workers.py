@@ -1,0 +1,104 @@
+"""Pre-emption as clusters send it: SIGTERM to the whole process group, DataLoader workers included.
+
+Before the fix the workers died of the signal and the training process raised "DataLoader worker
+(pid ...) is killed by signal: Terminated" instead of writing its pre-emption checkpoint.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdistill.data.workers import STOP_SIGNALS, ignore_stop_signals
+
+REPO = Path(__file__).resolve().parents[1]
+FDISTILL = [sys.executable, "-m", "fdistill.cli.main"]
+
+
+def _start(argv, log):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(FDISTILL + argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # its own process group, as under torchrun / SLURM
+
+
+def _wait_for(cond, proc, timeout=240.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def _stop_group(proc):
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the group: the run and its loader workers
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_workers_ignore_the_stop_signals():
+    """The worker_init_fn itself (run here, in a child, so the test process keeps its handlers)."""
+    code = ("import os, signal; from fdistill.data.workers import ignore_stop_signals; ignore_stop_signals(0); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); print('alive')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "alive"
+    assert signal.SIGTERM in STOP_SIGNALS and signal.SIGUSR1 in STOP_SIGNALS and callable(ignore_stop_signals)
+
+
+def test_distill_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
+    out = tmp_path / "run"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = _start(["distill", "--config", "configs/distill/tiny_cpu.yaml", "--output", str(out),
+                       "data.num_workers=2", "data.path=synthetic:20000", "train.epochs=50",
+                       "train.ckpt_interval=4", "train.log_interval=2"], log)
+        try:
+            ok = _wait_for(lambda: any((out / "checkpoints").glob("ckpt_*.pt")) if (out / "checkpoints").is_dir()
+                           else False, proc)
+            assert ok, log_path.read_text()[-3000:]
+            rc = _stop_group(proc)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    assert "is killed by signal" not in text
+    assert "stopped by SIGTERM" in text, text[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    step = int(text.split("stopped by SIGTERM at step ")[1].split("/")[0])
+    assert ckpts and any(int(p.stem.split("_")[1]) == step for p in ckpts), \
+        ([p.name for p in ckpts], step)
+    ck = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    assert int(ck["progress"]["step"]) == step
+
+
+def test_finetune_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
+    out = tmp_path / "ft"
+    log_path = tmp_path / "log.txt"
+    kw = '{"pretrained": false, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
+    with open(log_path, "w") as log:
+        proc = _start(["finetune", "--config", "configs/finetune/tiny_cpu.yaml", "--model", "timm:vit_tiny_patch16_224",
+                       "--model-kwargs", kw, "--train", "synthetic:20000", "--output", str(out),
+                       "data.num_workers=2", "epochs=50", "log_interval=1"], log)
+        try:
+            ok = _wait_for(lambda: "finetune 1/50:" in log_path.read_text(), proc)  # training, workers up
+            assert ok, log_path.read_text()[-3000:]
+            rc = _stop_group(proc)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    assert "is killed by signal" not in text
+    assert (out / "checkpoints" / "last.pt").is_file(), text[-3000:]
+    ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert int(ck["step"]) > 0
