@@ -61,9 +61,28 @@ def _export(args) -> int:
 
     out = export_student(args.run, format=args.format, output=args.output, verify=not args.no_verify)
     print(f"exported the student ({args.format}) to {out}")
+    _print_licence(out)
     if args.format == "timm":
         print(f"  load it with: timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
+
+
+def _print_licence(out) -> None:
+    """The teacher provenance the export recorded, and the non-commercial warning if it applies."""
+    import json
+    from pathlib import Path
+
+    from ..engine.export import MODEL_CARD, non_commercial_warning
+
+    try:
+        prov = json.loads((Path(out) / "fdistill_export.json").read_text())["teacher"]["provenance"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return
+    print(f"  teacher {prov['spec']}: weights {prov.get('weights')}, license {prov.get('license')} "
+          f"(the student's weights derive from them; see {Path(out) / MODEL_CARD})")
+    warn = non_commercial_warning(prov)
+    if warn:
+        print(f"  WARNING: {warn}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

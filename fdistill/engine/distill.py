@@ -123,8 +123,16 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
 
 
 def _teacher_info(cfg: DistillConfig, teacher) -> Dict[str, Any]:
+    # provenance: which weights the teacher carries and their licence, which the student inherits
+    # (plain strings / None, so the checkpoint still loads with weights_only=True)
+    prov = dict(getattr(teacher, "provenance", None) or {})
+    provenance = {"spec": str(prov.get("spec") or cfg.teacher.spec),
+                  "weights": None if prov.get("weights") is None else str(prov["weights"]),
+                  "license": str(prov.get("license") or "unknown"),
+                  "license_source": None if prov.get("license_source") is None else str(prov["license_source"])}
     return {"spec": cfg.teacher.spec, "kwargs": dict(cfg.teacher.kwargs), "after_norm": cfg.teacher.after_norm,
-            "embed_dim": int(teacher.embed_dim), "num_prefix_tokens": int(teacher.num_prefix_tokens)}
+            "embed_dim": int(teacher.embed_dim), "num_prefix_tokens": int(teacher.num_prefix_tokens),
+            "provenance": provenance}
 
 
 # -- the run -------------------------------------------------------------------------------------

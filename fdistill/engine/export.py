@@ -19,11 +19,22 @@ Two formats:
     ``student.safetensors`` (every student weight, mask token included), ``projector.safetensors``
     (the FD projector, for student-side zero-shot and diagnostics) and ``fdistill_export.json``
     (the ``create_student`` arguments, the teacher's spec, the step and source checkpoint).
+
+The licence travels with the weights: a student is trained to reproduce its teacher's features, so
+its weights are derived from the teacher's. Both formats record the teacher's provenance (spec,
+weights, licence; see :func:`fdistill.teachers.base.make_provenance`) in ``fdistill_export.json``
+(``teacher.provenance``), the timm format also in ``config.json`` (root ``teacher``, and
+``pretrained_cfg.license`` / ``notes``), and write a ``MODEL_CARD.md`` saying which teacher
+weights the student derives from and under which licence. A non-commercial teacher licence
+(``cc-by-nc-*``, "non-commercial") is logged as a warning: the student inherits it. Checkpoints
+written before fdistill recorded provenance export with licence "unknown".
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -33,8 +44,88 @@ import torch
 from .checkpoint import CKPT_DIR, latest_valid_checkpoint, load_checkpoint
 from .errors import RunError
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("timm", "safetensors")
 _MARKERS = ("config.json", "fdistill_export.json")
+MODEL_CARD = "MODEL_CARD.md"
+#: license_source of a checkpoint written before fdistill recorded the teacher's provenance
+NOT_RECORDED = "not recorded (checkpoint written before fdistill recorded teacher provenance)"
+
+
+def teacher_provenance(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher provenance of a checkpoint dict: ``{"spec", "weights", "license",
+    "license_source"}``; an older checkpoint without one gives ``weights``/``license`` "unknown"."""
+    teacher = ckpt.get("teacher") or {}
+    prov = teacher.get("provenance")
+    spec = teacher.get("spec") or (ckpt.get("config") or {}).get("teacher", {}).get("spec") or "unknown"
+    if not isinstance(prov, dict):
+        return {"spec": spec, "weights": "unknown", "license": "unknown", "license_source": NOT_RECORDED}
+    return {"spec": prov.get("spec") or spec, "weights": prov.get("weights"),
+            "license": prov.get("license") or "unknown", "license_source": prov.get("license_source")}
+
+
+def licence_notice(prov: Dict[str, Any]) -> str:
+    """One sentence: what the student's weights derive from and under which licence."""
+    from ..teachers.base import RANDOM_INIT_LICENSE
+
+    if prov.get("license") == RANDOM_INIT_LICENSE:
+        return (f"The teacher {prov['spec']} was randomly initialised (no pre-trained weights), so no teacher "
+                "licence applies to this student.")
+    weights = prov.get("weights") or "unknown"
+    return (f"These weights are derived, by feature distillation, from the weights '{weights}' of the teacher "
+            f"{prov['spec']}, licensed {prov.get('license') or 'unknown'}; the student inherits that licence.")
+
+
+def non_commercial_warning(prov: Dict[str, Any]) -> Optional[str]:
+    """A warning text when the teacher's licence is non-commercial, else ``None``."""
+    from ..teachers.base import is_non_commercial
+
+    if not is_non_commercial(prov.get("license")):
+        return None
+    return (f"the teacher {prov['spec']} (weights '{prov.get('weights')}') is licensed {prov['license']}, a "
+            "NON-COMMERCIAL licence: the exported student is derived from those weights and inherits it; do not "
+            "use it commercially")
+
+
+def _card_license_fields(license: str) -> str:
+    """YAML front matter ``license:`` lines (Hugging Face style): an id as is, anything else as other."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license or ""):
+        return f"license: {license}\n"
+    return f"license: other\nlicense_name: {json.dumps(str(license))}\n"
+
+
+def write_model_card(folder: Path, info: Dict[str, Any], *, format: str) -> Path:
+    """``MODEL_CARD.md``: where the weights come from and the licence they inherit."""
+    prov = info["teacher"]["provenance"]
+    warn = non_commercial_warning(prov)
+    args = info.get("student_args", {})
+    arch = args.get("arch", "vit") if isinstance(args, dict) else "vit"
+    load = (f"    import timm\n    model = timm.create_model('local-dir:<this folder>', pretrained=True)\n"
+            if format == "timm" else
+            "    from fdistill.models.loading import load_model\n    model = load_model('<this folder>')\n")
+    lines = [
+        "---", _card_license_fields(prov.get("license") or "unknown").rstrip("\n"),
+        "tags: [fdistill, feature-distillation]", "---", "",
+        f"# Feature-distilled student ({arch}) of {prov['spec']}", "",
+        "## Licence", "", licence_notice(prov), "",
+        f"- teacher: `{prov['spec']}`",
+        f"- teacher weights: `{prov.get('weights')}`",
+        f"- teacher licence: `{prov.get('license')}`"
+        + (f" (source: {prov['license_source']})" if prov.get("license_source") else ""), "",
+    ]
+    if warn:
+        lines += [f"**Warning:** {warn}.", ""]
+    lines += [
+        "## Provenance", "",
+        f"Distilled with fdistill (Feature Distillation, Wei et al. 2023): step {info.get('step')} of the run "
+        f"checkpoint `{Path(str(info.get('source_checkpoint', ''))).name}`; input {info.get('img_size')} px, "
+        f"mean {info.get('mean')}, std {info.get('std')}.", "",
+        "## Use", "", load,
+    ]
+    path = folder / MODEL_CARD
+    path.write_text("\n".join(lines))
+    return path
 
 
 def resolve_checkpoint(run_or_ckpt: str | os.PathLike) -> Path:
@@ -122,8 +213,10 @@ def export_student(run_or_ckpt: str | os.PathLike, *, format: str = "timm", outp
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     student = rebuild_student(ckpt)
+    prov = teacher_provenance(ckpt)
     info = {
-        "format": "fdistill-student", "student_args": ckpt["student_args"], "teacher": ckpt.get("teacher", {}),
+        "format": "fdistill-student", "student_args": ckpt["student_args"],
+        "teacher": {**(ckpt.get("teacher") or {}), "provenance": prov},
         "step": int(ckpt["progress"]["step"]), "source_checkpoint": str(ckpt_path.resolve()),
         "mean": list(student.mean), "std": list(student.std), "img_size": list(student.img_size),
         "grid_size": list(student.grid_size),
@@ -137,21 +230,29 @@ def export_student(run_or_ckpt: str | os.PathLike, *, format: str = "timm", outp
                 save_file({k: v.contiguous() for k, v in ckpt["model"]["projector"].items()},
                           str(tmp / "projector.safetensors"))
             (tmp / "fdistill_export.json").write_text(json.dumps(info, indent=2))
+            write_model_card(tmp, info, format=format)
         else:
             from timm.models import save_for_hf
 
             model = _timm_model_of(student)
             h, w = student.img_size
-            # the tag/license of the architecture's default config would describe someone else's weights
-            meta = {"pretrained_cfg": {"tag": "fdistill", "license": "derived from the teacher's weights: see its license"}}
+            # the tag/license of the architecture's default config would describe someone else's weights;
+            # the student's weights derive from the teacher's and inherit their licence
+            meta = {"pretrained_cfg": {"tag": "fdistill", "license": prov["license"], "notes": [licence_notice(prov)],
+                                       "description": f"feature-distilled student of {prov['spec']}"},
+                    "teacher": prov}
             save_for_hf(model, str(tmp), model_config=meta, safe_serialization=True,
                         data_config={"mean": tuple(student.mean), "std": tuple(student.std), "input_size": (3, h, w)})
             (tmp / "fdistill_export.json").write_text(json.dumps(info, indent=2))
+            write_model_card(tmp, info, format=format)
             if verify:
                 verify_timm_export(tmp, student)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    warn = non_commercial_warning(prov)
+    if warn:
+        log.warning("fdistill export: %s (see %s)", warn, out / MODEL_CARD)
     return out
 
 

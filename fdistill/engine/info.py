@@ -4,10 +4,18 @@ Parameters are counted on the built models; FLOPs per image are counted by
 :class:`torch.utils.flop_counter.FlopCounterMode` on one image (matmuls, convolutions and
 attention, as multiply-adds x 2). One training image costs a teacher forward plus a student +
 projector forward and backward (backward ~ 2x forward): ``teacher + 3 x (student + projector)``.
+
+The teacher is described by :func:`teacher_report` (data; :func:`describe_run` prints it): the
+activation and norm layers it is built with (class names, e.g. ``QuickGELU`` for OpenAI CLIP
+weights -- a ``GELU`` build of those weights gives other tokens), its token grid at the size the
+distiller feeds it, prefix tokens, the grid alignment with the student, and its provenance
+(weights and licence, which the student inherits).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import re
+from collections import Counter
+from typing import Any, Dict, List, Sequence
 
 import torch
 import yaml
@@ -29,6 +37,78 @@ def forward_flops(fn, *args) -> int:
     with counter:
         fn(*args)
     return int(counter.get_total_flops())
+
+
+_ACT = re.compile(r"gelu|relu|silu|swish|mish|hardswish|hardsigmoid|(^|[^a-z])elu|glu|activation", re.IGNORECASE)
+_NORM = re.compile(r"norm", re.IGNORECASE)
+_NOT_A_LAYER = re.compile(r"dropout|identity|droppath", re.IGNORECASE)
+
+
+def layer_types(module: torch.nn.Module, kind: str) -> Dict[str, int]:
+    """Class names of a model's activation (``kind="activation"``) or normalisation (``"norm"``)
+    layers with how many of each, most frequent first (e.g. ``{'QuickGELU': 12}``,
+    ``{'LayerNorm': 25}``). Activations are leaf modules whose class names say so (``GELU``,
+    ``QuickGELU``, ``QuickGELUActivation``, ``SiLU``, ``ReLU``...): the MLPs' act layers of a ViT,
+    the ReLUs of a CNN. Functional activations (``F.gelu`` called in ``forward``) are not modules
+    and are not seen."""
+    pattern = {"activation": _ACT, "norm": _NORM}[kind]
+    found: Counter = Counter()
+    for m in module.modules():
+        name = type(m).__name__
+        if _NOT_A_LAYER.search(name) or not pattern.search(name):
+            continue
+        if kind == "activation" and any(True for _ in m.children()):
+            continue  # a block named ...Activation... holding layers is not itself one
+        found[name] += 1
+    return dict(found.most_common())
+
+
+def _types_text(types: Dict[str, int]) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in types.items()) if types else "none found (functional?)"
+
+
+def teacher_report(distiller) -> Dict[str, Any]:
+    """What the distiller's teacher is: ``spec``, ``activation`` / ``norm`` (class name -> count,
+    see :func:`layer_types`), ``input_size`` (what the distiller feeds it), ``grid`` (its token grid
+    there), ``prefix_tokens``, ``patch_size``, ``embed_dim``, ``alignment`` (how the grid meets
+    the student's: ``mode`` none / resize / interpolate and the distiller's description),
+    ``weights``, ``license`` and ``license_source`` (its provenance)."""
+    t = distiller.teacher
+    size = tuple(distiller.teacher_img_size)
+    grid = tuple(t.grid_size(size))
+    prov = dict(getattr(t, "provenance", None) or {})
+    return {
+        "spec": prov.get("spec") or t.name,
+        "activation": layer_types(t.model, "activation"),
+        "norm": layer_types(t.model, "norm"),
+        "input_size": list(size), "grid": list(grid),
+        "prefix_tokens": int(t.num_prefix_tokens), "patch_size": t.patch_size, "embed_dim": int(t.embed_dim),
+        "alignment": {"mode": distiller.align, "student_grid": list(distiller.student_grid),
+                      "description": distiller.describe_alignment()},
+        "weights": prov.get("weights"), "license": prov.get("license", "unknown"),
+        "license_source": prov.get("license_source"),
+    }
+
+
+def teacher_report_lines(rep: Dict[str, Any]) -> List[str]:
+    """:func:`teacher_report` as aligned text lines."""
+    from ..teachers.base import is_non_commercial
+
+    lic = rep["license"] + (f" (from {rep['license_source']})" if rep.get("license_source") else "")
+    lines = [
+        "# teacher",
+        f"spec        {rep['spec']}",
+        f"activation  {_types_text(rep['activation'])}",
+        f"norm        {_types_text(rep['norm'])}",
+        f"tokens      {rep['prefix_tokens']} prefix + {rep['grid'][0]}x{rep['grid'][1]} grid at input "
+        f"{rep['input_size'][0]}x{rep['input_size'][1]} (patch {rep['patch_size']}, width {rep['embed_dim']})",
+        f"alignment   {rep['alignment']['mode']}: {rep['alignment']['description']}",
+        f"weights     {rep['weights'] if rep['weights'] is not None else 'none (random init)'}",
+        f"license     {lic}",
+    ]
+    if is_non_commercial(rep["license"]):
+        lines.append("            NON-COMMERCIAL: a student distilled from these weights inherits the licence")
+    return lines
 
 
 def _fmt(n: float, unit: str = "") -> str:
@@ -68,6 +148,8 @@ def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -
         f"[CLS]     target: {d.cls_target}; loss: norm={d.norm}, beta={d.beta}, cls_weight={d.cls_weight}, "
         f"granularity={d.granularity}" + (f", mask {d.mask_ratio:.0%} {d.mask_type}" if d.mask_ratio else ""),
         f"cost      {_fmt(train_flops, 'FLOPs')} per training image (teacher fwd + 3 x student/projector fwd)",
+        "",
+        *teacher_report_lines(teacher_report(d)),
         "",
         "# optimisation (global batch = data.batch_size x processes x optim.accum_steps)",
     ]

@@ -241,6 +241,7 @@ def create_hf_teacher(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     dtype: torch.dtype = torch.float32,
+    license: Optional[str] = None,
     **model_kwargs,
 ) -> HFTeacher:
     """Build a frozen Hugging Face teacher.
@@ -252,6 +253,8 @@ def create_hf_teacher(
         after_norm: tokens after the final norm (default) or before it.
         mean, std: override the preprocessing statistics.
         dtype: parameter dtype (default float32, whatever the checkpoint stores).
+        license: the weights' licence, when the model card does not say (or says wrong);
+            recorded in ``teacher.provenance`` (see :func:`hf_provenance`).
         model_kwargs: passed to ``from_pretrained`` (e.g. ``revision=``, ``attn_implementation="eager"``).
     """
     from transformers import AutoConfig, AutoModel
@@ -285,7 +288,33 @@ def create_hf_teacher(
     if mean is None or std is None:
         m, s = _normalization(source, config.model_type, local or bool(_offline()))
         mean, std = mean or m, std or s
-    return HFTeacher(model, name=spec, after_norm=after_norm, mean=mean, std=std, source=source)
+    teacher = HFTeacher(model, name=spec, after_norm=after_norm, mean=mean, std=std, source=source)
+    teacher.provenance = hf_provenance(spec, source, local=local, pretrained=pretrained, license=license,
+                                       revision=model_kwargs.get("revision"), cache_dir=model_kwargs.get("cache_dir"))
+    return teacher
+
+
+def hf_provenance(spec: str, source: str, *, local: bool, pretrained: bool, license: Optional[str] = None,
+                  revision: Optional[str] = None, cache_dir: Optional[str] = None) -> dict:
+    """``teacher.provenance`` of an ``hf:`` teacher (see :func:`fdistill.teachers.base.make_provenance`).
+
+    weights: the hub repo id (``repo@revision`` when a revision is given) or the local folder's
+    name; ``None`` with ``pretrained=False``. license: ``license=`` if given, else the model card's
+    ``license:`` (README.md front matter in the folder, or the repo's README.md when it is in the
+    local Hugging Face cache: nothing is downloaded for it), else "unknown"."""
+    from .base import cached_hub_model_card_license, license_from_model_card, make_provenance
+
+    if not pretrained:
+        return make_provenance(spec, weights=None)
+    if local:
+        weights = Path(source).name or source
+        card = license_from_model_card(Path(source) / "README.md")
+    else:
+        weights = f"{source}@{revision}" if revision else source
+        card = cached_hub_model_card_license(source, revision=revision, cache_dir=cache_dir)
+    if license:
+        return make_provenance(spec, weights=weights, license=license, license_source="user (license=)")
+    return make_provenance(spec, weights=weights, license=card, license_source="model card")
 
 
 def _offline() -> bool:

@@ -42,6 +42,19 @@ from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)
 
+#: licences of open_clip pretrained tags, which open_clip's pretrained configs do not state: only
+#: the well-known ones (first match of the tag's prefix wins); everything else is "unknown" unless
+#: the tag's hub model card is in the local cache or the user passes ``license=``.
+#: openai: OpenAI's CLIP release (github.com/openai/CLIP) is MIT; laion*: the LAION OpenCLIP
+#: model cards say MIT; metaclip*: Meta's MetaCLIP weights are CC-BY-NC-4.0; webli: Google's
+#: SigLIP (big_vision) weights are Apache-2.0.
+OPEN_CLIP_TAG_LICENSES: Tuple[Tuple[str, str], ...] = (
+    ("openai", "mit"),
+    ("laion", "mit"),
+    ("metaclip", "cc-by-nc-4.0"),
+    ("webli", "apache-2.0"),
+)
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".npy")
 HOW_LOCAL = "checkpoint=PATH (or the spec open_clip:<arch>/<path to a .safetensors/.bin file>)"
 
@@ -325,6 +338,7 @@ def create_open_clip_teacher(
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     cache_dir: Optional[str] = None,
+    license: Optional[str] = None,
     **create_kwargs,
 ) -> OpenClipTeacher:
     """Build a frozen open_clip teacher.
@@ -343,6 +357,8 @@ def create_open_clip_teacher(
             pretrained weights load, as open_clip's ``force_image_size`` does).
         mean, std: override the model's preprocessing statistics.
         cache_dir: open_clip download cache.
+        license: the weights' licence, when you know it (e.g. a local weight file); recorded in
+            ``teacher.provenance`` (see :func:`open_clip_provenance`).
         create_kwargs: passed to ``open_clip.create_model`` (e.g. ``force_quick_gelu=True``).
             QuickGELU is switched on automatically for tags trained with it (``openai``).
     """
@@ -359,6 +375,7 @@ def create_open_clip_teacher(
         raise TeacherError(f"{spec}: weight file not found: {checkpoint}")
     weights: Optional[str] = checkpoint if pretrained else None
     tokenizer_name = arch
+    tag_cfg: Dict[str, Any] = {}
 
     if model_cfg is not None:
         if tag:
@@ -414,4 +431,50 @@ def create_open_clip_teacher(
             raise TeacherError(f"{spec}: open_clip could not build the model: {e}") from e
     if weights:
         load_clip_weights(clip, weights, spec)
-    return OpenClipTeacher(clip, name=spec, after_norm=after_norm, tokenizer_name=tokenizer_name, mean=mean, std=std)
+    teacher = OpenClipTeacher(clip, name=spec, after_norm=after_norm, tokenizer_name=tokenizer_name, mean=mean,
+                              std=std)
+    teacher.provenance = open_clip_provenance(spec, arch, tag, weights, tag_cfg=tag_cfg, cache_dir=cache_dir,
+                                              license=license)
+    return teacher
+
+
+def open_clip_provenance(spec: str, arch: str, tag: Optional[str], weights: Optional[str], *,
+                         tag_cfg: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
+                         license: Optional[str] = None) -> Dict[str, Any]:
+    """``teacher.provenance`` of an open_clip teacher (see :func:`fdistill.teachers.base.make_provenance`).
+
+    weights (``None``: nothing loaded, random init): the pretrained tag; the hub repo of
+    ``hf-hub:``; the folder name of ``local-dir:``; else the weight file's name.
+    license: ``license=`` if given; else the model card (README.md front matter) of the
+    ``local-dir:`` folder, of the ``hf-hub:`` repo or of the tag's hub repo when it is in the local
+    Hugging Face cache; else, for a tag, :data:`OPEN_CLIP_TAG_LICENSES`; else "unknown"."""
+    from .base import cached_hub_model_card_license, license_from_model_card, make_provenance
+
+    if not weights:
+        return make_provenance(spec, weights=None)
+    card = None
+    if arch.startswith("local-dir:"):
+        folder = Path(arch.split(":", 1)[1]).expanduser()
+        name = folder.name or str(folder)
+        card = license_from_model_card(folder / "README.md")
+    elif arch.startswith("hf-hub:"):
+        name = arch.split(":", 1)[1]
+        repo, _, rev = name.partition("@")
+        card = cached_hub_model_card_license(repo, revision=rev or None, cache_dir=cache_dir)
+    elif tag:
+        name = tag
+        hub = str((tag_cfg or {}).get("hf_hub") or "").strip("/")
+        if hub:
+            card = cached_hub_model_card_license(hub, cache_dir=cache_dir)
+    else:
+        name = Path(weights).name
+    if license:
+        return make_provenance(spec, weights=name, license=license, license_source="user (license=)")
+    if card:
+        return make_provenance(spec, weights=name, license=card, license_source="model card")
+    if tag:
+        for prefix, lic in OPEN_CLIP_TAG_LICENSES:
+            if tag.lower().startswith(prefix):
+                return make_provenance(spec, weights=name, license=lic,
+                                       license_source="fdistill's table of open_clip tags (OPEN_CLIP_TAG_LICENSES)")
+    return make_provenance(spec, weights=name)

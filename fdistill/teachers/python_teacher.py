@@ -316,6 +316,7 @@ def create_python_teacher(
     dynamic_img_size: Optional[bool] = None,
     after_norm: bool = True,
     pretrained: bool = True,
+    license: Optional[str] = None,
 ) -> PythonTeacher:
     """Build a frozen teacher from the user's own model code.
 
@@ -340,6 +341,9 @@ def create_python_teacher(
         after_norm: accepted for a uniform teacher config; a ``python:`` teacher's target is exactly
             what ``feature_method``/``feature_module`` returns (hook the norm or the block before it).
         pretrained: ``False`` skips ``weights`` (random initialisation, e.g. for smoke tests).
+        license: the licence of the model's weights, which fdistill cannot know for user code;
+            recorded in ``teacher.provenance`` (see :func:`python_provenance`). Never passed to the
+            factory: a ``license`` entry of ``factory_kwargs`` is taken as this and removed too.
     """
     spec = f"python:{rest}"
     if map_format not in MAP_FORMATS:
@@ -354,12 +358,33 @@ def create_python_teacher(
     if not after_norm:
         log.warning("%s: after_norm=False has no effect on a python: teacher; choose the tokens with "
                     "feature_module (e.g. the last block instead of the final norm)", spec)
-    model = _build_model(source, factory_name, dict(factory_kwargs or {}), spec)
+    factory_kwargs = dict(factory_kwargs or {})
+    if "license" in factory_kwargs:  # a licence is fdistill's business, not the factory's
+        given = factory_kwargs.pop("license")
+        license = license or given
+    model = _build_model(source, factory_name, factory_kwargs, spec)
     if weights and pretrained:
         load_into(model, load_state_dict_file(weights, key=weights_key), strict=strict, what=f"{spec} ({weights})")
     feature_method, feature_module = _check_feature_access(model, feature_method, feature_module, spec)
     reader = FeatureReader(feature_method=feature_method, feature_module=feature_module,
                            num_prefix_tokens=num_prefix_tokens, patch_size=patch_size, map_format=map_format,
                            name=spec)
-    return PythonTeacher(model, reader, name=spec, mean=mean, std=std, img_size=img_size,
-                         dynamic_img_size=dynamic_img_size)
+    teacher = PythonTeacher(model, reader, name=spec, mean=mean, std=std, img_size=img_size,
+                            dynamic_img_size=dynamic_img_size)
+    teacher.provenance = python_provenance(spec, weights=weights, pretrained=pretrained, license=license)
+    return teacher
+
+
+def python_provenance(spec: str, *, weights: Optional[str], pretrained: bool, license: Optional[str]) -> dict:
+    """``teacher.provenance`` of a ``python:`` teacher (see :func:`fdistill.teachers.base.make_provenance`).
+
+    weights: the ``weights=`` file's name; ``None`` (random init, licence "none (random init)")
+    with ``pretrained=False``; with ``pretrained=True`` and no ``weights=`` the factory built the
+    model as it likes (it may load weights of its own), recorded as ``"<factory>"``.
+    license: the user's ``license=``; "unknown" without one (fdistill cannot know)."""
+    from .base import make_provenance
+
+    if not pretrained:
+        return make_provenance(spec, weights=None)
+    name = Path(weights).name if weights else "<factory>"
+    return make_provenance(spec, weights=name, license=license, license_source="user (license=)")

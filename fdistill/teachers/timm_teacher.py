@@ -92,6 +92,7 @@ def create_timm_teacher(
     std: Optional[tuple] = None,
     allow_activation_mismatch: bool = False,
     checkpoint_key: Optional[str] = None,
+    license: Optional[str] = None,
     **model_kwargs,
 ) -> TimmTeacher:
     """Build a frozen timm teacher.
@@ -113,6 +114,8 @@ def create_timm_teacher(
         allow_activation_mismatch: build a model whose activation differs from the one its
             weights were trained with (see :func:`check_native_activation`) with a warning
             instead of an error.
+        license: the licence of the weights, when you know it better than timm (e.g. for a
+            local ``checkpoint``); recorded in ``teacher.provenance`` (see :func:`timm_provenance`).
         model_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tiny test models).
     """
     import timm
@@ -162,8 +165,11 @@ def create_timm_teacher(
                             allow=allow_activation_mismatch)
     if not hasattr(model, "patch_embed"):
         dyn = True  # fully convolutional: any input size works
-    return TimmTeacher(model, name=f"timm:{name}", after_norm=after_norm, dynamic_img_size=dyn,
-                       mean=mean, std=std)
+    teacher = TimmTeacher(model, name=f"timm:{name}", after_norm=after_norm, dynamic_img_size=dyn,
+                          mean=mean, std=std)
+    teacher.provenance = timm_provenance(name, model, loaded=bool(pretrained) or bool(checkpoint),
+                                         checkpoint=checkpoint, license=license)
+    return teacher
 
 
 def model_activations(model: nn.Module) -> set:
@@ -196,3 +202,36 @@ def check_native_activation(name: str, model: nn.Module, *, weights_loaded: bool
     if weights_loaded and not allow:
         raise TeacherError(msg + ", or pass allow_activation_mismatch=True to build it anyway")
     log.warning("%s", msg)
+
+
+def timm_provenance(name: str, model: nn.Module, *, loaded: bool, checkpoint: Optional[str] = None,
+                    license: Optional[str] = None) -> dict:
+    """``teacher.provenance`` of a timm teacher (see :func:`fdistill.teachers.base.make_provenance`).
+
+    weights: the pretrained tag (``openai``, ``augreg_in21k_ft_in1k``...), the local checkpoint's
+    file name, or the folder / repo of a ``local-dir:`` / ``hf-hub:`` name; ``None`` when randomly
+    initialised. license: ``license=`` if given, else timm's
+    ``pretrained_cfg['license']`` -- for a local checkpoint only when the model name names a tag
+    (``arch.tag``: the file is taken to hold that tag's weights), "unknown" otherwise."""
+    from pathlib import Path
+
+    from .base import make_provenance
+
+    spec = f"timm:{name}"
+    if not loaded:
+        return make_provenance(spec, weights=None)
+    pcfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if checkpoint:
+        weights = Path(checkpoint).name
+        stated = pcfg.get("license") if "." in name else None
+        where = f"timm pretrained_cfg of tag {pcfg.get('tag')!r} (local file)"
+    elif name.startswith(("local-dir:", "hf-hub:")):  # e.g. an fdistill export: its folder / repo
+        where_from = name.split(":", 1)[1]
+        weights = Path(where_from).name if name.startswith("local-dir:") else where_from
+        stated, where = pcfg.get("license"), "timm pretrained_cfg (config.json)"
+    else:
+        weights = pcfg.get("tag") or pcfg.get("hf_hub_id") or name
+        stated, where = pcfg.get("license"), "timm pretrained_cfg"
+    if license:
+        return make_provenance(spec, weights=weights, license=license, license_source="user (license=)")
+    return make_provenance(spec, weights=weights, license=stated, license_source=where)
