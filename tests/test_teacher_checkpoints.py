@@ -143,3 +143,61 @@ def test_openai_clip_weights_in_a_gelu_model_are_refused(tmp_path):
     # the same weights give other tokens under the other activation: the check is not cosmetic
     x = torch.rand(2, 3, 32, 32)
     assert not torch.allclose(_tokens(t, x), _tokens(q, x), atol=1e-4)
+
+
+# -- fdistill info on every Table-1 recipe, its teacher read from a file of the published layout --------
+def _write_layout(tmp_path, recipe):
+    """(checkpoint file, tiny teacher kwargs) for ``recipe``'s teacher, in its authors' layout."""
+    if recipe.startswith("clip"):
+        from safetensors.torch import save_file
+
+        patch = 14 if "large" in recipe else 16
+        cfg = dict(embed_dim=16, quick_gelu=True,
+                   vision_cfg=dict(image_size=224, patch_size=patch, width=32, layers=1, head_width=16),
+                   text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=2, layers=1))
+        ref = create_teacher("open_clip:custom", pretrained=False, model_cfg=cfg)
+        f = tmp_path / "clip.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.clip_model.state_dict().items()}, str(f))
+        return f, dict(embed_dim=32, depth=1, num_heads=2)
+    if recipe.startswith("esvit"):
+        kw = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+        src = _timm_source("swin_base_patch4_window7_224", num_classes=0, window_size=14, **kw)
+        f = tmp_path / "checkpoint_best.pth"
+        torch.save({"teacher": {f"backbone.{k}": v for k, v in _original_swin_layout(src.state_dict()).items()}}, f)
+        return f, kw
+    arch = "deit_base_patch16_224" if recipe.startswith("deit") else "vit_base_patch16_224"
+    kw = dict(embed_dim=32, depth=1, num_heads=2)
+    src = _timm_source(arch, num_classes=0, **kw)
+    f = tmp_path / "teacher.pth"
+    torch.save({"model": src.state_dict()}, f)
+    return f, kw
+
+
+@pytest.mark.parametrize("recipe, act, norm", [
+    ("clip_vit_base_300ep", "QuickGELU", "LayerNorm"), ("clip_vit_large_300ep", "QuickGELU", "LayerNorm"),
+    ("dino_vit_base_300ep", "GELU", "LayerNorm"), ("deit_vit_base_300ep", "GELU", "LayerNorm"),
+    ("mae_vit_base_300ep", "GELU", "LayerNorm"), ("esvit_swin_base_300ep", "GELU", "LayerNorm"),
+])
+def test_info_on_each_table1_recipe_names_activation_norm_grid_alignment_and_licence(tmp_path, recipe, act, norm):
+    from fdistill.engine.info import describe_run
+
+    f, kw = _write_layout(tmp_path, recipe)
+    base = build_config(DistillConfig, f"configs/distill/{recipe}.yaml")
+    kwargs = {k: v for k, v in base.teacher.kwargs.items() if k != "checkpoint"}
+    kwargs.update(kw, checkpoint=str(f))
+    if base.student.arch.startswith("timm:"):  # the SwinV2 student, tiny
+        student = ["student.kwargs={window_size: 14, embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2]}"]
+    else:
+        student = ["student.depth=1", "student.embed_dim=32", "student.num_heads=2"]
+    import yaml
+
+    teacher = f"teacher.kwargs={yaml.safe_dump(kwargs, default_flow_style=True).strip()}"
+    cfg = build_config(DistillConfig, f"configs/distill/{recipe}.yaml",
+                       [teacher, "train.device=cpu", "train.precision=fp32"] + student)
+    text = describe_run(cfg, processes=(16,))
+    assert act in text and norm in text, text
+    assert "QuickGELU" not in text or act == "QuickGELU"
+    grid = "7x7" if recipe.startswith("esvit") else ("16x16" if "large" in recipe else "14x14")
+    assert grid in text, text
+    assert "licen" in text.lower() and "weights" in text.lower()
+    assert "align" in text.lower()
