@@ -100,7 +100,11 @@ def test_generic_adapter_classifier(tmp_path):
     with pytest.raises(Exception, match="no prefix token"):
         build_classifier(create_teacher(spec_str, **kwargs), 5, global_pool="token")
     _save(model.eval(), spec, list("abcde"), tmp_path / "g")
-    loaded = load_classifier(tmp_path / "g")
+    from fdistill.teachers.trust import UntrustedSpecError
+
+    with pytest.raises(UntrustedSpecError):  # a recorded python: spec runs code: only when trusted
+        load_classifier(tmp_path / "g")
+    loaded = load_classifier(tmp_path / "g", trust_recorded_spec=True)
     assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
 
 

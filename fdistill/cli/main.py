@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"fdistill {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--trust-recorded-spec", action="store_true",
+                        help="build model specs recorded in checkpoints / classifier.json even when that runs code "
+                             "('python:' specs, trust_remote_code); may also follow the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -55,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..teachers.trust import FLAG, trust_recorded_specs
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trusted = FLAG in argv  # accepted anywhere on the line, before or after the command
+    args = parser.parse_args([a for a in argv if a != FLAG])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not getattr(args, "func", None):
@@ -66,7 +73,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tune_cpu_allocator()
     try:
-        result = args.func(args)
+        with trust_recorded_specs(trusted):
+            result = args.func(args)
     except _user_errors() as e:
         if args.verbose:
             raise

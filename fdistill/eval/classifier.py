@@ -230,7 +230,7 @@ def _timm_model_args(model: nn.Module) -> Optional[Dict[str, Any]]:
     return json.loads(json.dumps(args, default=list)) if args else None
 
 
-def rebuild_classifier(spec: Dict[str, Any]) -> nn.Module:
+def rebuild_classifier(spec: Dict[str, Any], *, trust_recorded_spec: bool = False) -> nn.Module:
     """The (untrained) network a ``classifier.json`` spec describes; load its weights after."""
     kind = spec.get("kind")
     n, pool = int(spec["num_classes"]), spec["global_pool"]
@@ -256,6 +256,9 @@ def rebuild_classifier(spec: Dict[str, Any]) -> nn.Module:
         src = spec.get("source") or {}
         if not src.get("spec"):
             raise WeightsError("classifier.json does not say which model the classifier was built on")
+        from ..teachers.trust import check_recorded_spec
+
+        check_recorded_spec(src["spec"], src.get("kwargs"), where="classifier.json", trusted=trust_recorded_spec)
         adapter = load_model(src["spec"], frozen=False, **(src.get("kwargs") or {}))
         return AdapterClassifier(adapter, n, pool)
     raise WeightsError(f"unknown classifier kind {kind!r} in classifier.json")
@@ -275,12 +278,15 @@ def save_classifier_spec(spec: Dict[str, Any], classes: Sequence[str], out_dir: 
     return p
 
 
-def load_classifier(path: str | os.PathLike, *, which: str = "best", device: str | torch.device = "cpu") -> LoadedClassifier:
+def load_classifier(path: str | os.PathLike, *, which: str = "best", device: str | torch.device = "cpu",
+                    trust_recorded_spec: bool = False) -> LoadedClassifier:
     """Rebuild a fine-tuned classifier from a ``fdistill finetune`` output folder.
 
     Args:
         path: the output folder, or one of its ``model_*.safetensors`` files.
         which: ``best`` (highest validation top-1; falls back to ``last``) or ``last``.
+        trust_recorded_spec: build a recorded backbone spec that runs code (``python:``,
+            ``trust_remote_code``); refused otherwise (:mod:`fdistill.teachers.trust`).
 
     Returns:
         :class:`LoadedClassifier` ``(model, mean, std, classes, img_size, info)``, the model in
@@ -306,7 +312,7 @@ def load_classifier(path: str | os.PathLike, *, which: str = "best", device: str
         raise WeightsError(f"{spec_path} is not valid JSON: {e}") from e
     if info.get("format") != CLASSIFIER_FORMAT:
         raise WeightsError(f"{spec_path} is not an fdistill classifier description")
-    model = rebuild_classifier(info)
+    model = rebuild_classifier(info, trust_recorded_spec=trust_recorded_spec)
     from ..weights import load_into
 
     load_into(model, load_state_dict_file(weights), what=f"classifier {info.get('kind')} from {weights}")

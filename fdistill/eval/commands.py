@@ -250,6 +250,9 @@ def _teacher_of(student, cfg) -> Teacher:
     if not info.get("spec"):
         raise TeacherError(f"{student.name} does not record its teacher; give it with --teacher SPEC")
     kw = dict(info.get("kwargs") or {})
+    from ..teachers.trust import check_recorded_spec
+
+    check_recorded_spec(info["spec"], kw, where=f"{student.name}'s checkpoint")
     if info.get("after_norm") is False:
         kw["after_norm"] = False
     return create_teacher(info["spec"], **kw)
