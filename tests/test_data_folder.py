@@ -163,3 +163,14 @@ def test_symlink_cycle_terminates(tmp_path):
     (tmp_path / "a" / "loop").symlink_to(tmp_path / "a")
     ds = ImageFolderDataset(tmp_path, labels=False)
     assert [p.rsplit("/", 1)[1] for p, _ in ds.samples] == ["x.png"]
+
+
+def test_a_fifo_named_like_an_image_is_not_listed(tmp_path):
+    """Opening a FIFO blocks until a writer appears: the loader hung forever on one named x.jpg."""
+    import os
+
+    (tmp_path / "cat").mkdir()
+    _img(tmp_path / "cat" / "a.png", 10)
+    os.mkfifo(tmp_path / "cat" / "b.jpg")
+    ds = ImageFolderDataset(str(tmp_path), labels=True)
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["a.png"]

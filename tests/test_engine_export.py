@@ -121,3 +121,18 @@ def test_export_errors_are_clear(tmp_path):
         export_student(tmp_path / "empty")
     with pytest.raises(RunError, match="unknown export format"):
         export_student(tmp_path / "empty", format="onnx")
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    """A run whose student went non-finite (e.g. a bad lr) must not be exported as a usable model."""
+    from fdistill.engine.checkpoint import save_checkpoint
+
+    run_dir = _run(tmp_path / "run")
+    ck_path = latest_valid_checkpoint(run_dir)
+    ck = load_checkpoint(ck_path)
+    key = next(k for k, v in ck["model"]["student"].items() if v.is_floating_point() and v.ndim == 2)
+    ck["model"]["student"][key][0, 0] = float("nan")
+    save_checkpoint(ck_path, ck)
+    with pytest.raises(RunError, match=r"1 student tensors hold NaN/inf"):
+        export_student(run_dir, format="timm")
+    assert not (run_dir / "export_timm").exists()

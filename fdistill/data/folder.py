@@ -45,8 +45,9 @@ def _walk_images(root: str, extensions: Tuple[str, ...]) -> List[str]:
             continue
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(os.path.join(dirpath, f) for f in filenames
-                   if not f.startswith(".") and _is_image(f, extensions))
+        out.extend(p for p in (os.path.join(dirpath, f) for f in filenames
+                               if not f.startswith(".") and _is_image(f, extensions))
+                   if os.path.isfile(p))  # regular files only: a FIFO named *.jpg would block the reader
     out.sort()
     return out
 

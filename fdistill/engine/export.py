@@ -208,11 +208,15 @@ def export_student(run_or_ckpt: str | os.PathLike, *, format: str = "timm", outp
     ckpt = load_checkpoint(ckpt_path)
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CKPT_DIR else ckpt_path.parent
     out = Path(output).expanduser() if output else run_dir / f"export_{format}"
+    student = rebuild_student(ckpt)
+    bad = [n for n, t in student.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RunError(f"{ckpt_path}: {len(bad)} student tensors hold NaN/inf values (e.g. {bad[:3]}); refusing to "
+                       "export them. Resume from an earlier checkpoint or lower the learning rate")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    student = rebuild_student(ckpt)
     prov = teacher_provenance(ckpt)
     info = {
         "format": "fdistill-student", "student_args": ckpt["student_args"],
