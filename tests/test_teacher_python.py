@@ -305,3 +305,16 @@ def test_distills_into_a_student(user_file, tiny_student):
     out = d(torch.rand(2, 3, 32, 32))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_model_of_another_native_size_gets_the_img_size_hint(tmp_path):
+    """A CIFAR-size ViT probed at the default 224 px used to fail with a raw size mismatch inside the model."""
+    from fdistill.teachers import TeacherError, create_teacher
+
+    f = tmp_path / "vit32.py"
+    f.write_text("import timm\n\ndef build():\n    return timm.create_model('vit_tiny_patch16_224', pretrained=False, "
+                 "img_size=32, patch_size=4, depth=1, embed_dim=32, num_heads=2)\n")
+    with pytest.raises(TeacherError, match=r"224x224 probe image .*pass img_size=<that size>"):
+        create_teacher(f"python:{f}:build")
+    t = create_teacher(f"python:{f}:build", img_size=32, num_prefix_tokens=1)
+    assert t.grid_size((32, 32)) == (8, 8)

@@ -155,8 +155,17 @@ class PythonTeacher(Teacher):
         img = to_2tuple(img_size)
         model.eval()
         with torch.no_grad():
-            probe, is_map = reader.read(model, torch.zeros(1, 3, *img, dtype=_float_dtype(model),
-                                                          device=_device(model)))
+            try:
+                probe, is_map = reader.read(model, torch.zeros(1, 3, *img, dtype=_float_dtype(model),
+                                                              device=_device(model)))
+            except TeacherError:
+                raise
+            except (RuntimeError, ValueError, AssertionError) as e:  # e.g. position embeddings of another size
+                raise TeacherError(
+                    f"{name}: the model fails on a {img[0]}x{img[1]} probe image ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:160] if str(e) else ''}); if its native input size is not "
+                    f"{img[0]}, pass img_size=<that size> (e.g. --model-kwargs '{{\"img_size\": 32}}', or "
+                    "teacher.kwargs.img_size in a recipe)") from e
         grid = tuple(probe.grid)
         patch = reader.patch_size
         if patch is None and img[0] % grid[0] == 0 and img[1] % grid[1] == 0 and img[0] // grid[0] == img[1] // grid[1]:
