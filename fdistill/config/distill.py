@@ -250,12 +250,27 @@ class DistillConfig:
 
 #: dotted config keys that may change when a run resumes (logging, length, where files go,
 #: how fast it runs). Every other key changes the model, the data or the optimisation, and a
-#: checkpoint written under another value is refused.
+#: checkpoint written under another value is refused -- except :data:`RESUME_GLOBAL_BATCH_KEYS`.
+#: (``data.num_workers`` is free for image folders and ``synthetic``; for tar shards the engine
+#: refuses a change in the middle of an epoch, see :func:`fdistill.data.shards.check_resume_layout`.)
 RESUME_SAFE_KEYS = (
     "train.epochs", "train.max_steps", "train.log_interval", "train.ckpt_interval", "train.keep_last",
     "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device", "train.cpu_threads",
-    "data.path", "data.num_workers", "data.gpu_decode", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
+    "data.path", "data.num_workers", "data.gpu_decode", "student.grad_checkpointing", "teacher.kwargs.checkpoint", "teacher.kwargs.license",
 )
+
+#: keys that may change on resume *only if the global batch stays equal*: ``data.batch_size x
+#: processes x optim.accum_steps`` (images per optimizer step), e.g. half the processes with twice
+#: the batch after a pre-emption. :func:`fdistill.engine.check_resume_compatible` checks it when
+#: given both world sizes (and refuses any change of these keys when not).
+RESUME_GLOBAL_BATCH_KEYS = ("data.batch_size", "optim.accum_steps")
+
+
+def global_batch_of(config: Dict[str, Any], world_size: int) -> Tuple[int, int, int, int]:
+    """``(global batch, data.batch_size, world_size, optim.accum_steps)`` of a config dict
+    (:func:`fdistill.config.to_dict`, or a checkpoint's ``"config"``) run on ``world_size`` processes."""
+    b, a, w = int(config["data"]["batch_size"]), int(config["optim"]["accum_steps"]), int(world_size)
+    return b * w * a, b, w, a
 
 
 # -- derived values ------------------------------------------------------------------------------

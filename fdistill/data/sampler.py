@@ -7,6 +7,20 @@ from a generator seeded with ``seed + epoch``, padded or truncated to a multiple
 ``num_replicas``, rank ``r`` taking every ``num_replicas``-th index from ``r``), so a run that
 is interrupted and resumed with :meth:`set_start` sees exactly the samples an uninterrupted
 run sees, in the same order.
+
+Global positions (resuming on another number of processes). Position ``p`` of rank ``r``'s
+order is position ``p * num_replicas + r`` of the epoch's *global* order
+(:meth:`~ResumableDistributedSampler.global_order`: the permutation, which does not depend on
+the world size, padded or truncated at its tail). So when every rank has consumed ``k``
+samples, all ranks together have consumed exactly the global positions ``[0, k * num_replicas)``,
+whatever the world size. A training step of global batch ``G = batch_size x ranks x
+accum_steps`` therefore takes global positions ``[s*G, (s+1)*G)`` of the epoch for any split of
+``G``: a run resumed on another number of processes (same ``G``) sees the same *set* of samples
+at every step, and a checkpoint only needs the number of samples of the epoch consumed by all
+ranks together, re-split on resume with :func:`split_position` /
+:meth:`~ResumableDistributedSampler.set_global_start`. What depends on the split is which rank
+(and which micro-batch) holds which sample of a step, i.e. only the order of the float
+reductions and the per-rank random draws, not the samples.
 """
 from __future__ import annotations
 
@@ -15,6 +29,23 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import Sampler
+
+
+def split_position(consumed: int, num_replicas: int, batch_size: int = 1) -> int:
+    """This rank's start position for ``consumed`` samples of the epoch consumed by all ranks
+    together (a global position, see the module doc): ``consumed / num_replicas``.
+
+    Raises ValueError unless ``consumed`` is a whole number of global batches of ``batch_size``
+    per rank (``consumed % (num_replicas * batch_size) == 0``): otherwise ranks would start at
+    different depths and the union of what they have seen would not be a prefix of the order."""
+    consumed, num_replicas, batch_size = int(consumed), int(num_replicas), int(batch_size)
+    if consumed < 0 or num_replicas < 1 or batch_size < 1:
+        raise ValueError(f"need consumed >= 0, num_replicas >= 1, batch_size >= 1; got {consumed}, "
+                         f"{num_replicas}, {batch_size}")
+    if consumed % (num_replicas * batch_size):
+        raise ValueError(f"{consumed} samples consumed in the epoch are not a whole number of batches of "
+                         f"{batch_size} on each of {num_replicas} rank(s): cannot re-split the position")
+    return consumed // num_replicas
 
 
 class ResumableDistributedSampler(Sampler):
@@ -66,8 +97,22 @@ class ResumableDistributedSampler(Sampler):
             raise ValueError(f"start {index} outside this rank's epoch of {self.num_samples} samples")
         self.start = int(index)
 
-    def epoch_indices(self, epoch: Optional[int] = None) -> List[int]:
-        """This rank's full index order for ``epoch`` (default: the current one), from position 0."""
+    def set_global_start(self, consumed: int) -> None:
+        """Skip what all ranks together consumed of the current epoch: ``consumed`` samples of
+        the global order (see the module doc), possibly counted under another world size.
+        Must be a multiple of ``num_replicas`` (:func:`split_position`)."""
+        self.set_start(split_position(consumed, self.num_replicas))
+
+    @property
+    def global_start(self) -> int:
+        """Samples of the current epoch consumed by all ranks together at the start position."""
+        return self.start * self.num_replicas
+
+    def global_order(self, epoch: Optional[int] = None) -> List[int]:
+        """The epoch's order over all ranks (``total_size`` indices; rank ``r`` takes
+        ``[r::num_replicas]``). Up to its padded or truncated tail (the first
+        ``min(dataset_len, total_size)`` entries) it is the epoch's permutation, the same for
+        every world size."""
         epoch = self.epoch if epoch is None else int(epoch)
         if self.shuffle:
             g = torch.Generator()
@@ -80,7 +125,11 @@ class ResumableDistributedSampler(Sampler):
             order += (order * math.ceil(pad / len(order)))[:pad]
         else:
             order = order[:self.total_size]
-        return order[self.rank:self.total_size:self.num_replicas]
+        return order
+
+    def epoch_indices(self, epoch: Optional[int] = None) -> List[int]:
+        """This rank's full index order for ``epoch`` (default: the current one), from position 0."""
+        return self.global_order(epoch)[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[Union[int, Tuple[int, int]]]:
         order = self.epoch_indices()[self.start:]
@@ -93,11 +142,17 @@ class ResumableDistributedSampler(Sampler):
         return self.num_samples - self.start
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed}
+        """``start`` is this rank's position; ``global_start`` (with ``num_replicas``) what all
+        ranks consumed, which :meth:`load_state_dict` re-splits under another world size."""
+        return {"epoch": self.epoch, "start": self.start, "seed": self.seed,
+                "global_start": self.global_start, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"sampler state has seed {state['seed']}, this sampler {self.seed}: "
                              "the epoch order would differ")
         self.set_epoch(int(state["epoch"]))
-        self.set_start(int(state["start"]))
+        if "global_start" in state:
+            self.set_global_start(int(state["global_start"]))
+        else:  # an old state: a per-rank position, valid only under its own world size
+            self.set_start(int(state["start"]))

@@ -19,6 +19,15 @@ This is exact for the same ``num_workers`` while every worker still has data, i.
 everywhere except the last, partial round of an epoch when workers hold unequal numbers of
 samples, and when no bad sample was dropped before the resume point (skipped samples are not
 decoded, so a dropped one shifts the stream by one sample).
+
+The stream of a rank is fixed by the *layout* ``(world size, DataLoader workers, batch size per
+rank)``: which shards a worker reads and which batches the DataLoader takes from it follow from
+it. Mid-epoch, a resume under another layout would skip samples that were never seen and
+repeat others (the old run's workers read other shard groups), so it is refused:
+:func:`check_resume_layout`, called by the training engine. ``num_workers`` 0 and 1 are the same
+layout (one stream per rank). At an epoch boundary any layout is accepted: the next epoch is
+the one a run started under the new layout reads. (Making another layout exact mid-epoch would
+need every shard's sample count, i.e. reading all shards the old workers had started.)
 """
 from __future__ import annotations
 
@@ -122,6 +131,36 @@ def _decode_label(sample: dict) -> int:
             except ValueError:
                 return -1
     return -1
+
+
+def stream_layout(*, world_size: int, num_workers: int, batch_size: int) -> dict:
+    """The values that fix a rank's shard stream (see the module doc); ``num_workers`` 0 (the
+    main process reads) counts as 1 worker: both read all of the rank's shards in order."""
+    return {"world_size": int(world_size), "num_workers": max(1, int(num_workers)), "batch_size": int(batch_size)}
+
+
+def check_resume_layout(saved: dict, now: dict, *, samples_in_epoch: int, epoch: int = 0) -> None:
+    """Refuse to resume a shard stream mid-epoch under another :func:`stream_layout`.
+
+    ``saved``/``now``: the layouts of the checkpointed run and of this one;
+    ``samples_in_epoch``: what all ranks had consumed of the epoch (0: an epoch boundary,
+    where any layout is fine). Raises :class:`DataError` naming each value that differs."""
+    if int(samples_in_epoch) == 0:
+        return
+    raw = dict(saved)
+    saved, now = stream_layout(**saved), stream_layout(**now)
+    names = {"world_size": "processes", "num_workers": "data.num_workers (0 counts as 1)",
+             "batch_size": "data.batch_size"}
+    fixes = {"world_size": f"{saved['world_size']} process(es)", "num_workers": f"data.num_workers={raw['num_workers']}",
+             "batch_size": f"data.batch_size={saved['batch_size']}"}
+    differ = [k for k in names if saved[k] != now[k]]
+    if differ:
+        raise DataError(
+            f"cannot resume tar-shard data in the middle of epoch {epoch} ({samples_in_epoch} samples consumed) "
+            f"with another stream layout ({'; '.join(f'{names[k]}: {saved[k]} in the checkpoint, {now[k]} now' for k in differ)}): "
+            "each DataLoader worker of each process streams its own group of shards, so another split would "
+            f"repeat some samples and never show others. Resume with {', '.join(fixes[k] for k in differ)} "
+            "(the layout may change at an epoch boundary), or start a new run.")
 
 
 class WebShardDataset(IterableDataset):

@@ -9,7 +9,16 @@ strings)::
      "model": {"student": state_dict, "projector": state_dict},
      "teacher": {"spec", "kwargs", "embed_dim", "num_prefix_tokens"},
      "optimizer": ..., "scheduler": ..., "scaler": ..., "rng": {"per_rank": [...]},
-     "progress": {"epoch", "step", "micro_in_epoch", "samples_in_epoch", "samples", ...}}
+     "progress": {"step", "epoch", "step_in_epoch", "samples_in_epoch", "samples", "world_size",
+                  "batch_size", "accum_steps", "num_workers", "total_batch", "steps_per_epoch",
+                  "total_steps"}}
+
+``samples_in_epoch`` counts the samples of the current epoch consumed by *all* processes
+together (not per process), so a run resumed on another number of processes at the same global
+batch (``total_batch``) re-splits it over its ranks; ``rng["per_rank"]`` holds one state per
+process of the writing run (re-derived, not mapped, under another world size). ``batch_size``,
+``accum_steps`` and ``num_workers`` (the writer's split; older checkpoints lack them and their
+``config`` says the same) let the engine check what may change.
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over
 the final name (``os.replace`` is atomic on POSIX) and the folder is fsync'ed: a crash at any

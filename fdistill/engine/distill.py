@@ -13,25 +13,38 @@ The run folder (``train.output``) holds ``config.yaml`` (the resolved config),
 
 Exact resume: the data order and views are a pure function of (seed, epoch, index) and the
 loader starts at any sample (``fdistill.data``); the checkpoint carries the optimizer, scaler,
-every RNG state of every rank and the step, from which epoch and position follow. So a run
-stopped at step k and resumed ends with the same weights as one that never stopped
-(``tests/test_engine_resume.py`` checks with ``torch.equal`` on CPU).
+every RNG state of every rank, the step and the samples of the epoch consumed by all ranks
+together. So a run stopped at step k and resumed ends with the same weights as one that never
+stopped (``tests/test_engine_distill.py`` checks with ``torch.equal`` on CPU).
+
+Resume on another number of processes: allowed at the same global batch (``data.batch_size x
+processes x optim.accum_steps``; the per-process batch and the accumulation may change). The
+epoch position is re-split over the new ranks (the sampler's global positions,
+:mod:`fdistill.data.sampler`), so every later step takes the same set of samples, with the same
+views, as the original run would have; per-rank generators that cannot map 1:1 are re-derived
+from (seed, step, rank) (:func:`rederived_seed`). Tar-shard streams refuse another layout mid-epoch
+(:func:`fdistill.data.shards.check_resume_layout`). Checked in ``tests/test_resume_world_size.py``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..config import ConfigError, diff_configs, save_yaml, to_dict
-from ..config.distill import (RESUME_SAFE_KEYS, DistillConfig, build_batch_view, build_dataset, build_distiller,
-                              build_loader, build_optimizer, build_scheduler, resolve_lr, resolve_precision,
-                              student_args_of)
+from ..config.distill import (RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, DistillConfig, build_batch_view,
+                              build_dataset, build_distiller, build_loader, build_optimizer, build_scheduler,
+                              global_batch_of, resolve_lr, resolve_precision, student_args_of)
+from ..data.errors import DataError
+from ..data.sampler import split_position
+from ..data.shards import WebShardDataset, check_resume_layout
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint, FORMAT, VERSION)
 from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
@@ -62,7 +75,8 @@ class RunResult:
 
 
 def distill(cfg: DistillConfig, *, resume: str = "auto",
-            on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+            on_step: Optional[Callable[[int], None]] = None,
+            on_batch: Optional[Callable[[int, dict], None]] = None) -> RunResult:
     """Run feature distillation as ``cfg`` says (see module docstring).
 
     Args:
@@ -71,6 +85,10 @@ def distill(cfg: DistillConfig, *, resume: str = "auto",
             (start fresh; refused if the folder already holds checkpoints), or a checkpoint
             file / run folder to continue from.
         on_step: called with the step number after every optimizer step (on every rank).
+        on_batch: a debug hook, called on every rank with ``(step, batch)`` for each micro-batch
+            the loop takes from the loader, before its forward; ``step`` is the number of the
+            optimizer step it belongs to (1-based, as in ``on_step`` and the metrics);
+            ``batch["indices"]`` holds its dataset indices (-1 for tar shards).
 
     Raises:
         RunError: incompatible/unreadable checkpoint, too many non-finite losses in a row.
@@ -81,28 +99,104 @@ def distill(cfg: DistillConfig, *, resume: str = "auto",
     if env.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     try:
-        return _run(cfg, env, resume, on_step)
+        return _run(cfg, env, resume, on_step, on_batch)
     finally:
         torch.set_num_threads(threads)
         shutdown(env)
 
 
 # -- set-up helpers ---------------------------------------------------------------------------------
-def check_resume_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str = "checkpoint") -> None:
+def check_resume_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str = "checkpoint", *,
+                            saved_world_size: Optional[int] = None, world_size: Optional[int] = None) -> None:
     """Refuse a checkpoint whose config differs in keys that change the model, data or
-    optimisation (anything not in :data:`RESUME_SAFE_KEYS`)."""
+    optimisation (anything not in :data:`RESUME_SAFE_KEYS`).
+
+    Given both world sizes (the checkpoint's ``progress["world_size"]`` and this run's), the
+    per-process batch and the accumulation (:data:`RESUME_GLOBAL_BATCH_KEYS`) may differ too, as
+    long as the global batch ``data.batch_size x processes x optim.accum_steps`` is equal; a
+    differing global batch is refused with both named. Without world sizes those keys must match."""
+    resplit = saved_world_size is not None and world_size is not None
+    free = RESUME_SAFE_KEYS + (RESUME_GLOBAL_BATCH_KEYS if resplit else ())
     diffs = [d for d in diff_configs(saved, current)
-             if not any(d.split(":")[0] == k or d.startswith(k + ".") for k in RESUME_SAFE_KEYS)]
+             if not any(d.split(":")[0] == k or d.startswith(k + ".") for k in free)]
     if diffs:
         raise RunError(f"{where} was written by an incompatible config; these keys differ "
                        f"(checkpoint != now): " + "; ".join(diffs)
                        + ". Resume with the original values, or start a new run (--output DIR / --resume none).")
+    if not resplit:
+        return
+    g0, b0, w0, a0 = global_batch_of(saved, saved_world_size)
+    g1, b1, w1, a1 = global_batch_of(current, world_size)
+    if g0 != g1:
+        if g0 % w1:
+            fix = (f"{g0} images do not split over {w1} processes: use a number of processes that divides {g0} "
+                   f"(e.g. {w0})")
+        elif (g0 // w1) % a1 == 0:
+            fix = f"e.g. data.batch_size={g0 // (w1 * a1)} with optim.accum_steps={a1} on {w1} process(es)"
+        else:
+            fix = f"data.batch_size x optim.accum_steps = {g0 // w1} on {w1} process(es)"
+        raise RunError(
+            f"{where} was written with a global batch of {g0} images per optimizer step (data.batch_size={b0} x "
+            f"{w0} process(es) x optim.accum_steps={a0}); this run's global batch is {g1} (data.batch_size={b1} x "
+            f"{w1} process(es) x optim.accum_steps={a1}). A run resumes, on any number of processes, only at the "
+            f"same global batch (the learning rate, the steps per epoch and each step's samples follow from it): "
+            f"{fix}; or start a new run (--output DIR / --resume none).")
+
+
+def rederived_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank``'s global generators when a run resumes at ``step`` on another
+    number of processes (the saved per-rank states cannot map 1:1): a 63-bit blake2b hash of
+    ``(seed, step, rank)``, the same on every machine and for every resume at that step."""
+    payload = b"fdistill-resume-rng" + struct.pack("<qqq", int(seed), int(step), int(rank))
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def _saved_layout(ckpt: Dict[str, Any]) -> Dict[str, int]:
+    """World size, per-process batch, accumulation and workers of the run that wrote ``ckpt``."""
+    prog, c = ckpt["progress"], ckpt["config"]
+    return {"world_size": int(prog.get("world_size", 1)),
+            "batch_size": int(prog.get("batch_size", c["data"]["batch_size"])),
+            "accum_steps": int(prog.get("accum_steps", c["optim"]["accum_steps"])),
+            "num_workers": int(prog.get("num_workers", c["data"]["num_workers"]))}
+
+
+def _saved_position(ckpt: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, samples of it consumed by all ranks together) at the checkpoint."""
+    prog = ckpt["progress"]
+    if "samples_in_epoch" in prog and "epoch" in prog:
+        return int(prog["epoch"]), int(prog["samples_in_epoch"])
+    step, spe = int(prog["step"]), int(prog["steps_per_epoch"])
+    return step // spe, (step % spe) * int(prog["total_batch"])
+
+
+def _resume_position(ckpt: Dict[str, Any], *, step: int, steps_per_epoch: int, total_batch: int,
+                     world_size: int, batch_size: int) -> Tuple[int, int]:
+    """(epoch, this rank's start position in it) to continue a checkpoint from: the samples of
+    the epoch that *all* ranks had consumed, re-split over this run's ranks (each rank starts at
+    ``consumed / world_size``; :mod:`fdistill.data.sampler`)."""
+    epoch, consumed = _saved_position(ckpt)
+    saved_spe = ckpt["progress"].get("steps_per_epoch")
+    if saved_spe is not None and int(saved_spe) != steps_per_epoch:
+        # the epoch length changed (data.path names other data): no position maps exactly
+        log.warning("the checkpoint's epochs held %s steps, this run's %d (other data?): continuing at step %d "
+                    "with this run's epochs", saved_spe, steps_per_epoch, step)
+        epoch, consumed = divmod(step, steps_per_epoch)
+        consumed *= total_batch
+    elif (epoch, consumed) != (step // steps_per_epoch, (step % steps_per_epoch) * total_batch):
+        raise RunError(f"checkpoint progress is inconsistent: step {step} with {steps_per_epoch} steps of "
+                       f"{total_batch} per epoch, but epoch {epoch} with {consumed} samples consumed")
+    try:
+        return epoch, split_position(consumed, world_size, batch_size)
+    except ValueError as e:
+        raise RunError(f"cannot re-split the checkpoint's position over {world_size} process(es): {e}") from e
 
 
 def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
-    """(path, checkpoint dict) to resume from, or (None, None)."""
+    """(path, checkpoint dict) to resume from, or (None, None). Every rank reads the checkpoint
+    (its own world size need not be the writer's: the state is re-split in ``_run``)."""
     if resume == "none":
-        if env.is_main and list_checkpoints(run_dir):
+        # rank 0 looks; all ranks raise together (a lone raise would leave the others waiting)
+        if broadcast_object(bool(env.is_main and list_checkpoints(run_dir)), env):
             raise RunError(f"{run_dir} already holds checkpoints and --resume none was given: use another "
                            "--output folder, or --resume auto to continue that run")
         return None, None
@@ -136,7 +230,7 @@ def _teacher_info(cfg: DistillConfig, teacher) -> Dict[str, Any]:
 
 
 # -- the run -------------------------------------------------------------------------------------
-def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
+def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) -> RunResult:
     t_start = time.perf_counter()
     tc, oc = cfg.train, cfg.optim
     device = env.device
@@ -155,13 +249,24 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     # resume target: checked against the config before anything expensive is built
     ckpt_path, ckpt = _resolve_resume(resume, run_dir, env)
     cfg_dict = to_dict(cfg)
-    if ckpt is not None:
-        check_resume_compatible(ckpt["config"], cfg_dict, where=str(ckpt_path))
+    if ckpt is not None:  # the global batch too: data.batch_size/optim.accum_steps may follow the world size
+        saved_layout = _saved_layout(ckpt)
+        check_resume_compatible(ckpt["config"], cfg_dict, where=str(ckpt_path),
+                                saved_world_size=saved_layout["world_size"], world_size=env.world_size)
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
 
     # data: the epoch length fixes the schedule
     dataset = build_dataset(cfg)
+    if ckpt is not None and isinstance(dataset, WebShardDataset):  # shard streams: same layout mid-epoch
+        try:
+            saved_epoch, saved_consumed = _saved_position(ckpt)
+            check_resume_layout({k: saved_layout[k] for k in ("world_size", "num_workers", "batch_size")},
+                                {"world_size": env.world_size, "num_workers": cfg.data.num_workers,
+                                 "batch_size": cfg.data.batch_size},
+                                samples_in_epoch=saved_consumed, epoch=saved_epoch)
+        except DataError as e:
+            raise RunError(f"{ckpt_path}: {e}") from e
     loader = build_loader(cfg, dataset, num_replicas=env.world_size, rank=env.rank,
                           pin_memory=device.type == "cuda")
     to_images = build_batch_view(cfg, device)  # batch -> uint8 (B, 3, H, W) on the device
@@ -186,14 +291,21 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=steps_per_epoch, total_batch=total_batch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    step = 0
+    step, epoch, rank_start = 0, 0, None
     rng_states = None
+    rng_seed = None  # set instead of rng_states when the saved per-rank states do not map 1:1
     if ckpt is not None:
-        step = _restore(ckpt, distiller, optimizer, scaler, env, total_batch)
+        step = _restore(ckpt, distiller, optimizer, scaler, env)
+        epoch, rank_start = _resume_position(ckpt, step=step, steps_per_epoch=steps_per_epoch,
+                                             total_batch=total_batch, world_size=env.world_size,
+                                             batch_size=cfg.data.batch_size)
         rng_states = ckpt.get("rng", {}).get("per_rank")
         if rng_states is not None and len(rng_states) != env.world_size:
-            log.warning("checkpoint has RNG states of %d processes, this run has %d: drop-path/mask draws will "
-                        "differ from the original run's", len(rng_states), env.world_size)
+            rng_seed = rederived_seed(tc.seed, step, env.rank)
+            if env.is_main:
+                log.warning("checkpoint has the RNG states of %d process(es), this run has %d: each rank's generators "
+                            "are re-seeded from (train.seed, step %d, rank); the data is the same, drop-path/mask "
+                            "draws differ from the original run's", len(rng_states), env.world_size, step)
             rng_states = None
     last_ckpt = ckpt_path
     del ckpt
@@ -226,9 +338,11 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
                 "scaler": scaler.state_dict(), "rng": {"per_rank": rngs},
                 "progress": {"step": at_step, "epoch": at_step // steps_per_epoch,
                              "step_in_epoch": at_step % steps_per_epoch,
-                             "samples_in_epoch": (at_step % steps_per_epoch) * oc.accum_steps * cfg.data.batch_size
-                             * env.world_size,
+                             # consumed by all ranks together: a resume on another world size re-splits it
+                             "samples_in_epoch": (at_step % steps_per_epoch) * total_batch,
                              "samples": at_step * total_batch, "world_size": env.world_size,
+                             "batch_size": cfg.data.batch_size, "accum_steps": oc.accum_steps,
+                             "num_workers": cfg.data.num_workers,
                              "total_batch": total_batch, "steps_per_epoch": steps_per_epoch,
                              "total_steps": total_steps},
             }
@@ -247,14 +361,21 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
 
     # -- the loop ---------------------------------------------------------------------------------
     with StopRequest() as stop:
-        epoch = step // steps_per_epoch
         while step < total_steps:
             first = step % steps_per_epoch
-            loader.set_epoch(epoch, start_index=first * oc.accum_steps * cfg.data.batch_size)
+            # this rank's position: the epoch's samples all ranks consumed (first x global batch) / ranks;
+            # on resume, the checkpoint's count re-split over this run's ranks
+            if rank_start is None:
+                rank_start = split_position(first * total_batch, env.world_size, cfg.data.batch_size)
+            loader.set_epoch(epoch, start_index=rank_start)
+            rank_start = None
             batches = iter(loader)
             if rng_states is not None:  # after the iterator exists: nothing may draw in between
                 restore_rng_state(rng_states[env.rank])
                 rng_states = None
+            elif rng_seed is not None:
+                seed_everything(rng_seed)
+                rng_seed = None
             for _ in range(first, steps_per_epoch):
                 if step >= total_steps:
                     break
@@ -263,6 +384,9 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step) -> RunResult:
                     log.warning("epoch %d ended after fewer batches than data.samples_per_epoch implies", epoch)
                     break
                 scheduler.step_update(step)  # lr of this update (host-side arithmetic)
+                if on_batch is not None:
+                    for b in micro_batches:
+                        on_batch(step + 1, b)
                 images = [to_images(b) for b in micro_batches]  # (B, 3, H, W) uint8 on the device
                 outs, grad_norm, ok = train_step(images)
                 for out in outs:
@@ -316,16 +440,13 @@ def _take(batches, n: int):
     return out
 
 
-def _restore(ckpt: Dict[str, Any], distiller, optimizer, scaler, env: DistEnv, total_batch: int) -> int:
-    """Load a checkpoint's state into freshly built objects; returns the step to continue from."""
+def _restore(ckpt: Dict[str, Any], distiller, optimizer, scaler, env: DistEnv) -> int:
+    """Load a checkpoint's state into freshly built objects; returns the step to continue from.
+    (The global batch was checked by :func:`check_resume_compatible`; the weights, AdamW state and
+    scaler do not depend on the number of processes.)"""
     from ..weights import WeightsError, load_into
 
     prog = ckpt["progress"]
-    if int(prog.get("total_batch", total_batch)) != total_batch:
-        raise RunError(
-            f"the checkpoint was written with a global batch of {prog['total_batch']} images per step "
-            f"({prog.get('world_size')} process(es)); this run has {total_batch} ({env.world_size} process(es)). "
-            "Resume with the same data.batch_size x processes x optim.accum_steps.")
     try:
         load_into(unwrap(distiller.student), ckpt["model"]["student"], what="student")
         load_into(unwrap(distiller.projector), ckpt["model"]["projector"], what="projector")
