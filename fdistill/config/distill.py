@@ -256,7 +256,8 @@ class DistillConfig:
 RESUME_SAFE_KEYS = (
     "train.epochs", "train.max_steps", "train.log_interval", "train.ckpt_interval", "train.keep_last",
     "train.max_nonfinite", "train.tensorboard", "train.output", "train.compile", "train.device", "train.cpu_threads",
-    "data.path", "data.num_workers", "data.gpu_decode", "student.grad_checkpointing", "teacher.kwargs.checkpoint", "teacher.kwargs.license",
+    "data.path", "data.num_workers", "data.gpu_decode", "student.grad_checkpointing", "teacher.kwargs.checkpoint",
+    "teacher.kwargs.license",
 )
 
 #: keys that may change on resume *only if the global batch stays equal*: ``data.batch_size x
