@@ -36,13 +36,21 @@ def _wait_for(cond, proc, timeout=240.0):
     return False
 
 
-def _stop_group(proc):
-    os.killpg(proc.pid, signal.SIGTERM)  # every process of the group: the run and its loader workers
-    try:
-        return proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+def _run_until_then_sigterm_the_group(argv, ready, log_path):
+    """Start ``fdistill argv`` in its own process group, wait for ``ready()``, SIGTERM the whole
+    group (the run and its loader workers); return (exit code, log text)."""
+    with open(log_path, "w") as log:
+        proc = _start(argv, log)
+        try:
+            assert _wait_for(ready, proc), log_path.read_text()[-3000:]
+            os.killpg(proc.pid, signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "is killed by signal" not in text
+    return rc, text
 
 
 def test_workers_ignore_the_stop_signals():
@@ -56,22 +64,11 @@ def test_workers_ignore_the_stop_signals():
 
 def test_distill_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
     out = tmp_path / "run"
-    log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        proc = _start(["distill", "--config", "configs/distill/tiny_cpu.yaml", "--output", str(out),
-                       "data.num_workers=2", "data.path=synthetic:20000", "train.epochs=50",
-                       "train.ckpt_interval=4", "train.log_interval=2"], log)
-        try:
-            ok = _wait_for(lambda: any((out / "checkpoints").glob("ckpt_*.pt")) if (out / "checkpoints").is_dir()
-                           else False, proc)
-            assert ok, log_path.read_text()[-3000:]
-            rc = _stop_group(proc)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text()
+    argv = ["distill", "--config", "configs/distill/tiny_cpu.yaml", "--output", str(out), "data.num_workers=2",
+            "data.path=synthetic:20000", "train.epochs=50", "train.ckpt_interval=4", "train.log_interval=2"]
+    rc, text = _run_until_then_sigterm_the_group(argv, lambda: any((out / "checkpoints").glob("ckpt_*.pt")),
+                                                 tmp_path / "log.txt")
     assert rc == 0, text[-3000:]
-    assert "is killed by signal" not in text
     assert "stopped by SIGTERM" in text, text[-3000:]
     ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
     step = int(text.split("stopped by SIGTERM at step ")[1].split("/")[0])
@@ -85,20 +82,11 @@ def test_finetune_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
     out = tmp_path / "ft"
     log_path = tmp_path / "log.txt"
     kw = '{"pretrained": false, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
-    with open(log_path, "w") as log:
-        proc = _start(["finetune", "--config", "configs/finetune/tiny_cpu.yaml", "--model", "timm:vit_tiny_patch16_224",
-                       "--model-kwargs", kw, "--train", "synthetic:20000", "--output", str(out),
-                       "data.num_workers=2", "epochs=50", "log_interval=1"], log)
-        try:
-            ok = _wait_for(lambda: "finetune 1/50:" in log_path.read_text(), proc)  # training, workers up
-            assert ok, log_path.read_text()[-3000:]
-            rc = _stop_group(proc)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    text = log_path.read_text()
+    argv = ["finetune", "--config", "configs/finetune/tiny_cpu.yaml", "--model", "timm:vit_tiny_patch16_224",
+            "--model-kwargs", kw, "--train", "synthetic:20000", "--output", str(out), "data.num_workers=2",
+            "epochs=50", "log_interval=1"]
+    rc, text = _run_until_then_sigterm_the_group(argv, lambda: "finetune 1/50:" in log_path.read_text(), log_path)
     assert rc == 0, text[-3000:]
-    assert "is killed by signal" not in text
     assert (out / "checkpoints" / "last.pt").is_file(), text[-3000:]
     ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert int(ck["step"]) > 0
