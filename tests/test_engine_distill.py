@@ -162,6 +162,18 @@ def test_truncated_checkpoint_is_refused_clearly(tmp_path):
         distill(tiny_cfg(out, "train.max_steps=4"), resume=str(out))
 
 
+def test_resume_auto_stops_when_checkpoints_exist_but_none_loads(tmp_path):
+    """It used to start again from step 0 (and prune the broken files away as it went)."""
+    out = tmp_path / "run"
+    distill(tiny_cfg(out, "train.max_steps=4", "train.ckpt_interval=2"))
+    for p in list_checkpoints(out):
+        p.write_bytes(p.read_bytes()[:-1000])  # every checkpoint truncated
+    with pytest.raises(RunError, match=r"holds 2 checkpoint\(s\) and none loads:\n  ckpt_00000002.pt: .*truncated"):
+        distill(tiny_cfg(out, "train.max_steps=6"))
+    assert len(list_checkpoints(out)) == 2  # nothing deleted, nothing written
+    assert all(p.stat().st_size > 0 for p in list_checkpoints(out))
+
+
 def test_incompatible_config_is_refused_listing_keys(tmp_path):
     out = tmp_path / "run"
     distill(tiny_cfg(out, "train.max_steps=2"))

@@ -202,6 +202,11 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
         return None, None
     if resume == "auto":
         path, ckpt = find_resume_checkpoint(run_dir) if env.is_main else (None, None)
+        # checkpoints there but none loads: stop (starting from step 0 would silently drop the run)
+        problem = _no_loadable_checkpoint(run_dir) if env.is_main and path is None else None
+        problem = broadcast_object(problem, env)
+        if problem:
+            raise RunError(problem)
         path = broadcast_object(None if path is None else str(path), env)
         if path is None:
             return None, None
@@ -214,6 +219,23 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
             raise RunError(f"--resume {p}: no valid checkpoint in {p}")
         return found, ckpt
     return p, load_checkpoint(p)
+
+
+def _no_loadable_checkpoint(run_dir: Path) -> Optional[str]:
+    """The error for a folder whose checkpoints all fail to load (each named with its problem),
+    or ``None`` when it holds none."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    problems = []
+    for p in found:
+        try:
+            load_checkpoint(p)
+        except RunError as e:
+            problems.append(f"  {p.name}: {str(e).splitlines()[0][:200]}")
+    return (f"{run_dir} holds {len(found)} checkpoint(s) and none loads:\n" + "\n".join(problems)
+            + "\nFix or move them, resume from a file with --resume PATH, or start over with --resume none in "
+              "another --output folder")
 
 
 def _teacher_info(cfg: DistillConfig, teacher) -> Dict[str, Any]:
