@@ -332,3 +332,29 @@ def test_gpu_decode_run_equals_the_cpu_loader_run(tmp_path):
 def test_gpu_decode_needs_an_image_folder(tmp_path):
     with pytest.raises(ConfigError, match="gpu_decode needs an image folder"):
         distill(tiny_cfg(tmp_path / "run", "data.gpu_decode=true"))  # synthetic data
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_loses_nothing(tmp_path):
+    """A second run used to delete the first one's in-flight checkpoint; now it stops at once."""
+    import subprocess
+    import sys
+
+    from fdistill.engine.lock import RunLock
+
+    out = tmp_path / "run"
+    distill(tiny_cfg(out, "train.max_steps=2"))
+    before = sorted(p.name for p in out.rglob("*"))
+    with RunLock(out):  # a run in progress holds the folder
+        with pytest.raises(RunError, match=r"another fdistill run \(pid \d+\) is using"):
+            distill(tiny_cfg(out, "train.max_steps=4"))
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # a holder that dies (kill -9) leaves no stale lock
+    code = ("import os, sys, time; from fdistill.engine.lock import RunLock; l = RunLock(sys.argv[1]).__enter__(); "
+            "print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunError, match="another fdistill run"):
+        distill(tiny_cfg(out, "train.max_steps=4"))
+    holder.kill()
+    holder.wait()
+    assert distill(tiny_cfg(out, "train.max_steps=4")).step == 4
