@@ -190,6 +190,14 @@ def log_tail(path, n: int = 15) -> str:
     return "\n".join([l for l in lines if l.strip()][-n:])
 
 
+def _verdict(res: dict, r: dict, problems: list) -> dict:
+    """A stage's result: ``status`` ok or the problems found, the log's tail when it failed."""
+    res["status"] = "ok" if not problems else "failed: " + "; ".join(problems)
+    if problems:
+        res["log_tail"] = log_tail(r["log"])
+    return res
+
+
 def torchrun_cmd() -> List[str]:
     """``torchrun`` of this interpreter (the script next to it, else ``python -m torch.distributed.run``)."""
     exe = Path(sys.executable).with_name("torchrun")
@@ -362,10 +370,7 @@ class Check:
             problems.append(f"loss did not fall ({nums.get('loss_first')} -> {nums.get('loss_last')})")
         if want not in ck:
             problems.append(f"no checkpoint {want}")
-        res["status"] = "ok" if not problems else "failed: " + "; ".join(problems)
-        if problems:
-            res["log_tail"] = log_tail(r["log"])
-        return res
+        return _verdict(res, r, problems)
 
     def fd_resume(self) -> dict:
         run = self.work / "fd_bf16"
@@ -393,10 +398,7 @@ class Check:
                             f"(want {steps})")
         if f"ckpt_{steps:08d}.pt" not in res["checkpoints"]:
             problems.append(f"no checkpoint at step {steps}")
-        res["status"] = "ok" if not problems else "failed: " + "; ".join(problems)
-        if problems:
-            res["log_tail"] = log_tail(r["log"])
-        return res
+        return _verdict(res, r, problems)
 
     def fp16_scaler(self) -> dict:
         run = self.work / "fp16"
@@ -426,10 +428,7 @@ class Check:
             problems.append(f"{nums.get('nonfinite_steps')} of {steps} steps skipped as non-finite")
         if res.get("loss_scale") is None:
             problems.append("no loss scale in the checkpoint (scaler not enabled?)")
-        res["status"] = "ok" if not problems else "failed: " + "; ".join(problems)
-        if problems:
-            res["log_tail"] = log_tail(r["log"])
-        return res
+        return _verdict(res, r, problems)
 
     def write_jpegs(self) -> Path:
         """A small folder of JPEGs (smooth random colour fields with a few sharp shapes)."""
@@ -475,10 +474,7 @@ class Check:
             problems.append(f"{nums['skipped_images']} images skipped as undecodable")
         if self.cuda and res["decode_fallback_warnings"]:
             problems.append("nvJPEG decoding failed and fell back (see log)")
-        res["status"] = "ok" if not problems else "failed: " + "; ".join(problems)
-        if problems:
-            res["log_tail"] = log_tail(r["log"])
-        return res
+        return _verdict(res, r, problems)
 
     def bench(self, stage: str) -> dict:
         config, opts = BENCH[stage]
