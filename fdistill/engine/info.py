@@ -13,8 +13,6 @@ distiller feeds it, prefix tokens, the grid alignment with the student, and its 
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -22,6 +20,7 @@ import yaml
 
 from ..config import to_dict
 from ..config.distill import DistillConfig, build_distiller, data_img_size, resolve_lr
+from ..models.inspection import layer_types
 
 
 def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -37,30 +36,6 @@ def forward_flops(fn, *args) -> int:
     with counter:
         fn(*args)
     return int(counter.get_total_flops())
-
-
-_ACT = re.compile(r"gelu|relu|silu|swish|mish|hardswish|hardsigmoid|(^|[^a-z])elu|glu|activation", re.IGNORECASE)
-_NORM = re.compile(r"norm", re.IGNORECASE)
-_NOT_A_LAYER = re.compile(r"dropout|identity|droppath", re.IGNORECASE)
-
-
-def layer_types(module: torch.nn.Module, kind: str) -> Dict[str, int]:
-    """Class names of a model's activation (``kind="activation"``) or normalisation (``"norm"``)
-    layers with how many of each, most frequent first (e.g. ``{'QuickGELU': 12}``,
-    ``{'LayerNorm': 25}``). Activations are leaf modules whose class names say so (``GELU``,
-    ``QuickGELU``, ``QuickGELUActivation``, ``SiLU``, ``ReLU``...): the MLPs' act layers of a ViT,
-    the ReLUs of a CNN. Functional activations (``F.gelu`` called in ``forward``) are not modules
-    and are not seen."""
-    pattern = {"activation": _ACT, "norm": _NORM}[kind]
-    found: Counter = Counter()
-    for m in module.modules():
-        name = type(m).__name__
-        if _NOT_A_LAYER.search(name) or not pattern.search(name):
-            continue
-        if kind == "activation" and any(True for _ in m.children()):
-            continue  # a block named ...Activation... holding layers is not itself one
-        found[name] += 1
-    return dict(found.most_common())
 
 
 def _types_text(types: Dict[str, int]) -> str:

@@ -172,11 +172,6 @@ def create_timm_teacher(
     return teacher
 
 
-def model_activations(model: nn.Module) -> set:
-    """Class names of the activation modules of ``model``'s MLPs (e.g. ``{'GELU'}``, ``{'QuickGELU'}``)."""
-    return {type(m.act).__name__ for m in model.modules() if hasattr(m, "fc1") and hasattr(m, "act")}
-
-
 def check_native_activation(name: str, model: nn.Module, *, weights_loaded: bool, allow: bool = False) -> None:
     """Refuse a timm model whose weights were trained with another activation than it is built with.
 
@@ -190,7 +185,9 @@ def check_native_activation(name: str, model: nn.Module, *, weights_loaded: bool
     notes = " ".join(getattr(model, "pretrained_cfg", {}).get("notes", ()) or ())
     if "quickgelu" not in notes.lower():
         return
-    acts = model_activations(model)
+    from ..models.inspection import layer_types
+
+    acts = set(layer_types(model, "activation"))
     if acts == {"QuickGELU"} or not acts:
         return
     arch, _, tag = name.partition(".")
