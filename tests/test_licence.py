@@ -14,8 +14,8 @@ from fdistill.engine import distill, load_checkpoint
 from fdistill.engine.checkpoint import latest_valid_checkpoint, save_checkpoint
 from fdistill.engine.export import MODEL_CARD, export_student
 from fdistill.engine.info import describe_run, layer_types, teacher_report
-from fdistill.teachers.base import (RANDOM_INIT_LICENSE, UNKNOWN_LICENSE, cached_hub_model_card_license,
-                                    is_non_commercial, license_from_model_card)
+from fdistill.teachers.provenance import (RANDOM_INIT_LICENSE, UNKNOWN_LICENSE, cached_hub_model_card_license,
+                                          is_non_commercial, license_from_model_card)
 
 from conftest import tiny_hf_clip_folder
 

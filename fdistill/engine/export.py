@@ -22,7 +22,7 @@ Two formats:
 
 The licence travels with the weights: a student is trained to reproduce its teacher's features, so
 its weights are derived from the teacher's. Both formats record the teacher's provenance (spec,
-weights, licence; see :func:`fdistill.teachers.base.make_provenance`) in ``fdistill_export.json``
+weights, licence; see :func:`fdistill.teachers.provenance.make_provenance`) in ``fdistill_export.json``
 (``teacher.provenance``), the timm format also in ``config.json`` (root ``teacher``, and
 ``pretrained_cfg.license`` / ``notes``), and write a ``MODEL_CARD.md`` saying which teacher
 weights the student derives from and under which licence. A non-commercial teacher licence
@@ -67,7 +67,7 @@ def teacher_provenance(ckpt: Dict[str, Any]) -> Dict[str, Any]:
 
 def licence_notice(prov: Dict[str, Any]) -> str:
     """One sentence: what the student's weights derive from and under which licence."""
-    from ..teachers.base import RANDOM_INIT_LICENSE
+    from ..teachers.provenance import RANDOM_INIT_LICENSE
 
     if prov.get("license") == RANDOM_INIT_LICENSE:
         return (f"The teacher {prov['spec']} was randomly initialised (no pre-trained weights), so no teacher "
@@ -79,7 +79,7 @@ def licence_notice(prov: Dict[str, Any]) -> str:
 
 def non_commercial_warning(prov: Dict[str, Any]) -> Optional[str]:
     """A warning text when the teacher's licence is non-commercial, else ``None``."""
-    from ..teachers.base import is_non_commercial
+    from ..teachers.provenance import is_non_commercial
 
     if not is_non_commercial(prov.get("license")):
         return None

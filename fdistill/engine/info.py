@@ -67,7 +67,7 @@ def teacher_report(distiller) -> Dict[str, Any]:
 
 def teacher_report_lines(rep: Dict[str, Any]) -> List[str]:
     """:func:`teacher_report` as aligned text lines."""
-    from ..teachers.base import is_non_commercial
+    from ..teachers.provenance import is_non_commercial
 
     lic = rep["license"] + (f" (from {rep['license_source']})" if rep.get("license_source") else "")
     lines = [

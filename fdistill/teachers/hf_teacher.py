@@ -296,13 +296,13 @@ def create_hf_teacher(
 
 def hf_provenance(spec: str, source: str, *, local: bool, pretrained: bool, license: Optional[str] = None,
                   revision: Optional[str] = None, cache_dir: Optional[str] = None) -> dict:
-    """``teacher.provenance`` of an ``hf:`` teacher (see :func:`fdistill.teachers.base.make_provenance`).
+    """``teacher.provenance`` of an ``hf:`` teacher (see :func:`fdistill.teachers.provenance.make_provenance`).
 
     weights: the hub repo id (``repo@revision`` when a revision is given) or the local folder's
     name; ``None`` with ``pretrained=False``. license: ``license=`` if given, else the model card's
     ``license:`` (README.md front matter in the folder, or the repo's README.md when it is in the
     local Hugging Face cache: nothing is downloaded for it), else "unknown"."""
-    from .base import cached_hub_model_card_license, license_from_model_card, make_provenance
+    from .provenance import cached_hub_model_card_license, license_from_model_card, make_provenance
 
     if not pretrained:
         return make_provenance(spec, weights=None)

@@ -441,14 +441,14 @@ def create_open_clip_teacher(
 def open_clip_provenance(spec: str, arch: str, tag: Optional[str], weights: Optional[str], *,
                          tag_cfg: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
                          license: Optional[str] = None) -> Dict[str, Any]:
-    """``teacher.provenance`` of an open_clip teacher (see :func:`fdistill.teachers.base.make_provenance`).
+    """``teacher.provenance`` of an open_clip teacher (see :func:`fdistill.teachers.provenance.make_provenance`).
 
     weights (``None``: nothing loaded, random init): the pretrained tag; the hub repo of
     ``hf-hub:``; the folder name of ``local-dir:``; else the weight file's name.
     license: ``license=`` if given; else the model card (README.md front matter) of the
     ``local-dir:`` folder, of the ``hf-hub:`` repo or of the tag's hub repo when it is in the local
     Hugging Face cache; else, for a tag, :data:`OPEN_CLIP_TAG_LICENSES`; else "unknown"."""
-    from .base import cached_hub_model_card_license, license_from_model_card, make_provenance
+    from .provenance import cached_hub_model_card_license, license_from_model_card, make_provenance
 
     if not weights:
         return make_provenance(spec, weights=None)

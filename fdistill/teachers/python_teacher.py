@@ -385,13 +385,13 @@ def create_python_teacher(
 
 
 def python_provenance(spec: str, *, weights: Optional[str], pretrained: bool, license: Optional[str]) -> dict:
-    """``teacher.provenance`` of a ``python:`` teacher (see :func:`fdistill.teachers.base.make_provenance`).
+    """``teacher.provenance`` of a ``python:`` teacher (see :func:`fdistill.teachers.provenance.make_provenance`).
 
     weights: the ``weights=`` file's name; ``None`` (random init, licence "none (random init)")
     with ``pretrained=False``; with ``pretrained=True`` and no ``weights=`` the factory built the
     model as it likes (it may load weights of its own), recorded as ``"<factory>"``.
     license: the user's ``license=``; "unknown" without one (fdistill cannot know)."""
-    from .base import make_provenance
+    from .provenance import make_provenance
 
     if not pretrained:
         return make_provenance(spec, weights=None)

@@ -203,7 +203,7 @@ def check_native_activation(name: str, model: nn.Module, *, weights_loaded: bool
 
 def timm_provenance(name: str, model: nn.Module, *, loaded: bool, checkpoint: Optional[str] = None,
                     license: Optional[str] = None) -> dict:
-    """``teacher.provenance`` of a timm teacher (see :func:`fdistill.teachers.base.make_provenance`).
+    """``teacher.provenance`` of a timm teacher (see :func:`fdistill.teachers.provenance.make_provenance`).
 
     weights: the pretrained tag (``openai``, ``augreg_in21k_ft_in1k``...), the local checkpoint's
     file name, or the folder / repo of a ``local-dir:`` / ``hf-hub:`` name; ``None`` when randomly
@@ -212,7 +212,7 @@ def timm_provenance(name: str, model: nn.Module, *, loaded: bool, checkpoint: Op
     (``arch.tag``: the file is taken to hold that tag's weights), "unknown" otherwise."""
     from pathlib import Path
 
-    from .base import make_provenance
+    from .provenance import make_provenance
 
     spec = f"timm:{name}"
     if not loaded:
