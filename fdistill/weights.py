@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -14,11 +14,13 @@ class WeightsError(RuntimeError):
     """A weight file is missing, unreadable or does not fit the model."""
 
 
-def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None,
+                         prefer: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a PyTorch file (``weights_only=True``).
 
-    A checkpoint that nests its weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped,
-    or ``key`` picks the entry; a leading ``module.`` (DataParallel/DDP) is stripped.
+    A checkpoint that nests its weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped
+    (the entries named in ``prefer`` tried first, e.g. ``("teacher",)`` for a DINO-style file), or
+    ``key`` picks the entry; a leading ``module.`` (DataParallel/DDP) is stripped.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -40,10 +42,11 @@ def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None) 
             ) from e
     if key is not None:
         if not isinstance(sd, dict) or key not in sd:
-            raise WeightsError(f"{p} has no entry {key!r}; entries: {sorted(sd)[:20] if isinstance(sd, dict) else type(sd)}")
+            has = sorted(sd)[:20] if isinstance(sd, dict) else type(sd).__name__
+            raise WeightsError(f"{p} has no {key!r} entry (it has {has})")
         sd = sd[key]
     while isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        nested = next((k for k in _NESTED_KEYS if isinstance(sd.get(k), dict)), None)
+        nested = next((k for k in (*prefer, *_NESTED_KEYS) if isinstance(sd.get(k), dict)), None)
         if nested is None:
             break
         sd = sd[nested]

@@ -11,10 +11,9 @@ EsViT Swin-B              ``{"student": ..., "teacher": {"backbone.*", "head.*"}
                           Swin layout (a stage's downsampling at its end)
 ========================  ==============================================================
 
-:func:`read_teacher_state_dict` unwraps the container (``checkpoint_key``, else the first of
-``state_dict`` / ``model`` / ``teacher`` / ``module`` that holds a dict), strips wrapper prefixes
-(``module.``, ``_orig_mod.``, and ``backbone.``, dropping what is outside the backbone, e.g. a
-DINO/EsViT projection head); :func:`load_into_timm_model` then applies the architecture's own
+:func:`read_teacher_state_dict` unwraps the container (``checkpoint_key``, else ``teacher`` and
+then the usual entries), strips wrapper prefixes (``module.``, ``_orig_mod.``, and ``backbone.``,
+dropping what is outside the backbone, e.g. a DINO/EsViT projection head); :func:`load_into_timm_model` then applies the architecture's own
 timm ``checkpoint_filter_fn`` (OpenAI CLIP -> timm ViT, original Swin -> timm Swin, position
 embedding resizing), treats the classifier as optional (a teacher's tokens come from ``forward_features``) and loads
 strictly: any other
@@ -33,43 +32,23 @@ import torch.nn as nn
 
 from .base import TeacherError
 
-CONTAINER_KEYS = ("state_dict", "model", "teacher", "module")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: buffers some layouts save that timm rebuilds (never parameters)
 REBUILT_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
 
 
 def read_teacher_state_dict(path: str | Path, checkpoint_key: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The backbone's tensors of a published checkpoint file (safetensors, or a PyTorch file read
-    with ``weights_only=True``), container and wrapper prefixes removed."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise TeacherError(f"checkpoint file not found: {path}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """The backbone's tensors of a published checkpoint file, read by
+    :func:`fdistill.weights.load_state_dict_file` (safetensors, or ``weights_only=True``; containers
+    unwrapped, ``teacher`` first; ``module.`` stripped), then ``_orig_mod.`` and the
+    ``backbone.`` wrapper removed."""
+    from ..weights import WeightsError, load_state_dict_file
 
-            obj = load_file(str(p))
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch / safetensors raise many kinds
-        raise TeacherError(f"cannot read checkpoint {p}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    if checkpoint_key is not None:
-        if not isinstance(obj, dict) or checkpoint_key not in obj:
-            keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            raise TeacherError(f"checkpoint {p} has no {checkpoint_key!r} entry (it has {keys})")
-        obj = obj[checkpoint_key]
-    else:
-        for k in CONTAINER_KEYS:
-            if isinstance(obj, dict) and isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TeacherError(f"checkpoint {p} does not hold a state dict of tensors (pass checkpoint_key=...)")
-    sd = dict(obj)
-    for pre in WRAPPER_PREFIXES:
-        if all(k.startswith(pre) for k in sd):
-            sd = {k[len(pre):]: v for k, v in sd.items()}
+    try:
+        sd = load_state_dict_file(path, key=checkpoint_key, prefer=("teacher",))
+    except WeightsError as e:
+        raise TeacherError(f"{e} (pass checkpoint_key=... for the entry that holds the weights)") from None
+    if sd and all(k.startswith("_orig_mod.") for k in sd):  # a torch.compile'd model's state dict
+        sd = {k[len("_orig_mod."):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # DINO/EsViT MultiCropWrapper: keep the backbone only
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
