@@ -1,6 +1,7 @@
 # fdistill: two commands from a clean clone.
 #   make demo   -- the paper in miniature, offline, on CPU (QUICK=1, SEEDS=N, DATA=PATH)
 #   make test   -- the test suite (CPU, a few minutes)
+#   make reproduce-mini -- the miniature test of the paper's claim, docs/evidence.md (QUICK=1: ~20 min)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -9,8 +10,9 @@ QUICK  ?= 0
 SEEDS  ?= 1
 DATA   ?=
 DEMO_OUT ?= runs/demo
+MINI_OUT ?= runs/mini$(if $(filter 1,$(QUICK)),-quick)
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo reproduce-mini bench clean
 
 install: $(STAMP)
 
@@ -30,6 +32,9 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/fdistill demo --output $(DEMO_OUT) $(if $(filter 1,$(QUICK)),--quick) --seeds $(SEEDS) $(if $(DATA),--data $(DATA))
+
+reproduce-mini: install
+	$(VENV)/bin/fdistill reproduce-mini --output $(MINI_OUT) $(if $(filter 1,$(QUICK)),--quick)
 
 bench: install
 	$(PY) benchmarks/bench_distill.py --device cpu

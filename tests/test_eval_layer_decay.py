@@ -134,3 +134,34 @@ def test_set_drop_path_linear_rule():
     rates = [b.drop_path1.drop_prob if isinstance(b.drop_path1, DropPath) else 0.0 for b in m.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
     assert set_drop_path(_HFLike(), 0.2) == 0  # no slots: nothing to set
+
+
+def test_set_drop_path_on_open_clip_blocks():
+    """open_clip blocks have no drop-path slot: one is added after ls_1/ls_2 (keys unchanged). At
+    rate 1.0 the last block's residual branches are dropped in training (block(x) == x), kept in
+    eval, and a deepcopy (EMA) in eval mode is unaffected by the original's training mode."""
+    import copy
+
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vt = VisionTransformer(image_size=16, patch_size=4, width=32, layers=3, heads=2, mlp_ratio=2.0, output_dim=16)
+    keys = list(vt.state_dict())
+    assert set_drop_path(vt, 1.0) == 3
+    assert list(vt.state_dict()) == keys  # the fine-tuned weights load back into open_clip
+    last = vt.transformer.resblocks[-1]
+    x = torch.randn(2, 17, 32)
+    vt.train()
+    assert torch.equal(last(x), x)  # p = 1.0 on the last block: both branches dropped
+    first = vt.transformer.resblocks[0]  # p = 0 on the first block: untouched
+    vt.eval()
+    ref = first(x)
+    vt.train()
+    assert torch.allclose(first(x), ref)
+    ema = copy.deepcopy(vt).eval()
+    assert not torch.equal(ema.transformer.resblocks[-1](x), x)  # eval: no drop, even with vt in train
+    assert set_drop_path(vt, 0.0) == 3 and len(last.ls_1._forward_hooks) == 1  # re-set: one hook, not two
+    vt.train()
+    out_train = last(x)
+    vt.eval()
+    assert torch.allclose(out_train, last(x))  # rate 0: training forward == eval forward

@@ -20,6 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                         "figures, timings); exit 1 if anything is missing")
     p.set_defaults(func=_demo)
 
+    r = sub.add_parser("reproduce-mini", help="the miniature test of the paper's claim (docs/evidence.md): FD "
+                                              "length sweep, seeds, ablations, one fine-tuning recipe",
+                       description="Distil the shipped CLIP teacher (fdistill/assets/clip_mini) into students "
+                                   "for 0-30 epochs, fine-tune and probe teacher, students and scratch with one "
+                                   "recipe, measure attention distance; writes results.json, results.md and "
+                                   "figures/. Stages are cached by their command's hash: a rerun continues.")
+    r.add_argument("--output", default="runs/mini", help="output folder (stages/, results.json, figures/)")
+    r.add_argument("--quick", action="store_true", help="the same stages on less data and fewer epochs (~20 min)")
+    r.add_argument("--check", action="store_true", help="only check the results already in --output; exit 1 on "
+                                                        "any problem")
+    r.set_defaults(func=_reproduce_mini)
+
     q = sub.add_parser("pretrain-clip", help="train a small CLIP model from scratch on image-caption pairs "
                                               "(the demo's teacher)",
                        description="Contrastive pre-training of a tiny open_clip CLIP (image ViT + text "
@@ -57,6 +69,19 @@ def _demo(args) -> int:
     report = run_demo(args.output, quick=args.quick, seeds=args.seeds, data=args.data, device=args.device)
     print(f"report: {report}")
     return 0
+
+
+def _reproduce_mini(args) -> int:
+    from ..experiments.miniature import run_miniature
+    from ..experiments.miniature_report import check_results
+
+    if not args.check:
+        print(f"results: {run_miniature(args.output, quick=args.quick)}")
+    problems = check_results(args.output)
+    for p in problems:
+        print(f"reproduce-mini: {p}")
+    print(f"reproduce-mini results in {args.output}: " + ("OK" if not problems else f"{len(problems)} problem(s)"))
+    return 1 if problems else 0
 
 
 def _pretrain_clip(args) -> int:

@@ -198,7 +198,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 300.0
-    #: stop after this many optimizer steps (the schedule still spans ``epochs``)
+    #: stop after this many optimizer steps (the schedule still spans ``epochs``); 0 writes the
+    #: initialised student as ``ckpt_00000000.pt`` and stops: the from-scratch baseline with the
+    #: same architecture and initialisation (``train.seed``) as the FD students
     max_steps: Optional[int] = None
     #: ``auto``: bf16 autocast on a GPU that supports it, fp32 on CPU. ``fp16`` uses a loss scaler
     precision: Precision = "auto"
@@ -223,7 +225,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.max_steps is None or self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.log_interval >= 1, "train.log_interval must be >= 1")
         _check(self.ckpt_interval >= 1, "train.ckpt_interval must be >= 1")
         _check(self.keep_last >= 1, "train.keep_last must be >= 1")

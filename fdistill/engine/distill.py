@@ -317,7 +317,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                           f"than optim.accum_steps={oc.accum_steps}: use more data or smaller batches")
     total_batch = cfg.data.batch_size * env.world_size * oc.accum_steps
     schedule_steps = max(1, int(round(tc.epochs * steps_per_epoch)))
-    total_steps = min(schedule_steps, tc.max_steps) if tc.max_steps else schedule_steps
+    total_steps = min(schedule_steps, tc.max_steps) if tc.max_steps is not None else schedule_steps
 
     # model, optimizer, schedule, loss scaler
     distiller = build_distiller(cfg, device=device, precision=precision)
@@ -452,6 +452,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
             if stopped_by:
                 break
             epoch += 1
+        if total_steps == 0 and last_ckpt is None:  # train.max_steps=0: the initialised student, untrained
+            last_ckpt = save(0)
 
     elapsed = time.perf_counter() - t_start
     if env.is_main:

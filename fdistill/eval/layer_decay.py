@@ -163,7 +163,8 @@ def param_groups_layer_decay(
 def set_drop_path(model: nn.Module, rate: float, blocks: Sequence[str] | None = None) -> int:
     """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last block), as timm /
     BEiT build it, set on an existing model: every ``drop_path``, ``drop_path1``,
-    ``drop_path2`` attribute of a block becomes a timm ``DropPath`` (or ``nn.Identity`` at 0).
+    ``drop_path2`` attribute of a block becomes a timm ``DropPath`` (or ``nn.Identity`` at 0);
+    open_clip blocks get one after their ``ls_1``/``ls_2`` (:func:`_set_layer_scale_drop_path`).
     Returns how many blocks were changed (0: the architecture has no drop-path slots)."""
     from timm.layers import DropPath
 
@@ -179,8 +180,32 @@ def set_drop_path(model: nn.Module, rate: float, blocks: Sequence[str] | None = 
             if isinstance(getattr(blk, attr, None), nn.Module):
                 setattr(blk, attr, DropPath(p) if p > 0 else nn.Identity())
                 hit = True
+        if not hit:
+            hit = _set_layer_scale_drop_path(blk, p, DropPath)
         changed += hit
     return changed
+
+
+def _apply_drop_path(module: nn.Module, args, output):
+    """Forward hook: the residual branch's output through the module's own ``drop_path`` child
+    (a module-level function, so ``copy.deepcopy`` (EMA) and pickling keep working)."""
+    return module.drop_path(output)
+
+
+def _set_layer_scale_drop_path(blk: nn.Module, p: float, drop_path_cls) -> bool:
+    """open_clip's ``ResidualAttentionBlock`` has no drop-path slot: its residual branches end in
+    ``ls_1``/``ls_2`` (LayerScale or Identity), ``x + ls_1(attn(ln_1(x)))``. A ``DropPath`` after
+    them is exactly timm's ``x + drop_path(ls(attn(norm(x))))``. It is added as a parameter-free
+    child of the ``ls`` module and applied by a forward hook, so the state dict keeps open_clip's
+    key names (fine-tuned weights load back into open_clip unchanged)."""
+    targets = [getattr(blk, a) for a in ("ls_1", "ls_2") if isinstance(getattr(blk, a, None), nn.Module)]
+    if len(targets) != 2:
+        return False
+    for ls in targets:
+        ls.drop_path = drop_path_cls(p) if p > 0 else nn.Identity()
+        if _apply_drop_path not in ls._forward_hooks.values():
+            ls.register_forward_hook(_apply_drop_path)
+    return True
 
 
 def lr_scales(optimizer: torch.optim.Optimizer) -> List[float]:
