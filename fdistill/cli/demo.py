@@ -72,11 +72,15 @@ def _demo(args) -> int:
 
 
 def _reproduce_mini(args) -> int:
-    from ..experiments.miniature import run_miniature
+    from ..experiments.miniature import StageStopped, run_miniature
     from ..experiments.miniature_report import check_results
 
     if not args.check:
-        print(f"results: {run_miniature(args.output, quick=args.quick)}")
+        try:
+            print(f"results: {run_miniature(args.output, quick=args.quick)}")
+        except StageStopped as e:  # pre-empted: the stage checkpointed; as distill, a clean exit
+            print(f"reproduce-mini: {e}")
+            return 0
     problems = check_results(args.output)
     for p in problems:
         print(f"reproduce-mini: {p}")

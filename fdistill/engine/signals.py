@@ -4,7 +4,9 @@ Clusters announce pre-emption with a signal (SLURM sends SIGTERM, or SIGUSR1 som
 before the time limit with ``--signal=USR1@120``; Kubernetes sends SIGTERM). The handler only
 sets a flag -- nothing unsafe happens inside a signal handler -- and the training loop,
 between two optimizer steps, writes a checkpoint and returns normally. Previous handlers are
-put back when the context exits.
+put back when the context exits. Contexts nest: a stop seen by an inner one (a training loop) is
+passed on to an enclosing one (a pipeline of several commands, such as ``reproduce-mini``), so
+the pipeline stops too instead of treating the checkpointed stage as finished.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ class StopRequest:
             self.signame = signal.Signals(signum).name
             log.warning("received %s: will checkpoint and stop after the current step", self.signame)
         self.requested = True
+        outer = self._previous.get(signum)
+        if isinstance(getattr(outer, "__self__", None), StopRequest):  # an enclosing StopRequest
+            outer(signum, frame)
 
     def request(self, reason: str = "requested") -> None:
         """Ask for a stop without a signal (e.g. from a test or another thread)."""

@@ -100,12 +100,34 @@ def stage_hash(argv: List[str], out: Path) -> str:
     return hashlib.sha256(json.dumps(_canonical(argv, out)).encode()).hexdigest()[:10]
 
 
+class StageStopped(RuntimeError):
+    """A stop signal (SIGTERM/SIGUSR1) arrived during a stage: the stage checkpointed and is not
+    finished; running the same command again continues it."""
+
+
 class StageRunner:
-    """Runs ``fdistill`` commands as cached stages under ``out/stages``."""
+    """Runs ``fdistill`` commands as cached stages under ``out/stages``. Use it as a context
+    manager: a stop signal during a stage (which the stage's own loop turns into a checkpoint and
+    a normal return) then leaves that stage unfinished and stops the pipeline."""
 
     def __init__(self, out: Path):
+        from ..engine.signals import StopRequest
+
         self.out = out
         self.records: List[StageRecord] = []
+        self.stop = StopRequest()
+
+    def __enter__(self) -> "StageRunner":
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.__exit__(*exc)
+
+    def _check_stop(self, name: str) -> None:
+        if self.stop.requested:
+            raise StageStopped(f"stopped by {self.stop.signame} during stage {name!r} (not marked finished); "
+                               "run the same command again to continue where it stopped")
 
     def folder(self, name: str, argv_without_output: List[str]) -> Path:
         return self.out / "stages" / f"{name.replace('/', '_')}-{stage_hash(argv_without_output, self.out)}"
@@ -120,11 +142,13 @@ class StageRunner:
             self.records.append(StageRecord(name, argv, str(d), rec["seconds"], cached=True))
             log.info("mini: %s cached (%s)", name, d.name)
             return d
+        self._check_stop(name)
         full = argv + [output_flag, str(d)]
         log.info("mini: %s -> %s", name, d.name)
         t0 = time.perf_counter()
         run_command(full)
         sec = time.perf_counter() - t0
+        self._check_stop(name)
         from ..eval.commands import write_json
 
         write_json({"name": name, "command": _canonical(full, self.out), "seconds": sec,
@@ -153,13 +177,18 @@ def _fd_argv(variant: str, seed: int, plan: MiniPlan) -> List[str]:
 def run_miniature(output: str | Path = "runs/mini", *, quick: bool = False, plan: Optional[MiniPlan] = None,
                   diagnostics: bool = True) -> Path:
     """Run (or continue) the protocol into ``output``; writes ``results.json``, ``results.md``
-    and the figures, and returns the path of ``results.json``."""
-    from .miniature_report import write_results
-
+    and the figures, and returns the path of ``results.json``. A stop signal during a stage
+    raises :class:`StageStopped` after the stage has checkpointed."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan or (MiniPlan.quick() if quick else MiniPlan.full())
-    runner = StageRunner(out)
+    with StageRunner(out) as runner:
+        return _run_stages(out, plan, runner, diagnostics=diagnostics)
+
+
+def _run_stages(out: Path, plan: MiniPlan, runner: StageRunner, *, diagnostics: bool) -> Path:
+    from .miniature_report import write_results
+
     t0 = time.perf_counter()
     teacher = _teacher()
     train = {"finetune": f"synthetic:{plan.ft_images}", "probe": f"synthetic:{plan.probe_images}"}

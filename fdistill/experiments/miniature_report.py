@@ -154,6 +154,7 @@ def write_results(out: Path, *, plan: Dict[str, Any], evals: Dict[str, Dict[str,
                    for s in stages],
         "figures": [str(Path("figures") / f) for f in FIGURES if (figs / f).is_file()],
     }
+    results["finding"] = finding(rows, plan) if {"teacher", f"e{plan['main_epochs']}"} <= {r["model"] for r in rows} else None
     path = write_json(results, out / "results.json")
     (out / "results.md").write_text(results_markdown(results))
     return path
@@ -164,6 +165,8 @@ def results_markdown(results: Dict[str, Any]) -> str:
              f"({results['versions']['cpu_threads']} threads); torch {results['versions']['torch']}, "
              f"timm {results['versions']['timm']}, open_clip {results['versions']['open_clip']}; "
              f"all stages {results['seconds_all_stages'] / 60:.0f} min.", "", results_table(results["rows"]), ""]
+    if results.get("finding"):
+        lines += [results["finding"], ""]
     if results.get("head_diversity"):
         lines += ["Attention distance per layer (mean over heads, px) and its spread over heads (std, px):", "",
                   "| model | " + " | ".join(f"layer {i + 1}" for i in range(len(results["head_diversity"][0]["layer_mean_px"])))
@@ -215,3 +218,24 @@ def check_results(output: str | Path) -> List[str]:
             if w < 300 or h < 200:
                 problems.append(f"figure {fp} is {w}x{h} px")
     return problems
+
+
+def finding(rows: List[Dict[str, Any]], plan: Dict[str, Any]) -> str:
+    """The headline in one sentence: the FD student of the main length against its teacher, both
+    fine-tuned with the one recipe (mean ± std over seeds). A difference no larger than the larger
+    of the two standard deviations is called what it is: inside the seed-to-seed spread."""
+    by = {r["model"]: r for r in rows}
+    main = f"e{plan['main_epochs']}"
+    t, s = by["teacher"]["finetune"], by[main]["finetune"]
+    d = s["mean"] - t["mean"]
+    n = min(t["n"], s["n"])
+    text = (f"after {plan['main_epochs']} epochs of feature distillation the student fine-tunes to "
+            f"{s['mean']:.1f} ± {s['std']:.1f}% top-1 against its teacher's {t['mean']:.1f} ± {t['std']:.1f}% "
+            f"({n} seed{'s' if n > 1 else ''}, {d:+.1f} points)")
+    if n > 1 and abs(d) <= max(t["std"], s["std"]):
+        verdict = "a difference within the seed-to-seed spread"
+    elif d > 0:
+        verdict = "the student beats its teacher"
+    else:
+        verdict = "the student does not beat its teacher"
+    return f"In miniature, {verdict}: {text}."
