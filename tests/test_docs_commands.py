@@ -113,6 +113,11 @@ RUN: Dict[str, dict] = {
 SKIP: Dict[str, str] = {
     "make demo": "the whole demo (~9 min); tests/test_demo.py runs it (slow) and CI runs `make demo QUICK=1`",
     "make test": "the whole test suite, this test included",
+    # docs/evidence.md
+    "make reproduce-mini": "the miniature protocol (~2 h on 2 cores); docs/evidence.md has its results",
+    "make reproduce-mini QUICK=1": "~20 min: tests/test_miniature.py::test_quick_protocol runs it with FDISTILL_MINI=1",
+    "fdistill reproduce-mini --check --output runs/mini": "needs a finished `make reproduce-mini` (runs/mini); "
+                                                          "tests/test_miniature.py runs the checker on a micro run",
     # README.md, "Reproducing the paper"
     "fdistill distill --config configs/distill/clip_vit_base_300ep.yaml --data /data/imagenet/train --output "
     "runs/fd_clip_vitb": GPU_IN,
