@@ -122,3 +122,17 @@ def test_shard_errors(tmp_path):
     ds = build_distill_dataset(pattern, img_size=8)
     with pytest.raises(DataError, match="ranks"):
         build_distill_loader(ds, batch_size=2, num_workers=0, num_replicas=3, rank=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_after_dropped_bad_samples(tmp_path, workers):
+    """Bad samples before the resume point were dropped by the run: the resumed stream skips
+    what the run *consumed* (readable samples), so it continues exactly where it stopped."""
+    pattern = write_shards(tmp_path, bad=(1, 7, 13))  # one bad sample early in three shards
+    ds = build_distill_dataset(pattern, img_size=8, seed=1)
+    ref = [b["labels"].tolist() for b in build_distill_loader(ds, batch_size=3, num_workers=workers, epoch=0)]
+    # 21 readable samples: 7 batches of 3; with 2 workers (10 and 11 readable) 3 full batches each
+    assert len(ref) == (7 if workers == 0 else 6) and not {1, 7, 13} & {x for b in ref for x in b}
+    for done in (1, 2, 3, 5):
+        resumed = build_distill_loader(ds, batch_size=3, num_workers=workers, epoch=0, start_index=done * 3)
+        assert [b["labels"].tolist() for b in resumed] == ref[done:], done

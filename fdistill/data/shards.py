@@ -12,13 +12,13 @@ Reading tars and expanding patterns is ``webdataset``'s (optional dependency, th
 ``webdataset`` extra); decoding (PIL), the bad-sample policy and the per-sample seeding are
 the same as for image folders.
 
-Resume: :meth:`WebShardDataset.set_start` makes each worker skip, without decoding, the
-batches the DataLoader had taken from its stream (batch ``j`` comes from worker
-``j % num_workers``), and rotates the streams so the round robin continues where it stopped.
-This is exact for the same ``num_workers`` while every worker still has data, i.e.
-everywhere except the last, partial round of an epoch when workers hold unequal numbers of
-samples, and when no bad sample was dropped before the resume point (skipped samples are not
-decoded, so a dropped one shifts the stream by one sample).
+Resume: :meth:`WebShardDataset.set_start` makes each worker skip the batches the DataLoader had
+taken from its stream (batch ``j`` comes from worker ``j % num_workers``), and rotates the
+streams so the round robin continues where it stopped. Skipped samples are decoded (not
+augmented) so that unreadable ones, which the run dropped, are not counted: the cost is one
+decode per skipped sample, paid once per resume. This is exact for the same ``num_workers``
+while every worker still has data, i.e. everywhere except the last, partial round of an epoch
+when workers hold unequal numbers of samples.
 
 The stream of a rank is fixed by the *layout* ``(world size, DataLoader workers, batch size per
 rank)``: which shards a worker reads and which batches the DataLoader takes from it follow from
@@ -242,15 +242,18 @@ class WebShardDataset(IterableDataset):
         restore_rng = info is None  # restore the global RNGs only in the main process
         stream = wds.tariterators.tarfile_samples([{"url": u} for u in shards], handler=handler)
         for sample in stream:
-            if skip > 0:  # resumed: already consumed, no decoding
-                skip -= 1
-                continue
             url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
             try:
+                # decoded while skipping too: the run consumed *readable* samples, and only decoding
+                # tells which ones were (a dropped bad sample would otherwise shift the stream)
                 img = _decode_image(sample)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                pending_bad += 1
-                log.warning("skipping unreadable image %s in shard %s (%s: %s)", key, url, type(e).__name__, e)
+                if skip <= 0:
+                    pending_bad += 1
+                    log.warning("skipping unreadable image %s in shard %s (%s: %s)", key, url, type(e).__name__, e)
+                continue
+            if skip > 0:  # resumed: already consumed (decoded, not augmented)
+                skip -= 1
                 continue
             with seeded(sample_seed(self.seed, self.epoch, f"{os.path.basename(url)}/{key}"), restore=restore_rng):
                 image = self.transform(img) if self.transform is not None else img

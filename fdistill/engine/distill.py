@@ -184,10 +184,10 @@ def _saved_position(ckpt: Dict[str, Any]) -> Tuple[int, int]:
 
 
 def _resume_position(ckpt: Dict[str, Any], *, step: int, steps_per_epoch: int, total_batch: int,
-                     world_size: int, batch_size: int) -> Tuple[int, int]:
-    """(epoch, this rank's start position in it) to continue a checkpoint from: the samples of
-    the epoch that *all* ranks had consumed, re-split over this run's ranks (each rank starts at
-    ``consumed / world_size``; :mod:`fdistill.data.sampler`)."""
+                     world_size: int, batch_size: int) -> Tuple[int, int, int]:
+    """(epoch, this rank's start position in it, steps of it done) to continue a checkpoint from:
+    the samples of the epoch that *all* ranks had consumed, re-split over this run's ranks (each
+    rank starts at ``consumed / world_size``; :mod:`fdistill.data.sampler`)."""
     epoch, consumed = _saved_position(ckpt)
     saved_spe = ckpt["progress"].get("steps_per_epoch")
     if saved_spe is not None and int(saved_spe) != steps_per_epoch:
@@ -196,11 +196,13 @@ def _resume_position(ckpt: Dict[str, Any], *, step: int, steps_per_epoch: int, t
                     "with this run's epochs", saved_spe, steps_per_epoch, step)
         epoch, consumed = divmod(step, steps_per_epoch)
         consumed *= total_batch
-    elif (epoch, consumed) != (step // steps_per_epoch, (step % steps_per_epoch) * total_batch):
+    elif consumed % total_batch or not 0 <= consumed // total_batch < steps_per_epoch or epoch > step:
+        # epoch and position are saved explicitly (a short shard epoch ends early, so they need not
+        # be step // steps_per_epoch), but they must describe a place inside an epoch
         raise RunError(f"checkpoint progress is inconsistent: step {step} with {steps_per_epoch} steps of "
                        f"{total_batch} per epoch, but epoch {epoch} with {consumed} samples consumed")
     try:
-        return epoch, split_position(consumed, world_size, batch_size)
+        return epoch, split_position(consumed, world_size, batch_size), consumed // total_batch
     except ValueError as e:
         raise RunError(f"cannot re-split the checkpoint's position over {world_size} process(es): {e}") from e
 
@@ -327,12 +329,12 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=steps_per_epoch, total_batch=total_batch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    step, epoch, rank_start = 0, 0, None
+    step, epoch, step_in_epoch, rank_start = 0, 0, 0, None
     rng_states = None
     rng_seed = None  # set instead of rng_states when the saved per-rank states do not map 1:1
     if ckpt is not None:
         step = _restore(ckpt, distiller, optimizer, scaler, env)
-        epoch, rank_start = _resume_position(ckpt, step=step, steps_per_epoch=steps_per_epoch,
+        epoch, rank_start, step_in_epoch = _resume_position(ckpt, step=step, steps_per_epoch=steps_per_epoch,
                                              total_batch=total_batch, world_size=env.world_size,
                                              batch_size=cfg.data.batch_size)
         rng_states = ckpt.get("rng", {}).get("per_rank")
@@ -363,6 +365,9 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     stopped_by = None
 
     def save(at_step: int) -> Path:
+        # where the next step starts: explicit state, as a short shard epoch ends before
+        # steps_per_epoch (a finished epoch is saved as the start of the next one)
+        at_epoch, at_step_in_epoch = (epoch + 1, 0) if step_in_epoch >= steps_per_epoch else (epoch, step_in_epoch)
         rngs = gather_objects(capture_rng_state(), env)
         path = checkpoint_path(run_dir, at_step)
         if env.is_main:
@@ -372,10 +377,9 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 "teacher": _teacher_info(cfg, distiller.teacher),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": {"per_rank": rngs},
-                "progress": {"step": at_step, "epoch": at_step // steps_per_epoch,
-                             "step_in_epoch": at_step % steps_per_epoch,
+                "progress": {"step": at_step, "epoch": at_epoch, "step_in_epoch": at_step_in_epoch,
                              # consumed by all ranks together: a resume on another world size re-splits it
-                             "samples_in_epoch": (at_step % steps_per_epoch) * total_batch,
+                             "samples_in_epoch": at_step_in_epoch * total_batch,
                              "samples": at_step * total_batch, "world_size": env.world_size,
                              "batch_size": cfg.data.batch_size, "accum_steps": oc.accum_steps,
                              "num_workers": cfg.data.num_workers,
@@ -398,7 +402,11 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     # -- the loop ---------------------------------------------------------------------------------
     with StopRequest() as stop:
         while step < total_steps:
-            first = step % steps_per_epoch
+            if any_rank(stop.requested, env):  # also between epochs (a signal during an epoch's first batch)
+                stopped_by = stop.signame or "a stop request"
+                last_ckpt = save(step)
+                break
+            first = step_in_epoch
             # this rank's position: the epoch's samples all ranks consumed (first x global batch) / ranks;
             # on resume, the checkpoint's count re-split over this run's ranks
             if rank_start is None:
@@ -416,8 +424,18 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 if step >= total_steps:
                     break
                 micro_batches = _take(batches, oc.accum_steps)
-                if micro_batches is None:  # a shard stream that ran short of its declared length
-                    log.warning("epoch %d ended after fewer batches than data.samples_per_epoch implies", epoch)
+                # a shard stream that ran short of its declared length (bad samples dropped, uneven
+                # shards): every rank ends the epoch when any one runs out (none waits in allreduce)
+                if any_rank(micro_batches is None, env):
+                    if step_in_epoch == first == 0:
+                        raise RunError(f"epoch {epoch} yielded no batch of {cfg.data.batch_size} on some process: the "
+                                       f"data holds fewer samples than data.samples_per_epoch="
+                                       f"{cfg.data.samples_per_epoch} implies, or fewer than one batch per process "
+                                       f"and loader worker; check data.path, data.samples_per_epoch, batch size")
+                    if env.is_main:
+                        log.warning("epoch %d ended after %d of %d steps (the data is shorter than "
+                                    "data.samples_per_epoch=%s implies); the next epoch starts at its beginning",
+                                    epoch, step_in_epoch, steps_per_epoch, cfg.data.samples_per_epoch)
                     break
                 scheduler.step_update(step)  # lr of this update (host-side arithmetic)
                 if on_batch is not None:
@@ -430,6 +448,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 images_n = sum(x.shape[0] for x in images)
                 skipped = sum(b.get("skipped", 0) for b in micro_batches)
                 step += 1
+                step_in_epoch += 1
                 metrics.add_step(grad_norm, ok, images_n, skipped)
                 runlog.advance()
                 if on_step is not None:
@@ -451,7 +470,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                     break
             if stopped_by:
                 break
-            epoch += 1
+            epoch, step_in_epoch = epoch + 1, 0
         if total_steps == 0 and last_ckpt is None:  # train.max_steps=0: the initialised student, untrained
             last_ckpt = save(0)
 
