@@ -204,7 +204,7 @@ def finetune(
 
     from ..data import DataError, ResumableDistributedSampler
     from ..engine.checkpoint import save_checkpoint
-    from ..engine.distributed import DistEnv, gather_objects, unwrap, wrap_ddp
+    from ..engine.distributed import DistEnv, any_rank, gather_objects, unwrap, wrap_ddp
     from ..engine.errors import RunError
     from ..engine.optim import no_weight_decay_patterns
     from ..engine.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -349,7 +349,7 @@ def finetune(
     # -- train ---------------------------------------------------------------------------------------
     start_epoch, start_batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
     t0, images_seen = time.time(), 0
-    stopped = False
+    stopped = stopping = False
     with StopRequest() as stop:
         for epoch in range(start_epoch, epochs):
             if step >= total_steps:
@@ -402,11 +402,14 @@ def finetune(
                     n_loss = 0
                 if on_step is not None and on_step(step):
                     stop.request("on_step")
-                if step >= total_steps or stop.requested:
+                # every rank stops at the same step: a signal may reach one rank only (a lone rank
+                # leaving the loop would leave the others in allreduce and lose the checkpoint)
+                stopping = any_rank(stop.requested, env)
+                if step >= total_steps or stopping:
                     break
             bar.close()
             epoch_done = batch_in_epoch >= steps_per_epoch
-            if stop.requested and not epoch_done:
+            if stopping and not epoch_done:
                 checkpoint((epoch, batch_in_epoch))
                 stopped = True
                 break
@@ -415,7 +418,7 @@ def finetune(
             elif not epoch_done:  # max_steps reached mid-epoch: evaluate what we have
                 evaluate(epoch)
             checkpoint((epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch))
-            if stop.requested:
+            if stopping:
                 stopped = True
                 break
     elapsed = max(time.time() - t0 - eval_time, 1e-9)  # training throughput, evaluations excluded
