@@ -42,7 +42,12 @@ def summarise(values: List[float]) -> Dict[str, Any]:
 
 
 def _read_top1(folder: str) -> float:
-    return float(json.loads((Path(folder) / "metrics.json").read_text())["top1"])
+    """The stage's top-1: for fine-tuning the *last* epoch's (the protocol's choice: the best
+    epoch on the evaluation set would be selected on it), for the probes the command's own."""
+    js = json.loads((Path(folder) / "metrics.json").read_text())
+    if js.get("last") is not None and "top1" in js["last"]:
+        return float(js["last"]["top1"])
+    return float(js["top1"])
 
 
 def collect(evals: Dict[str, Dict[str, str]], main_epochs: int) -> List[Dict[str, Any]]:
