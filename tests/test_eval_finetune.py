@@ -80,6 +80,24 @@ def test_stop_and_resume_is_exact(colour_data, tmp_path):
     assert again["steps"] == full["steps"] and again["top1"] == full["top1"]
 
 
+def test_a_second_finetune_in_the_same_folder_is_refused_and_loses_nothing(colour_data, tmp_path):
+    """Issue 13 item 8 for fine-tuning: a run in progress holds the output folder; a second one
+    is refused before it touches anything (it used to start over, deleting log.jsonl and weights)."""
+    from fdistill.engine.lock import RunLock
+
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    finetune(a, tr, va, output_dir=tmp_path, resume=None, on_step=lambda s: s == 2, **RECIPE)
+    files = lambda: {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*")  # noqa: E731
+                     if p.is_file() and p.name != ".fdistill.lock"}
+    before = files()
+    with RunLock(tmp_path):
+        with pytest.raises(RunError, match=r"another fdistill run \(pid \d+\) is using"):
+            finetune(_adapter(), tr, va, output_dir=tmp_path, resume=None, **RECIPE)
+    assert files() == before
+    assert finetune(_adapter(), tr, va, output_dir=tmp_path, resume="auto", **dict(RECIPE, epochs=1))["steps"] == 8
+
+
 def test_resume_refuses_another_recipe(colour_data, tmp_path):
     a = _adapter()
     tr, va = _datasets(colour_data, a)

@@ -27,7 +27,6 @@ from (seed, step, rank) (:func:`rederived_seed`). Tar-shard streams refuse anoth
 """
 from __future__ import annotations
 
-import contextlib
 
 import hashlib
 import logging
@@ -52,7 +51,7 @@ from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_chec
 from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
                           unwrap, wrap_ddp)
 from .errors import RunError
-from .lock import RunLock
+from .lock import hold_run_lock
 from .metrics import RunLog, StepMetrics
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .signals import StopRequest
@@ -102,17 +101,7 @@ def distill(cfg: DistillConfig, *, resume: str = "auto",
     if env.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     try:
-        with contextlib.ExitStack() as stack:
-            # rank 0 holds the output folder's lock; every rank learns whether it got it
-            error = None
-            if env.is_main:
-                try:
-                    stack.enter_context(RunLock(Path(cfg.train.output).expanduser()))
-                except RunError as e:
-                    error = str(e)
-            error = broadcast_object(error, env)
-            if error:
-                raise RunError(error)
+        with hold_run_lock(cfg.train.output, env):  # one run per output folder
             return _run(cfg, env, resume, on_step, on_batch)
     finally:
         torch.set_num_threads(threads)

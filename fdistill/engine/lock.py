@@ -9,9 +9,10 @@ dependency offers a process lock with that guarantee in a few lines.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import RunError
 
@@ -50,3 +51,23 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+@contextlib.contextmanager
+def hold_run_lock(folder: str | os.PathLike, env) -> Iterator[None]:
+    """The output folder's lock for a (possibly ``torchrun``) run: rank 0 takes it, and every
+    rank learns whether it got it, so all raise together (a lone raise would leave the others
+    waiting in their first collective)."""
+    from .distributed import broadcast_object
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        if env.is_main:
+            try:
+                stack.enter_context(RunLock(Path(folder).expanduser()))
+            except RunError as e:
+                error = str(e)
+        error = broadcast_object(error, env)
+        if error:
+            raise RunError(error)
+        yield

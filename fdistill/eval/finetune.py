@@ -206,6 +206,7 @@ def finetune(
     from ..engine.checkpoint import save_checkpoint
     from ..engine.distributed import DistEnv, any_rank, gather_objects, unwrap, wrap_ddp
     from ..engine.errors import RunError
+    from ..engine.lock import hold_run_lock
     from ..engine.optim import no_weight_decay_patterns
     from ..engine.rng import capture_rng_state, restore_rng_state, seed_everything
     from ..engine.signals import StopRequest
@@ -213,227 +214,228 @@ def finetune(
     device = torch.device(device)
     env = env or DistEnv(device=device)
     out = Path(output_dir)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
-                  max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
-                  lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
-                  decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,
-                  mixup=mixup, label_smoothing=label_smoothing,
-                  ema_decay=ema_decay, precision=precision, eval_interval=eval_interval, log_interval=log_interval,
-                  seed=seed, train_images=len(train_ds))
+    with hold_run_lock(out, env):  # one run per output folder (a second one is refused)
+        ckpt_path = out / "checkpoints" / "last.pt"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
+                      max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
+                      lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                      decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,
+                      mixup=mixup, label_smoothing=label_smoothing,
+                      ema_decay=ema_decay, precision=precision, eval_interval=eval_interval, log_interval=log_interval,
+                      seed=seed, train_images=len(train_ds))
 
-    # -- data ---------------------------------------------------------------------------------------
-    classes = dataset_classes(train_ds)
-    if not classes:
-        raise DataError("the training set has no classes")
-    if dataset_classes(val_ds) != classes:
-        raise DataError(f"train and val classes differ: {classes[:5]}... vs {dataset_classes(val_ds)[:5]}...")
-    num_classes = len(classes)
-    if mixup and batch_size % 2:
-        raise DataError(f"mixup/cutmix needs an even batch size, got {batch_size}")
-    if len(train_ds) < batch_size * env.world_size:
-        raise DataError(f"the training set has {len(train_ds)} images, fewer than one global batch "
-                        f"({batch_size} x {env.world_size}); lower data.batch_size")
-    seed_everything(seed + env.rank)
-    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-    from .data import make_loader
+        # -- data ---------------------------------------------------------------------------------------
+        classes = dataset_classes(train_ds)
+        if not classes:
+            raise DataError("the training set has no classes")
+        if dataset_classes(val_ds) != classes:
+            raise DataError(f"train and val classes differ: {classes[:5]}... vs {dataset_classes(val_ds)[:5]}...")
+        num_classes = len(classes)
+        if mixup and batch_size % 2:
+            raise DataError(f"mixup/cutmix needs an even batch size, got {batch_size}")
+        if len(train_ds) < batch_size * env.world_size:
+            raise DataError(f"the training set has {len(train_ds)} images, fewer than one global batch "
+                            f"({batch_size} x {env.world_size}); lower data.batch_size")
+        seed_everything(seed + env.rank)
+        sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                              seed=seed, drop_last=True)
+        from .data import make_loader
 
-    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler,
-                               num_workers=num_workers, drop_last=True, seed=seed, device=device)
-    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
-    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    steps_per_epoch = sampler.num_samples // batch_size
-    total_steps = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
-    warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+        train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler,
+                                   num_workers=num_workers, drop_last=True, seed=seed, device=device)
+        val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
+        val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+        steps_per_epoch = sampler.num_samples // batch_size
+        total_steps = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
+        warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
 
-    # -- model, optimizer, schedule -------------------------------------------------------------------
-    model, spec = build_classifier(adapter, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
-                                   source=source)
-    model = model.to(device)
-    if spec["kind"] == "adapter" and not (source or {}).get("spec"):
-        log.warning("no source spec given: load_classifier will not be able to rebuild this %s classifier "
-                    "(pass source={'spec': ..., 'kwargs': ...})", adapter.name)
-    nwd = no_weight_decay_patterns(model, decay_rel_pos_bias=decay_rel_pos_bias)
-    groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay, no_weight_decay=nwd)
-    optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
-                                  warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=True,
-                                  cycle_limit=1, t_in_epochs=False)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    ema = None
-    if ema_decay is not None:
-        from timm.utils import ModelEmaV3
+        # -- model, optimizer, schedule -------------------------------------------------------------------
+        model, spec = build_classifier(adapter, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
+                                       source=source)
+        model = model.to(device)
+        if spec["kind"] == "adapter" and not (source or {}).get("spec"):
+            log.warning("no source spec given: load_classifier will not be able to rebuild this %s classifier "
+                        "(pass source={'spec': ..., 'kwargs': ...})", adapter.name)
+        nwd = no_weight_decay_patterns(model, decay_rel_pos_bias=decay_rel_pos_bias)
+        groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay, no_weight_decay=nwd)
+        optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
+                                      warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=True,
+                                      cycle_limit=1, t_in_epochs=False)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        ema = None
+        if ema_decay is not None:
+            from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=ema_decay)
-    mixup_fn = None
-    if mixup:
-        mixup_fn = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
-        criterion = SoftTargetCrossEntropy()
-    elif label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+            ema = ModelEmaV3(model, decay=ema_decay)
+        mixup_fn = None
+        if mixup:
+            mixup_fn = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
+            criterion = SoftTargetCrossEntropy()
+        elif label_smoothing > 0:
+            criterion = LabelSmoothingCrossEntropy(smoothing=label_smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
 
-    # -- resume --------------------------------------------------------------------------------------
-    step, best, history = 0, None, []
-    resume_from = None
-    if resume == "auto":
-        resume_from = ckpt_path if ckpt_path.is_file() else None
-    elif resume:
-        resume_from = Path(resume)
-        if not resume_from.is_file():
-            raise RunError(f"resume checkpoint not found: {resume_from}")
-    if resume_from is not None:
-        ck = _load_ft_checkpoint(resume_from)
-        diff = _recipe_diff(ck["recipe"], recipe)
-        if diff or ck["classifier"]["num_classes"] != num_classes:
-            raise RunError(f"{resume_from} was written with another recipe or dataset ({'; '.join(diff[:6]) or 'classes differ'}); "
-                           "use another --output or resume=None to start over")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        step, best, history = int(ck["step"]), ck.get("best"), list(ck.get("history", []))
-        restore_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)])
-        log.info("resumed from %s at step %d", resume_from, step)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_classifier_spec(spec, classes, out)
-        if resume_from is None:  # starting over: nothing of an earlier run in this folder may mix in
-            for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors"):
-                (out / f).unlink(missing_ok=True)
-    ddp_model = wrap_ddp(model, env)
-    scheduler.step_update(step)
-
-    def checkpoint(epoch_pos: Tuple[int, int]) -> None:
-        rng = gather_objects(capture_rng_state(), env)  # every rank's generators (collective)
-        if not env.is_main:
-            return
-        save_checkpoint(ckpt_path, {
-            "format": FINETUNE_CKPT_FORMAT, "version": 1, "recipe": recipe, "classifier": spec,
-            "model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch_pos[0],
-            "batch_in_epoch": epoch_pos[1], "best": best, "history": history, "rng": rng,
-        })
-
-    eval_time = 0.0
-
-    def evaluate(epoch: int) -> None:
-        nonlocal best, eval_time
-        t_eval = time.time()
-        res = {"epoch": epoch + 1, "step": step,
-               "model": evaluate_classifier(unwrap(ddp_model), val_loader, mean=adapter.mean, std=adapter.std,
-                                            device=device, precision=precision, env=env, desc="eval")}
-        if ema is not None:
-            res["ema"] = evaluate_classifier(ema.module, val_loader, mean=adapter.mean, std=adapter.std, device=device,
-                                             precision=precision, env=env, desc="eval ema")
-        history.append(res)
-        which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
+        # -- resume --------------------------------------------------------------------------------------
+        step, best, history = 0, None, []
+        resume_from = None
+        if resume == "auto":
+            resume_from = ckpt_path if ckpt_path.is_file() else None
+        elif resume:
+            resume_from = Path(resume)
+            if not resume_from.is_file():
+                raise RunError(f"resume checkpoint not found: {resume_from}")
+        if resume_from is not None:
+            ck = _load_ft_checkpoint(resume_from)
+            diff = _recipe_diff(ck["recipe"], recipe)
+            if diff or ck["classifier"]["num_classes"] != num_classes:
+                raise RunError(f"{resume_from} was written with another recipe or dataset ({'; '.join(diff[:6]) or 'classes differ'}); "
+                               "use another --output or resume=None to start over")
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            if ema is not None and ck.get("ema") is not None:
+                ema.load_state_dict(ck["ema"])
+            step, best, history = int(ck["step"]), ck.get("best"), list(ck.get("history", []))
+            restore_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)])
+            log.info("resumed from %s at step %d", resume_from, step)
         if env.is_main:
-            _save_weights(unwrap(ddp_model), out / "model_last.safetensors")
-            if best is None or res[which]["top1"] > best["top1"]:
-                best = dict(res[which], epoch=epoch + 1, weights=which)
-                _save_weights(unwrap(ddp_model) if which == "model" else ema.module, out / "model_best.safetensors")
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(res) + "\n")
-        eval_time += time.time() - t_eval
-        log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
-                 f", ema {res['ema']['top1']:.2f}" if ema is not None else "", best["top1"] if best else float("nan"))
+            out.mkdir(parents=True, exist_ok=True)
+            save_classifier_spec(spec, classes, out)
+            if resume_from is None:  # starting over: nothing of an earlier run in this folder may mix in
+                for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors"):
+                    (out / f).unlink(missing_ok=True)
+        ddp_model = wrap_ddp(model, env)
+        scheduler.step_update(step)
 
-    # -- train ---------------------------------------------------------------------------------------
-    start_epoch, start_batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
-    t0, images_seen = time.time(), 0
-    stopped = stopping = False
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            sampler.set_start(start_batch * batch_size if epoch == start_epoch else 0)
-            ddp_model.train()
-            loss_sum = torch.zeros((), device=device)
-            n_loss = 0
-            bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
-                       disable=not (progress and env.is_main), initial=start_batch if epoch == start_epoch else 0,
-                       total=steps_per_epoch)
-            batch_in_epoch = start_batch if epoch == start_epoch else 0
-            for images, y in bar:
-                x = images.to(device, non_blocking=True).float()
-                y = torch.as_tensor(y).to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    x, y = mixup_fn(x, y)
-                with autocast(device, precision):
-                    logits = ddp_model(x)
-                loss = criterion(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                step += 1
-                batch_in_epoch += 1
-                scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(unwrap(ddp_model), step=step)
-                loss_sum += loss.detach()
-                n_loss += 1
-                images_seen += x.shape[0]
-                if step % log_interval == 0 or batch_in_epoch == steps_per_epoch:
-                    avg = float(loss_sum) / max(n_loss, 1)  # the only host sync of the loop
-                    if not math.isfinite(avg):
-                        raise RunError(f"non-finite training loss at step {step} (lr too high? try precision=fp32); "
-                                       f"last checkpoint kept at {ckpt_path}")
-                    bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-                    loss_sum.zero_()
-                    n_loss = 0
-                if on_step is not None and on_step(step):
-                    stop.request("on_step")
-                # every rank stops at the same step: a signal may reach one rank only (a lone rank
-                # leaving the loop would leave the others in allreduce and lose the checkpoint)
-                stopping = any_rank(stop.requested, env)
-                if step >= total_steps or stopping:
+        def checkpoint(epoch_pos: Tuple[int, int]) -> None:
+            rng = gather_objects(capture_rng_state(), env)  # every rank's generators (collective)
+            if not env.is_main:
+                return
+            save_checkpoint(ckpt_path, {
+                "format": FINETUNE_CKPT_FORMAT, "version": 1, "recipe": recipe, "classifier": spec,
+                "model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch_pos[0],
+                "batch_in_epoch": epoch_pos[1], "best": best, "history": history, "rng": rng,
+            })
+
+        eval_time = 0.0
+
+        def evaluate(epoch: int) -> None:
+            nonlocal best, eval_time
+            t_eval = time.time()
+            res = {"epoch": epoch + 1, "step": step,
+                   "model": evaluate_classifier(unwrap(ddp_model), val_loader, mean=adapter.mean, std=adapter.std,
+                                                device=device, precision=precision, env=env, desc="eval")}
+            if ema is not None:
+                res["ema"] = evaluate_classifier(ema.module, val_loader, mean=adapter.mean, std=adapter.std, device=device,
+                                                 precision=precision, env=env, desc="eval ema")
+            history.append(res)
+            which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
+            if env.is_main:
+                _save_weights(unwrap(ddp_model), out / "model_last.safetensors")
+                if best is None or res[which]["top1"] > best["top1"]:
+                    best = dict(res[which], epoch=epoch + 1, weights=which)
+                    _save_weights(unwrap(ddp_model) if which == "model" else ema.module, out / "model_best.safetensors")
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(res) + "\n")
+            eval_time += time.time() - t_eval
+            log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
+                     f", ema {res['ema']['top1']:.2f}" if ema is not None else "", best["top1"] if best else float("nan"))
+
+        # -- train ---------------------------------------------------------------------------------------
+        start_epoch, start_batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
+        t0, images_seen = time.time(), 0
+        stopped = stopping = False
+        with StopRequest() as stop:
+            for epoch in range(start_epoch, epochs):
+                if step >= total_steps:
                     break
-            bar.close()
-            epoch_done = batch_in_epoch >= steps_per_epoch
-            if stopping and not epoch_done:
-                checkpoint((epoch, batch_in_epoch))
-                stopped = True
-                break
-            if epoch_done and ((epoch + 1) % eval_interval == 0 or epoch + 1 == epochs or step >= total_steps):
-                evaluate(epoch)
-            elif not epoch_done:  # max_steps reached mid-epoch: evaluate what we have
-                evaluate(epoch)
-            checkpoint((epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch))
-            if stopping:
-                stopped = True
-                break
-    elapsed = max(time.time() - t0 - eval_time, 1e-9)  # training throughput, evaluations excluded
-    if best is None and history == [] and not stopped:  # nothing left to train: evaluate the weights
-        evaluate(max(step // max(steps_per_epoch, 1) - 1, 0))
-        checkpoint(divmod(step, steps_per_epoch))
-    last = history[-1] if history else {}
-    metrics = {
-        "top1": best["top1"] if best else None,
-        **({"top5": best["top5"]} if best and "top5" in best else {}),
-        "best_epoch": best["epoch"] if best else None, "best_weights": best["weights"] if best else None,
-        "last": last.get("model"), "ema_last": last.get("ema"), "steps": step, "total_steps": total_steps,
-        "epochs_done": step / max(steps_per_epoch, 1), "steps_per_epoch": steps_per_epoch,
-        "images_per_s": images_seen * env.world_size / elapsed, "num_classes": num_classes,
-        "train_images": len(train_ds), "val_images": len(val_ds), "stopped_early": stopped,
-        "classifier": spec["kind"], "recipe": recipe,
-    }
-    return metrics
+                sampler.set_epoch(epoch)
+                sampler.set_start(start_batch * batch_size if epoch == start_epoch else 0)
+                ddp_model.train()
+                loss_sum = torch.zeros((), device=device)
+                n_loss = 0
+                bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
+                           disable=not (progress and env.is_main), initial=start_batch if epoch == start_epoch else 0,
+                           total=steps_per_epoch)
+                batch_in_epoch = start_batch if epoch == start_epoch else 0
+                for images, y in bar:
+                    x = images.to(device, non_blocking=True).float()
+                    y = torch.as_tensor(y).to(device, non_blocking=True)
+                    if mixup_fn is not None:
+                        x, y = mixup_fn(x, y)
+                    with autocast(device, precision):
+                        logits = ddp_model(x)
+                    loss = criterion(logits.float(), y)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    step += 1
+                    batch_in_epoch += 1
+                    scheduler.step_update(step)
+                    if ema is not None:
+                        ema.update(unwrap(ddp_model), step=step)
+                    loss_sum += loss.detach()
+                    n_loss += 1
+                    images_seen += x.shape[0]
+                    if step % log_interval == 0 or batch_in_epoch == steps_per_epoch:
+                        avg = float(loss_sum) / max(n_loss, 1)  # the only host sync of the loop
+                        if not math.isfinite(avg):
+                            raise RunError(f"non-finite training loss at step {step} (lr too high? try precision=fp32); "
+                                           f"last checkpoint kept at {ckpt_path}")
+                        bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                        loss_sum.zero_()
+                        n_loss = 0
+                    if on_step is not None and on_step(step):
+                        stop.request("on_step")
+                    # every rank stops at the same step: a signal may reach one rank only (a lone rank
+                    # leaving the loop would leave the others in allreduce and lose the checkpoint)
+                    stopping = any_rank(stop.requested, env)
+                    if step >= total_steps or stopping:
+                        break
+                bar.close()
+                epoch_done = batch_in_epoch >= steps_per_epoch
+                if stopping and not epoch_done:
+                    checkpoint((epoch, batch_in_epoch))
+                    stopped = True
+                    break
+                if epoch_done and ((epoch + 1) % eval_interval == 0 or epoch + 1 == epochs or step >= total_steps):
+                    evaluate(epoch)
+                elif not epoch_done:  # max_steps reached mid-epoch: evaluate what we have
+                    evaluate(epoch)
+                checkpoint((epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch))
+                if stopping:
+                    stopped = True
+                    break
+        elapsed = max(time.time() - t0 - eval_time, 1e-9)  # training throughput, evaluations excluded
+        if best is None and history == [] and not stopped:  # nothing left to train: evaluate the weights
+            evaluate(max(step // max(steps_per_epoch, 1) - 1, 0))
+            checkpoint(divmod(step, steps_per_epoch))
+        last = history[-1] if history else {}
+        metrics = {
+            "top1": best["top1"] if best else None,
+            **({"top5": best["top5"]} if best and "top5" in best else {}),
+            "best_epoch": best["epoch"] if best else None, "best_weights": best["weights"] if best else None,
+            "last": last.get("model"), "ema_last": last.get("ema"), "steps": step, "total_steps": total_steps,
+            "epochs_done": step / max(steps_per_epoch, 1), "steps_per_epoch": steps_per_epoch,
+            "images_per_s": images_seen * env.world_size / elapsed, "num_classes": num_classes,
+            "train_images": len(train_ds), "val_images": len(val_ds), "stopped_early": stopped,
+            "classifier": spec["kind"], "recipe": recipe,
+        }
+        return metrics
