@@ -136,3 +136,22 @@ def test_resume_mid_epoch_after_dropped_bad_samples(tmp_path, workers):
     for done in (1, 2, 3, 5):
         resumed = build_distill_loader(ds, batch_size=3, num_workers=workers, epoch=0, start_index=done * 3)
         assert [b["labels"].tolist() for b in resumed] == ref[done:], done
+
+
+def test_16_bit_grey_shards_decode_as_image_folders_do(tmp_path):
+    """A 16-bit grey PNG in a shard came out almost white (PIL's convert clips 0..65535 to 255);
+    it must decode as the image-folder path does: scaled to 0..255 (issue 13 item 10)."""
+    from fdistill.data.folder import open_rgb
+    from fdistill.data.shards import _decode_image
+
+    arr = (np.arange(20 * 20, dtype=np.uint16).reshape(20, 20) * 160)  # 0 .. 63 840
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit grey file
+    (tmp_path / "g.png").write_bytes(buf.getvalue())
+    got = np.asarray(_decode_image({"png": buf.getvalue()}))
+    want = np.asarray(open_rgb(str(tmp_path / "g.png")))
+    assert np.array_equal(got, want)
+    # and the numbers are the scaled ones, worked out by hand: 63 840 * 255 / 65535 = 248.4 -> 248
+    assert got[0, 0].tolist() == [0, 0, 0] and got[-1, -1].tolist() == [248, 248, 248]
+    assert got.mean() < 200  # not the near-white image of the bug

@@ -43,6 +43,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import DataError
+from .folder import to_rgb
 from .seeding import sample_seed, seeded
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _decode_image(sample: dict) -> Image.Image:
         if k in sample:
             with Image.open(io.BytesIO(sample[k])) as im:
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im)  # as image folders decode: 16-bit grey scaled, not clipped to white
     raise ValueError(f"no image in sample (keys {sorted(k for k in sample if not k.startswith('__'))}, "
                      f"expected one of {IMAGE_KEYS})")
 
