@@ -386,3 +386,32 @@ def test_a_second_run_in_the_same_folder_is_refused_and_loses_nothing(tmp_path):
     holder.kill()
     holder.wait()
     assert distill(tiny_cfg(out, "train.max_steps=4")).step == 4
+
+
+def test_retention_after_an_older_resume_keeps_what_the_run_wrote(tmp_path):
+    """Issue 13 item 6: resumed from an older checkpoint, the run pruned by step number and
+    deleted the checkpoint it had just written (keeping a later one of the abandoned branch),
+    then reported a file that no longer existed. Later checkpoints are now set aside, and what
+    the run wrote last is never deleted."""
+    out = tmp_path / "run"
+    distill(tiny_cfg(out, "train.max_steps=8", "train.ckpt_interval=4", "train.keep_last=2"))
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000004.pt", "ckpt_00000008.pt"]
+    old = out / "checkpoints" / "ckpt_00000004.pt"
+    r = distill(tiny_cfg(out, "train.max_steps=6", "train.ckpt_interval=4", "train.keep_last=1"), resume=str(old))
+    assert r.step == 6 and r.checkpoint.is_file()
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_00000006.pt"]
+    aside = out / "checkpoints" / "abandoned-after-00000004"
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt_00000008.pt"]  # kept for inspection
+    # the next --resume auto continues this run (step 6), not the abandoned branch (step 8)
+    r2 = distill(tiny_cfg(out, "train.max_steps=7", "train.ckpt_interval=4", "train.keep_last=1"))
+    assert r2.step == 7 and load_checkpoint(r2.checkpoint)["progress"]["step"] == 7
+
+
+def test_fallback_over_a_corrupt_newest_checkpoint_sets_it_aside(tmp_path):
+    out = tmp_path / "run"
+    distill(tiny_cfg(out, "train.max_steps=8", "train.ckpt_interval=4", "train.keep_last=2"))
+    newest = out / "checkpoints" / "ckpt_00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    r = distill(tiny_cfg(out, "train.max_steps=6", "train.ckpt_interval=4", "train.keep_last=1"))
+    assert r.step == 6 and [p.name for p in list_checkpoints(out)] == ["ckpt_00000006.pt"]
+    assert (out / "checkpoints" / "abandoned-after-00000004" / "ckpt_00000008.pt").is_file()

@@ -151,13 +151,37 @@ def latest_valid_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     return find_resume_checkpoint(run_dir)[0]
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> List[Path]:
-    """Delete all but the ``keep_last`` newest checkpoints; returns the deleted paths."""
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, *,
+                      protect: Optional[str | os.PathLike] = None) -> List[Path]:
+    """Delete all but the ``keep_last`` newest (highest-step) checkpoints; returns the deleted
+    paths. ``protect`` (the file this run has just written) is never deleted, whatever its step."""
     ckpts = list_checkpoints(run_dir)
-    doomed = ckpts[:-keep_last] if keep_last > 0 else ckpts
+    keep = Path(protect).resolve() if protect is not None else None
+    doomed = [p for p in (ckpts[:-keep_last] if keep_last > 0 else ckpts) if p.resolve() != keep]
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> List[Path]:
+    """Move checkpoints of steps beyond ``step`` (a branch this resume abandons: after a fallback
+    over a corrupt newest file, or an explicit resume from an older one) into
+    ``checkpoints/abandoned-after-<step>/``: kept for inspection, never mixed into this run's
+    retention or a later ``--resume auto``. Returns their new paths."""
+    later = [p for p in list_checkpoints(run_dir) if int(_NAME.match(p.name).group(1)) > int(step)]
+    if not later:
+        return []
+    dest = checkpoint_dir(run_dir) / f"abandoned-after-{int(step):08d}"
+    dest.mkdir(exist_ok=True)
+    moved = []
+    for p in later:
+        target = dest / p.name
+        os.replace(p, target)
+        moved.append(target)
+    _fsync_dir(checkpoint_dir(run_dir))
+    log.warning("resuming at step %d: %d later checkpoint(s) set aside in %s (%s)", step, len(moved), dest,
+                ", ".join(p.name for p in moved))
+    return moved
 
 
 def clean_partial_writes(run_dir: str | os.PathLike) -> List[Path]:

@@ -47,7 +47,8 @@ from ..data.errors import DataError
 from ..data.sampler import split_position
 from ..data.shards import WebShardDataset, check_resume_layout
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
-                         load_checkpoint, prune_checkpoints, save_checkpoint, FORMAT, VERSION)
+                         load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_later_checkpoints,
+                         FORMAT, VERSION)
 from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
                           unwrap, wrap_ddp)
 from .errors import RunError
@@ -323,6 +324,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     rng_seed = None  # set instead of rng_states when the saved per-rank states do not map 1:1
     if ckpt is not None:
         step = _restore(ckpt, distiller, optimizer, scaler, env)
+        if env.is_main:  # a later branch (corrupt newest file skipped, or an explicit older resume)
+            set_aside_later_checkpoints(run_dir, step)
         epoch, rank_start, step_in_epoch = _resume_position(ckpt, step=step, steps_per_epoch=steps_per_epoch,
                                              total_batch=total_batch, world_size=env.world_size,
                                              batch_size=cfg.data.batch_size)
@@ -376,7 +379,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                              "total_steps": total_steps},
             }
             save_checkpoint(path, obj)
-            prune_checkpoints(run_dir, tc.keep_last)
+            prune_checkpoints(run_dir, tc.keep_last, protect=path)  # never what this run just wrote
         barrier(env)
         return path
 
