@@ -113,6 +113,11 @@ RUN: Dict[str, dict] = {
 SKIP: Dict[str, str] = {
     "make demo": "the whole demo (~9 min); tests/test_demo.py runs it (slow) and CI runs `make demo QUICK=1`",
     "make test": "the whole test suite, this test included",
+    # docs/distill.md, the SLURM script (its signal handling is tested by tests/test_preemption_torchrun.py)
+    "srun torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$(scontrol "
+    "show hostnames $SLURM_JOB_NODELIST | head -n1):29500 --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
+    "--shutdown-timeout=90 -m fdistill.cli.main distill --config configs/distill/clip_vit_base_300ep.yaml --data "
+    "/path/to/imagenet/train --output /shared/runs/fd_clip_b": MULTI_GPU + " under SLURM",
     # docs/evidence.md
     "make reproduce-mini": "the miniature protocol (~2 h on 2 cores); docs/evidence.md has its results",
     "make reproduce-mini QUICK=1": "~20 min: tests/test_miniature.py::test_quick_protocol runs it with FDISTILL_MINI=1",
