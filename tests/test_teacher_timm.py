@@ -87,3 +87,23 @@ def test_local_checkpoint_loads(tmp_path):
     save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
     t = create_teacher("timm:resnet18", checkpoint=str(tmp_path / "w.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), t.model.state_dict().values()))
+
+
+def test_non_finite_teacher_weights_are_refused_at_load(tmp_path):
+    """Issue 13 (low): NaN weights used to pass, and distillation later stopped with a message
+    blaming the learning rate. A checkpoint with one NaN is refused when the teacher is built."""
+    import timm
+    from safetensors.torch import save_file
+
+    from fdistill.teachers import TeacherError, create_teacher
+
+    kw = dict(pretrained=False, img_size=16, patch_size=4, depth=1, embed_dim=48, num_heads=2)
+    sd = timm.create_model("vit_tiny_patch16_224", **kw).state_dict()
+    ok = tmp_path / "ok.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, ok)
+    create_teacher("timm:vit_tiny_patch16_224", checkpoint=str(ok), **kw)  # finite: accepted
+    sd["blocks.0.mlp.fc1.weight"][3, 5] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, bad)
+    with pytest.raises(TeacherError, match=r"non-finite values .* 1 tensor\(s\), e\.g\. .*blocks\.0\.mlp\.fc1\.weight"):
+        create_teacher("timm:vit_tiny_patch16_224", checkpoint=str(bad), **kw)

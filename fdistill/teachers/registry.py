@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Dict, Tuple
 
+import torch
+
 from .base import Teacher, TeacherError
 
 #: prefix -> (module, factory function); imported lazily so that unused libraries cost nothing
@@ -47,4 +49,19 @@ def create_teacher(spec: str, **kwargs) -> Teacher:
     except ImportError as e:
         raise TeacherError(f"teacher source {prefix!r} needs a library that is not installed: {e}") from e
     teacher = factory(rest, **kwargs)
+    check_finite_weights(teacher, spec)
     return teacher
+
+
+def check_finite_weights(teacher: Teacher, spec: str) -> None:
+    """Refuse a model whose weights hold NaN or Inf: every feature would be non-finite, and a
+    distillation run would stop after ``train.max_nonfinite`` steps with a message blaming the
+    learning rate. (A corrupted checkpoint or an exported diverged run.)"""
+    module = getattr(teacher, "model", teacher)
+    if not isinstance(module, torch.nn.Module):
+        return
+    bad = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TeacherError(f"the weights of {spec!r} hold non-finite values (NaN/Inf) in {len(bad)} tensor(s), e.g. "
+                           f"{', '.join(bad[:3])}: the checkpoint is corrupt or comes from a diverged run")
