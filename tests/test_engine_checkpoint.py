@@ -122,3 +122,29 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     restore_rng_state(loaded)
     got = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
     assert got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2])
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_disk_full_is_one_clear_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, wrapped):
+    """Issue 13 (low): a full disk ended in a long torch traceback. Now: one RunError naming the
+    last good checkpoint, which is intact, and no temporary file left behind."""
+    import errno
+
+    from fdistill.engine import checkpoint as ck
+
+    good = ck.save_checkpoint(tmp_path / "checkpoints" / "ckpt_00000004.pt", {"step": 4})
+
+    def full(obj, f):
+        err = OSError(errno.ENOSPC, "No space left on device")
+        if wrapped:  # as torch's zip writer reports it
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed") from err
+        raise err
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(ck.RunError, match=r"no space left on the device writing .*ckpt_00000008\.pt.*last good "
+                                          r"checkpoint is .*ckpt_00000004\.pt"):
+        ck.save_checkpoint(tmp_path / "checkpoints" / "ckpt_00000008.pt", {"step": 8})
+    monkeypatch.undo()
+    assert torch.load(good, weights_only=True)["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt_00000004.pt"]

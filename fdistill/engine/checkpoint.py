@@ -94,11 +94,28 @@ def save_checkpoint(path: str | os.PathLike, obj: Dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(e):  # one line instead of torch's traceback; nothing older was touched
+            kept = sorted((p for p in path.parent.glob("*.pt") if p != path), key=lambda p: p.stat().st_mtime)
+            raise RunError(f"no space left on the device writing {path}: free some space and run the same command "
+                           f"again to resume; the last good checkpoint is "
+                           f"{kept[-1] if kept else 'none (this was the first)'}") from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised directly or wrapped by torch's zip writer (a RuntimeError whose
+    message carries the OS error)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    cause = e.__cause__ or e.__context__
+    return (isinstance(e, RuntimeError) and "No space left on device" in str(e)) or (
+        cause is not None and cause is not e and _is_disk_full(cause))
 
 
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Dict[str, Any]:
