@@ -146,3 +146,28 @@ def test_bad_datasets(colour_data, tmp_path):
         finetune(a, tr, _NaNImages(), output_dir=tmp_path, resume=None, **RECIPE)
     with pytest.raises(DataError, match="fewer than one global batch"):
         finetune(a, tr, tr, output_dir=tmp_path, resume=None, **dict(RECIPE, batch_size=512))
+
+
+def test_step_interval_checkpoints_bound_what_a_crash_loses(colour_data, tmp_path):
+    """Issue 13 (low): fine-tuning checkpointed only at epoch ends. With ckpt_interval=3 a crash
+    at step 5 (mid-epoch 1 of 8 steps) resumes from step 3, and the result equals the
+    uninterrupted run."""
+    recipe = dict(RECIPE, epochs=2)
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    full = finetune(a, tr, va, output_dir=tmp_path / "a", resume=None, **recipe)
+
+    def crash(step):
+        if step == 5:
+            raise KeyboardInterrupt("simulated crash")  # not a graceful stop: no checkpoint written now
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume=None, ckpt_interval=3, on_step=crash, **recipe)
+    ck = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert ck["step"] == 3 and (ck["epoch"], ck["batch_in_epoch"]) == (0, 3)
+    rest = finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume="auto", ckpt_interval=3, **recipe)
+    assert rest["steps"] == full["steps"] and rest["last"] == full["last"]
+    ref = load_classifier(tmp_path / "a", which="last").model.state_dict()
+    got = load_classifier(tmp_path / "b", which="last").model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -145,6 +145,9 @@ class FinetuneConfig:
     max_steps: Optional[int] = None
     #: evaluate (and checkpoint) every this many epochs, and after the last
     eval_interval: int = 1
+    #: also checkpoint every this many optimizer steps (null: at epoch ends only); a crash then
+    #: loses at most this many steps of a long epoch. May change on resume
+    ckpt_interval: Optional[int] = None
     log_interval: int = 50
     precision: Precision = "auto"
     device: Device = "auto"
@@ -155,6 +158,7 @@ class FinetuneConfig:
         _check(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
         _check(self.eval_interval >= 1 and self.log_interval >= 1, "eval_interval and log_interval must be >= 1")
+        _check(self.ckpt_interval is None or self.ckpt_interval >= 1, f"ckpt_interval must be >= 1, got {self.ckpt_interval}")
 
 
 @dataclass
@@ -314,7 +318,7 @@ def build_finetune_recipe(cfg: FinetuneConfig, *, world_size: int = 1, device_ty
         clip_grad=cfg.optim.clip_grad, mixup=mixup, label_smoothing=a.label_smoothing,
         ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
         precision=_precision(cfg.precision, device_type), eval_interval=cfg.eval_interval,
-        log_interval=cfg.log_interval, seed=cfg.seed,
+        log_interval=cfg.log_interval, ckpt_interval=cfg.ckpt_interval, seed=cfg.seed,
     )
 
 

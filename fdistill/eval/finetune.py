@@ -151,6 +151,7 @@ def finetune(
     precision: str = "fp32",
     eval_interval: int = 1,
     log_interval: int = 50,
+    ckpt_interval: Optional[int] = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     resume: Optional[str] = "auto",
@@ -184,6 +185,7 @@ def finetune(
         ema_decay: keep a timm ``ModelEmaV3`` with this decay and evaluate it too (None: off).
         precision: ``fp32`` | ``bf16`` | ``fp16`` (autocast; fp16 with a loss scaler).
         eval_interval, log_interval: epochs between evaluations, steps between progress updates.
+        ckpt_interval: steps between extra mid-epoch checkpoints (None: at epoch ends only).
         resume: ``"auto"`` (continue from ``output_dir/checkpoints/last.pt`` when present), a
             checkpoint path, or None (start over, overwriting).
         source: ``{"spec", "kwargs"}`` the adapter was loaded with (recorded for rebuilding).
@@ -404,6 +406,8 @@ def finetune(
                         n_loss = 0
                     if on_step is not None and on_step(step):
                         stop.request("on_step")
+                    if ckpt_interval and step % ckpt_interval == 0 and batch_in_epoch < steps_per_epoch:
+                        checkpoint((epoch, batch_in_epoch))  # mid-epoch (the epoch's end writes its own)
                     # every rank stops at the same step: a signal may reach one rank only (a lone rank
                     # leaving the loop would leave the others in allreduce and lose the checkpoint)
                     stopping = any_rank(stop.requested, env)
