@@ -138,10 +138,12 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> Tuple[Image.Image, int, int]:
-        """The PIL RGB image and label of sample ``index``, and the number of unreadable files
-        stepped over to get it: when the file at ``index`` is corrupt or truncated it is logged
+        """The PIL RGB image and label of sample ``index``, and whether the file at ``index``
+        itself was unreadable (1, else 0): a corrupt or truncated file is logged
         (``logging.warning`` with its path) and the next index (cyclically) is tried instead.
         The substitution is deterministic, so it is the same in every worker and after resume.
+        Summed over an epoch the flag counts every bad file once, also in a cluster of bad files
+        (whose substitutes step over each other; counting the steps over-counted).
 
         Raises:
             DataError: :data:`MAX_CONSECUTIVE_BAD` unreadable files in a row (a broken disk or
@@ -151,7 +153,7 @@ class ImageFolderDataset(Dataset):
         for skipped in range(min(n, MAX_CONSECUTIVE_BAD)):
             path, label = self.samples[(index + skipped) % n]
             try:
-                return open_rgb(path), label, skipped
+                return open_rgb(path), label, int(skipped > 0)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 # PIL raises OSError (truncated), UnidentifiedImageError (an OSError), ValueError,
                 # SyntaxError (some corrupt headers)

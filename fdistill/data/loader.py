@@ -7,7 +7,7 @@
     {"images":  uint8 (B, 3, H, W),   # normalised on the device, per network
      "labels":  int64 (B,),           # class index, or -1 (unlabelled data)
      "indices": int64 (B,),           # dataset index of each sample (-1 for shard streams)
-     "skipped": int}                  # unreadable files stepped over to fill this batch
+     "skipped": int}                  # samples of this batch whose file was unreadable (replaced)
 
 Bad images: a worker that meets a corrupt or truncated file logs its path, substitutes the
 next readable sample and reports how many it stepped over with the sample; the collate sums
