@@ -278,6 +278,14 @@ def test_too_many_nonfinite_in_a_row_stops_with_last_good_checkpoint(tmp_path, m
     assert all(int(s["step"]) == 3 for s in last["optimizer"]["state"].values())
 
 
+def test_the_nonfinite_limit_stops_exactly_at_k_steps_between_log_lines(tmp_path, monkeypatch):
+    """Issue 13 (low): with K = 4 and a log line every 10 steps the run went on until the log
+    line; it now stops at the K-th non-finite step in a row: steps 4-7 are NaN -> stop at 7."""
+    _nan_after(monkeypatch, lambda i: i >= 3)
+    with pytest.raises(RunError, match=r"4 optimizer steps in a row .* stopped at step 7\."):
+        distill(tiny_cfg(tmp_path / "run", "train.max_steps=12", "train.max_nonfinite=4", "train.log_interval=10"))
+
+
 def test_gradient_accumulation_matches_the_big_batch(tmp_path):
     """2 micro-batches of 4 = 1 batch of 8 (same images, same global batch, same lr)."""
     a, b = tmp_path / "a", tmp_path / "b"

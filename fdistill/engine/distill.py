@@ -392,6 +392,10 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 f"{last_ckpt or 'none'}; lower the learning rate, use precision=fp32/bf16, or check the data.")
 
     # -- the loop ---------------------------------------------------------------------------------
+    # the non-finite limit is checked exactly when a streak could first reach it: K steps after a
+    # check that found none, K - c after one that found a streak of c (a host sync that often,
+    # not every step); it used to wait for the next log interval and stop a few steps late
+    streak_check_at = step + tc.max_nonfinite
     with StopRequest() as stop:
         while step < total_steps:
             if any_rank(stop.requested, env):  # also between epochs (a signal during an epoch's first batch)
@@ -442,6 +446,9 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 step += 1
                 step_in_epoch += 1
                 metrics.add_step(grad_norm, ok, images_n, skipped)
+                if step >= streak_check_at:  # the first step the streak could reach the limit
+                    check_nonfinite()
+                    streak_check_at = step + tc.max_nonfinite - metrics.current_streak()
                 runlog.advance()
                 if on_step is not None:
                     on_step(step)
