@@ -423,3 +423,35 @@ def test_fallback_over_a_corrupt_newest_checkpoint_sets_it_aside(tmp_path):
     r = distill(tiny_cfg(out, "train.max_steps=6", "train.ckpt_interval=4", "train.keep_last=1"))
     assert r.step == 6 and [p.name for p in list_checkpoints(out)] == ["ckpt_00000006.pt"]
     assert (out / "checkpoints" / "abandoned-after-00000004" / "ckpt_00000008.pt").is_file()
+
+
+def test_a_stop_during_a_data_stall_is_honoured_at_once(tmp_path, monkeypatch):
+    """Issue 13 item 4: a stop requested while the loop waits for data (a stalled file system)
+    used to wait for the data. Now the wait is abandoned: the run checkpoints at the current step
+    within seconds, and resuming gives the uninterrupted run's weights."""
+    import importlib
+    import time
+
+    engine = importlib.import_module("fdistill.engine.distill")  # the module (the package exports the function)
+
+    ref = tmp_path / "ref"
+    distill(tiny_cfg(ref, "train.max_steps=6"))
+    real_take, calls = engine._take, []
+
+    def stalling_take(batches, n):
+        calls.append(1)
+        if len(calls) == 4:  # fetching the 4th step's batch: the signal comes during a long stall
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(120)
+        return real_take(batches, n)
+
+    monkeypatch.setattr(engine, "_take", stalling_take)
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    r = distill(tiny_cfg(out, "train.max_steps=6"))
+    assert time.perf_counter() - t0 < 60  # not the 120 s stall
+    assert r.stopped_by == "SIGTERM" and r.step == 3
+    assert load_checkpoint(r.checkpoint)["progress"]["step"] == 3
+    monkeypatch.setattr(engine, "_take", real_take)
+    assert distill(tiny_cfg(out, "train.max_steps=6")).step == 6
+    assert_same_training_state(final_state(out), final_state(ref))

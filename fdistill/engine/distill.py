@@ -49,13 +49,13 @@ from ..data.shards import WebShardDataset, check_resume_layout
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_later_checkpoints,
                          FORMAT, VERSION)
-from .distributed import (DistEnv, any_rank, barrier, broadcast_object, gather_objects, init_distributed, shutdown,
-                          unwrap, wrap_ddp)
+from .distributed import (DistEnv, any_rank, any_ranks, barrier, broadcast_object, gather_objects, init_distributed,
+                          shutdown, unwrap, wrap_ddp)
 from .errors import RunError
 from .lock import hold_run_lock
 from .metrics import RunLog, StepMetrics
 from .rng import capture_rng_state, restore_rng_state, seed_everything
-from .signals import StopRequest
+from .signals import StopRequest, StopWhileWaiting
 from .step import TrainStep
 
 log = logging.getLogger(__name__)
@@ -419,10 +419,21 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
             for _ in range(first, steps_per_epoch):
                 if step >= total_steps:
                     break
-                micro_batches = _take(batches, oc.accum_steps)
-                # a shard stream that ran short of its declared length (bad samples dropped, uneven
-                # shards): every rank ends the epoch when any one runs out (none waits in allreduce)
-                if any_rank(micro_batches is None, env):
+                try:  # a stop arriving while this blocks on data (a stalled file system) is honoured at once
+                    with stop.interruptible():
+                        micro_batches = _take(batches, oc.accum_steps)
+                    interrupted = False
+                except StopWhileWaiting:
+                    micro_batches, interrupted = None, True
+                # every rank learns whether any was stopped while waiting, or ran out of data: a
+                # shard stream short of its declared length (bad samples dropped, uneven shards)
+                # ends the epoch for all at once (none waits in allreduce)
+                stop_now, exhausted = any_ranks([interrupted, micro_batches is None and not interrupted], env)
+                if stop_now:  # nothing of this step was done: the checkpoint is at the current step
+                    stopped_by = stop.signame or "a stop request"
+                    last_ckpt = save(step)
+                    break
+                if exhausted:
                     if step_in_epoch == first == 0:
                         raise RunError(f"epoch {epoch} yielded no batch of {cfg.data.batch_size} on some process: the "
                                        f"data holds fewer samples than data.samples_per_epoch="

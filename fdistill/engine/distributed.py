@@ -112,6 +112,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item())
 
 
+def any_ranks(flags: List[bool], env: DistEnv) -> List[bool]:
+    """Several :func:`any_rank` answers in one message (one all-reduce of a small CPU tensor)."""
+    if not env.distributed:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control_group)
+    return [bool(v) for v in t.tolist()]
+
+
 def gather_objects(obj: Any, env: DistEnv) -> List[Any]:
     """Every rank's ``obj`` (a list in rank order), on every rank."""
     if not env.distributed:

@@ -10,14 +10,21 @@ the pipeline stops too instead of treating the checkpointed stage as finished.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = tuple(s for s in ("SIGTERM", "SIGUSR1") if hasattr(signal, s))
+
+
+class StopWhileWaiting(Exception):
+    """Raised by the signal handler inside :meth:`StopRequest.interruptible`: a stop arrived
+    while the loop was blocked waiting for data, which may take arbitrarily long (a stalled file
+    system), so the wait is abandoned and the run checkpoints at once."""
 
 
 class StopRequest:
@@ -34,6 +41,7 @@ class StopRequest:
         self.requested = False
         self.signame: Optional[str] = None
         self._previous: Dict[int, object] = {}
+        self._interruptible = False
 
     def _handler(self, signum, frame) -> None:
         if not self.requested:
@@ -43,6 +51,23 @@ class StopRequest:
         outer = self._previous.get(signum)
         if isinstance(getattr(outer, "__self__", None), StopRequest):  # an enclosing StopRequest
             outer(signum, frame)
+        if self._interruptible:  # blocked waiting for data: abandon the wait (see interruptible)
+            self._interruptible = False
+            raise StopWhileWaiting(self.signame)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Code that may wait without bound and holds no state worth keeping (fetching the next
+        batch from a loader that will be abandoned): a stop signal arriving inside raises
+        :class:`StopWhileWaiting` there, so the stop is honoured at once instead of when the
+        data comes. A stop requested before entering raises it at once too."""
+        if self.requested:
+            raise StopWhileWaiting(self.signame)
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def request(self, reason: str = "requested") -> None:
         """Ask for a stop without a signal (e.g. from a test or another thread)."""
