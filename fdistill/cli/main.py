@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import List, Optional
 
@@ -64,8 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     trusted = FLAG in argv  # accepted anywhere on the line, before or after the command
     args = parser.parse_args([a for a in argv if a != FLAG])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ..logs import configure_logging
+
+    configure_logging(args.verbose)  # third-party INFO lines go to the run's run.log, not the terminal
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

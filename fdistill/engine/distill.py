@@ -46,6 +46,7 @@ from ..config.distill import (RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, Distil
 from ..data.errors import DataError
 from ..data.sampler import split_position
 from ..data.shards import WebShardDataset, check_resume_layout
+from ..logs import run_log_file
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_later_checkpoints,
                          FORMAT, VERSION)
@@ -102,7 +103,8 @@ def distill(cfg: DistillConfig, *, resume: str = "auto",
     if env.device.type == "cpu" and cfg.train.cpu_threads:
         torch.set_num_threads(cfg.train.cpu_threads)
     try:
-        with hold_run_lock(cfg.train.output, env):  # one run per output folder
+        # one run per output folder; its run.log gets every library's INFO lines (fdistill.logs)
+        with hold_run_lock(cfg.train.output, env), run_log_file(Path(cfg.train.output).expanduser(), env.is_main):
             return _run(cfg, env, resume, on_step, on_batch)
     finally:
         torch.set_num_threads(threads)

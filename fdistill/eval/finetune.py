@@ -209,6 +209,7 @@ def finetune(
     from ..engine.distributed import DistEnv, any_rank, gather_objects, unwrap, wrap_ddp
     from ..engine.errors import RunError
     from ..engine.lock import hold_run_lock
+    from ..logs import run_log_file
     from ..engine.optim import no_weight_decay_patterns
     from ..engine.rng import capture_rng_state, restore_rng_state, seed_everything
     from ..engine.signals import StopRequest
@@ -216,7 +217,8 @@ def finetune(
     device = torch.device(device)
     env = env or DistEnv(device=device)
     out = Path(output_dir)
-    with hold_run_lock(out, env):  # one run per output folder (a second one is refused)
+    # one run per output folder (a second one is refused); run.log gets every library's INFO lines
+    with hold_run_lock(out, env), run_log_file(out, env.is_main):
         ckpt_path = out / "checkpoints" / "last.pt"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
