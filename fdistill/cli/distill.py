@@ -12,6 +12,9 @@ OVERRIDES_HELP = "config overrides, dotted keys: optim.base_lr=1e-3 train.epochs
 def _load_config(path, overrides, data=None, output=None):
     from ..config import build_config
     from ..config.distill import DistillConfig
+    from ..config.recipes import resolve_recipe
+
+    path = resolve_recipe(path, "distill")  # a file, or a shipped recipe by name
 
     extra = list(overrides or [])
     if data is not None:
@@ -41,7 +44,10 @@ def _validate(args) -> int:
     from ..config.distill import validate_without_building
     from ..config.schemas import build_any_config
 
-    kind, cfg = build_any_config(args.config, list(args.overrides or []), schema=args.schema)
+    from ..config.recipes import resolve_recipe
+
+    kind, cfg = build_any_config(resolve_recipe(args.config, args.schema), list(args.overrides or []),
+                                 schema=args.schema)
     if kind == "distill":
         validate_without_building(cfg)
     if args.print:
@@ -53,6 +59,20 @@ def _validate(args) -> int:
               f"{cfg.train.epochs:g} epochs)")
     else:
         print(f"{args.config}: valid {kind} recipe (fdistill {kind} --config {args.config})")
+    return 0
+
+
+def _recipes(args) -> int:
+    from ..config.recipes import list_recipes
+
+    rows = list_recipes(args.kind)
+    if not rows:
+        print(f"no shipped recipes of kind {args.kind!r}")
+        return 1
+    width = max(len(r["kind"]) + 1 + len(r["name"]) for r in rows)
+    for r in rows:
+        line = f"{r['kind'] + '/' + r['name']:<{width}}  {r['about']}"
+        print(line + (f"\n{'':<{width}}  {r['path']}" if args.paths else ""))
     return 0
 
 
@@ -91,7 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Distil a teacher into an FD student as a config says. Resumes from the newest valid "
                     "checkpoint in the output folder by default; SIGTERM/SIGUSR1 checkpoint and stop cleanly. "
                     "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main distill ...")
-    p.add_argument("--config", required=True, metavar="FILE", help="a YAML recipe, e.g. configs/distill/tiny_cpu.yaml")
+    p.add_argument("--config", required=True, metavar="FILE|NAME",
+                   help="a YAML recipe file, or a shipped recipe by name (e.g. tiny_cpu, clip_vit_base_300ep; "
+                        "`fdistill recipes` lists them)")
     p.add_argument("--data", metavar="PATH", help="training images (sets data.path): a folder, tar shards or synthetic:N")
     p.add_argument("--output", metavar="DIR", help="run folder (sets train.output)")
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
@@ -103,9 +125,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show what a distillation config builds: sizes, FLOPs, token grids, lr",
                        description="Build the config's teacher and student on CPU and report parameters, FLOPs per "
                                    "image, token grids and their alignment, and the learning rate per GPU count.")
-    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--config", required=True, metavar="FILE|NAME")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes (usable by name: --config NAME)",
+                       description="The recipes inside the package, by kind, with the first line of each one's "
+                                   "comment. Any command's --config takes NAME (of its kind) or KIND/NAME.")
+    p.add_argument("kind", nargs="?", help="only this kind (distill, finetune, linprobe, segprobe, demo, mini)")
+    p.add_argument("--paths", action="store_true", help="print each recipe's file path too")
+    p.set_defaults(func=_recipes)
 
     p = sub.add_parser("validate-config", help=f"check any recipe ({', '.join(SCHEMA_NAMES)}) without building "
                                                "anything",

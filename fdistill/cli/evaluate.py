@@ -47,7 +47,9 @@ def _config(args):
         extra.append("data.download=true")
     if getattr(args, "device", None):
         extra.append(f"device={args.device}")
-    return build_config(_schema(args.command), args.config, extra)
+    from ..config.recipes import resolve_recipe
+
+    return build_config(_schema(args.command), resolve_recipe(args.config, args.command), extra)
 
 
 def _run(args) -> int:
@@ -109,7 +111,9 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True, train_help: str =
     if download:
         p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
     p.add_argument("--output", metavar="DIR", help="where metrics.json (and, for finetune, weights) go")
-    p.add_argument("--config", metavar="FILE", help="a YAML recipe (default: the schema's defaults, see configs/)")
+    p.add_argument("--config", metavar="FILE|NAME", help="a YAML recipe file or a shipped recipe by name (e.g. "
+                                                         "vit_base, tiny_cpu; `fdistill recipes`); default: the "
+                                                         "schema's defaults")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="sets device=")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.set_defaults(func=_run, train=None)

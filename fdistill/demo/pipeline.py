@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "demo"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "demo"  # package data (fdistill/recipes)
 METRICS = ("finetune", "linprobe", "knn", "zeroshot", "segprobe")
 #: the number each metric's compare.json gives per model (``top1`` unless listed)
 METRIC_KEYS = {"segprobe": "miou"}

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "mini"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "mini"  # package data (fdistill/recipes)
 
 #: FD variants beyond the length sweep: name -> (overrides, what the paper's table tests)
 ABLATIONS: Dict[str, Tuple[List[str], str]] = {
