@@ -7,11 +7,11 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .errors import WeightsError  # the one hierarchy: fdistill.errors
+
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "student")
 
 
-class WeightsError(RuntimeError):
-    """A weight file is missing, unreadable or does not fit the model."""
 
 
 def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None,

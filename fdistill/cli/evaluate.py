@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UsageError
+
 OVERRIDES_HELP = "recipe overrides, dotted keys: optim.layer_decay=0.65 data.batch_size=64 epochs=10"
 MODEL_HELP = ("a teacher spec (timm:..., open_clip:ARCH/TAG, hf:REPO, python:FILE:FN), a distillation run folder "
               "or checkpoint (the FD student), or an exported model folder")
@@ -17,21 +19,20 @@ def _schema(command: str):
 
 
 def _kwargs_list(raw, n_models: int):
-    from ..config import ConfigError
 
     parsed = []
     for r in raw or []:
         try:
             v = json.loads(r)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--model-kwargs {r!r} is not valid JSON: {e}") from e
+            raise UsageError(f"--model-kwargs {r!r} is not valid JSON: {e}") from e
         if not isinstance(v, dict):
-            raise ConfigError(f"--model-kwargs must be a JSON object, got {r!r}")
+            raise UsageError(f"--model-kwargs must be a JSON object, got {r!r}")
         parsed.append(v)
     if not parsed:
         return [None] * n_models
     if len(parsed) != n_models:
-        raise ConfigError(f"give --model-kwargs once per model ({n_models}), in order ('{{}}' for none); got {len(parsed)}")
+        raise UsageError(f"give --model-kwargs once per model ({n_models}), in order ('{{}}' for none); got {len(parsed)}")
     return parsed
 
 
@@ -53,28 +54,27 @@ def _config(args):
 
 
 def _run(args) -> int:
-    from ..config import ConfigError
     from ..eval.commands import COMMANDS, compare
 
     cfg = _config(args)
     models = args.compare if args.compare else ([args.model] if args.model else [])
     if not models:
-        raise ConfigError(f"{args.command}: give --model SPEC (or --compare A B ...)")
+        raise UsageError(f"{args.command}: give --model SPEC (or --compare A B ...)")
     if args.model and args.compare:
-        raise ConfigError("give either --model or --compare, not both")
+        raise UsageError("give either --model or --compare, not both")
     kws = _kwargs_list(args.model_kwargs, len(models))
     data = {"val": args.val}
     if args.command == "zeroshot":
         if not (args.val or args.train):
-            raise ConfigError("zeroshot: give the evaluation images with --val PATH")
+            raise UsageError("zeroshot: give the evaluation images with --val PATH")
         data = {"val": args.val or args.train}
     else:
         if not args.train:
-            raise ConfigError(f"{args.command}: give the training images with --train PATH")
+            raise UsageError(f"{args.command}: give the training images with --train PATH")
         data["train"] = args.train
     if args.command == "finetune":
         if not args.output:
-            raise ConfigError("finetune: give an output folder with --output DIR")
+            raise UsageError("finetune: give an output folder with --output DIR")
         data["resume"] = None if args.resume in ("none", "None", "") else args.resume
     if len(models) > 1 or args.compare:
         compare(args.command, cfg, models=models, model_kwargs=kws, output=args.output, **data)

@@ -11,24 +11,11 @@ from typing import List, Optional
 SUBCOMMAND_MODULES = ["distill", "evaluate", "diagnose", "demo"]
 
 def _user_errors():
-    from ..config import ConfigError
-    from ..teachers.base import TeacherError
-    from ..weights import WeightsError
+    """What the CLI prints as one line: every fdistill error (:mod:`fdistill.errors`) and a
+    missing file."""
+    from ..errors import FdistillError
 
-    errs = [ConfigError, TeacherError, WeightsError, FileNotFoundError]
-    try:
-        from ..data.errors import DataError
-
-        errs.append(DataError)
-    except ImportError:
-        pass
-    try:
-        from ..engine.errors import RunError
-
-        errs.append(RunError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (FdistillError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:

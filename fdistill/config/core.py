@@ -20,14 +20,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Type, TypeVar,
 
 import yaml
 
+from ..errors import ConfigError  # the one hierarchy: fdistill.errors
+
 T = TypeVar("T")
 
 __all__ = ["ConfigError", "build_config", "from_dict", "to_dict", "load_yaml", "parse_overrides",
            "merge", "save_yaml", "diff_configs"]
 
 
-class ConfigError(ValueError):
-    """Bad configuration: unknown key, wrong type, unreadable file."""
 
 
 # -- dict helpers ----------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
-"""Errors raised by the data layer."""
+"""Errors raised by the data layer (defined with the others in :mod:`fdistill.errors`)."""
 from __future__ import annotations
 
+from ..errors import DataError
 
-class DataError(RuntimeError):
-    """Bad data input: a missing path, an empty folder, a folder without images, an unreadable
-    shard, an unknown dataset name. Raised while datasets are *built*, before any compute, and
-    printed by the CLI as one line."""
+__all__ = ["DataError"]

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from ..config import to_dict
+from ..errors import UsageError
 from ..teachers.base import Teacher, TeacherError
 
 log = logging.getLogger(__name__)
@@ -361,10 +362,10 @@ def compare(command: str, cfg, *, models: Sequence[str], model_kwargs: Optional[
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {sorted(COMMANDS)}")
     if command == "finetune" and not output:
-        raise TeacherError("finetune --compare needs --output (each model trains into its own sub-folder)")
+        raise UsageError("finetune --compare needs --output (each model trains into its own sub-folder)")
     kws = list(model_kwargs or [None] * len(models))
     if len(kws) != len(models):
-        raise TeacherError(f"{len(models)} models but {len(kws)} --model-kwargs")
+        raise UsageError(f"{len(models)} models but {len(kws)} --model-kwargs")
     results = []
     for i, (m, kw) in enumerate(zip(models, kws)):
         sub = str(Path(output) / _slug(m, i)) if output else None

@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import TeacherError  # the one hierarchy: fdistill.errors
 from .provenance import UNKNOWN_LICENSE
 
 Size2 = Tuple[int, int]
@@ -56,8 +57,6 @@ class TeacherTokens:
         return self.patches if self.prefix is None else torch.cat((self.prefix, self.patches), dim=1)
 
 
-class TeacherError(RuntimeError):
-    """A teacher cannot be built or used as asked (bad spec, missing weights, wrong input)."""
 
 
 class Teacher(nn.Module):
