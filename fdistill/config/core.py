@@ -240,11 +240,9 @@ def build_config(cls: Type[T], path: Optional[str | os.PathLike] = None,
 
 def save_yaml(obj: Any, path: str | os.PathLike) -> None:
     """Write a config (dataclass or dict) as YAML, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    os.replace(tmp, p)
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def diff_configs(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> List[str]:

@@ -280,7 +280,6 @@ def _maps_json_and_tensors(results, opts: DataOptions, layers: Optional[Sequence
 
 
 def _write_maps(js, tensors, out_dir: Path) -> Dict[str, Path]:
-    import os
 
     from safetensors.torch import save_file
 
@@ -289,9 +288,10 @@ def _write_maps(js, tensors, out_dir: Path) -> Dict[str, Path]:
     if not js["models"]:
         return dict(json=path, png=None, tensors=None)
     st_path = out_dir / js["maps_file"]
-    tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "fdistill-attention-maps"})
-    os.replace(tmp, st_path)
+    from ..io import atomic_path
+
+    with atomic_path(st_path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "fdistill-attention-maps"})
     panels = [dict(label=m["label"], num_prefix_tokens={r["layer"]: r["num_prefix_tokens"] for r in m["summary"]},
                    windowed={r["layer"] for r in m["summary"] if r["windowed"]},
                    maps={layer: tensors[key] for layer, key in zip(m["layers"], m["map_keys"])}) for m in js["models"]]

@@ -31,13 +31,14 @@ def pyplot():
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Write ``fig`` to ``path`` atomically (a temporary file, then a rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    from ..io import atomic_path
+
+    try:
+        with atomic_path(path, suffix=Path(path).suffix) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        pyplot().close(fig)
+    return Path(path)
 
 
 def _caption(fig, text: Optional[str]) -> None:
@@ -206,16 +207,7 @@ def _json_safe(obj):
 
 def save_json_atomic(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as strict JSON (non-finite numbers become null) atomically."""
-    import json
+    from ..io import atomic_write_json
 
-    obj = _json_safe(obj)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, _json_safe(obj), indent=1, strict=True)
 

@@ -103,12 +103,6 @@ def write_html_report(path: str | os.PathLike, *, distance: Dict[str, Any], maps
                       "loss |alpha|=1", "acc % |alpha|=0.5", "acc % |alpha|=1"], rows, left=2),
               "<p class='note'>Values at |alpha| = 0.5 and 1 are means over both signs and all directions.</p>",
               "</body></html>"]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    from ..io import atomic_write_text
+
+    return atomic_write_text(path, "\n".join(parts))

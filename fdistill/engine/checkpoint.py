@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..io import atomic_path, fsync_dir
 from .errors import RunError
 
 log = logging.getLogger(__name__)
@@ -70,39 +71,21 @@ def list_checkpoints(run_dir: str | os.PathLike) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, obj: Dict[str, Any]) -> Path:
-    """Write ``obj`` to ``path`` atomically (temporary file, flush, fsync, rename, fsync folder)."""
+    """Write ``obj`` to ``path`` atomically (:func:`fdistill.io.atomic_path`: temporary file, fsync,
+    rename, fsync folder)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # the one atomic writer (fdistill.io)
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         if _is_disk_full(e):  # one line instead of torch's traceback; nothing older was touched
             kept = sorted((p for p in path.parent.glob("*.pt") if p != path), key=lambda p: p.stat().st_mtime)
             raise RunError(f"no space left on the device writing {path}: free some space and run the same command "
                            f"again to resume; the last good checkpoint is "
                            f"{kept[-1] if kept else 'none (this was the first)'}") from None
         raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -195,7 +178,7 @@ def set_aside_later_checkpoints(run_dir: str | os.PathLike, step: int) -> List[P
         target = dest / p.name
         os.replace(p, target)
         moved.append(target)
-    _fsync_dir(checkpoint_dir(run_dir))
+    fsync_dir(checkpoint_dir(run_dir))
     log.warning("resuming at step %d: %d later checkpoint(s) set aside in %s (%s)", step, len(moved), dest,
                 ", ".join(p.name for p in moved))
     return moved

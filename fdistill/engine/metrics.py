@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict
@@ -138,9 +137,9 @@ class RunLog:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
         if len(keep) != len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
+            from ..io import atomic_write_text
+
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -266,16 +266,10 @@ def rebuild_classifier(spec: Dict[str, Any], *, trust_recorded_spec: bool = Fals
 
 def save_classifier_spec(spec: Dict[str, Any], classes: Sequence[str], out_dir: str | os.PathLike) -> Path:
     """Write ``classifier.json`` atomically."""
-    p = Path(out_dir) / "classifier.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from ..io import atomic_write_text
+
     data = dict(format=CLASSIFIER_FORMAT, version=1, classes=list(classes), **spec)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(Path(out_dir) / "classifier.json", json.dumps(data, indent=2))
 
 
 def load_classifier(path: str | os.PathLike, *, which: str = "best", device: str | torch.device = "cpu",

@@ -12,7 +12,6 @@ the device and the wall time.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -34,16 +33,10 @@ __all__ = ["run_finetune", "run_linprobe", "run_knn", "run_zeroshot", "run_segpr
 
 # -- helpers -----------------------------------------------------------------------------------------
 def write_json(obj: Dict[str, Any], path: str | os.PathLike) -> Path:
-    """Atomic JSON write (tmp file, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
+    """Atomic JSON write (:mod:`fdistill.io`)."""
+    from ..io import atomic_write_json
+
+    return atomic_write_json(path, obj)
 
 
 def _fmt(v: Any) -> str:

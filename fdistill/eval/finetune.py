@@ -92,15 +92,14 @@ def evaluate_classifier(model: nn.Module, loader, *, mean: Sequence[float], std:
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
-    """Atomic safetensors write (tmp, fsync, rename)."""
+    """Atomic safetensors write (:mod:`fdistill.io`)."""
     from safetensors.torch import save_file
 
+    from ..io import atomic_path
+
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
 
 
 def _load_ft_checkpoint(path: Path) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Size2, Teacher, TeacherError, TeacherTokens, to_2tuple, tokens_from_map
+from .base import Teacher, TeacherError, TeacherTokens, to_2tuple, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)

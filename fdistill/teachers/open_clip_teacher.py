@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..weights import WeightsError, load_into, load_state_dict_file
-from .base import Size2, Teacher, TeacherError, TeacherTokens, to_2tuple, tokens_from_map
+from .base import Size2, Teacher, TeacherError, TeacherTokens, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)
