@@ -277,20 +277,7 @@ def global_batch_of(config: Dict[str, Any], world_size: int) -> Tuple[int, int, 
 
 
 # -- derived values ------------------------------------------------------------------------------
-def resolve_precision(precision: str, device_type: str) -> str:
-    """``auto`` -> ``bf16`` on a CUDA device that supports it, else ``fp32``."""
-    if precision != "auto":
-        if precision == "bf16" and device_type == "cuda":
-            import torch
-
-            if not torch.cuda.is_bf16_supported():
-                raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use fp16 or fp32")
-        return precision
-    if device_type == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+from ..precision import resolve_precision  # noqa: E402,F401  (re-exported: the one resolver)
 
 
 def resolve_lr(optim: OptimConfig, total_batch: int) -> Tuple[float, float, float]:

@@ -288,7 +288,7 @@ def resolve_finetune_lr(optim: FinetuneOptimConfig, global_batch: int) -> Tuple[
 
 
 def _precision(p: str, device_type: str) -> str:
-    from .distill import resolve_precision
+    from ..precision import resolve_precision
 
     return resolve_precision(p, device_type)
 

@@ -50,15 +50,7 @@ class DataOptions:
     num_workers: Optional[int] = None
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    from ..config import ConfigError
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return dev
+from ..device import resolve_device  # noqa: E402,F401  (the one device resolver)
 
 
 def _refs(models: Sequence[ModelRef | str]) -> List[ModelRef]:

@@ -56,13 +56,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     ``device``: ``auto`` (the local GPU when CUDA is available, else CPU), ``cuda`` or ``cpu``."""
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            from .errors import RunError
+    from ..device import resolve_device
 
-            raise RunError("train.device=cuda but no CUDA device is available")
+    if resolve_device(device).type == "cuda":  # this process's GPU: the local rank's
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
     else:

@@ -25,8 +25,7 @@ from .optim import supports_found_inf
 
 log = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..precision import AUTOCAST_DTYPES, PRECISIONS, autocast  # noqa: E402,F401  (the one autocast; re-exported)
 
 
 class TrainStep:
@@ -61,9 +60,7 @@ class TrainStep:
 
     # -- pieces ---------------------------------------------------------------------------------
     def autocast(self):
-        if self.precision in AUTOCAST_DTYPES:
-            return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def _forward_backward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         with self.autocast():

@@ -58,14 +58,17 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], *, firs
     return "\n".join(out)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from ..engine.errors import RunError
+def _feature_amp(precision: str, device: torch.device):
+    """The autocast dtype of frozen-feature extraction (None: fp32)."""
+    from ..precision import amp_dtype, resolve_precision
 
-        raise RunError("device=cuda but no CUDA device is available")
-    return torch.device(name)
+    return amp_dtype(resolve_precision(precision, device.type))
+
+
+def _device(name: str) -> torch.device:
+    from ..device import resolve_device
+
+    return resolve_device(name)
 
 
 def load_eval_model(model: str, model_kwargs: Optional[Dict[str, Any]] = None) -> Teacher:
@@ -177,7 +180,7 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     else:
         train_ds = load_dataset(train, "train", eval_tf, download=cfg.data.download)
         feats = available_features(adapter, cfg.sweep.features)
-        amp = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
+        amp = _feature_amp(cfg.precision, device)
         kw = dict(features=feats, device=device, amp_dtype=amp,
                   store_device=device if device.type == "cuda" else None)
         mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False,
@@ -212,7 +215,7 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
     train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
     val_ds = load_dataset(val, "val", tf, download=cfg.data.download)
     feature = available_features(adapter, [cfg.feature])[0]
-    amp = torch.bfloat16 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else None
+    amp = _feature_amp(cfg.precision, device)
     store = device if device.type == "cuda" else None
     mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                                 device=device)

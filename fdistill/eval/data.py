@@ -24,7 +24,7 @@ __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "datas
            "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
 
 #: the evaluation precisions: fp32, or bf16 / fp16 autocast
-PRECISIONS = ("fp32", "bf16", "fp16")
+from ..precision import PRECISIONS, amp_dtype  # noqa: E402  (the one precision module)
 
 
 def train_transform(
@@ -115,12 +115,8 @@ def model_inputs(images: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 def autocast(device: str | torch.device, precision: str):
     """``torch.autocast`` for ``precision`` ``bf16`` / ``fp16`` on ``device``; for ``fp32`` a
-    disabled one (a no-op)."""
-    from ..engine.step import AUTOCAST_DTYPES
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    dt = AUTOCAST_DTYPES.get(precision)
+    disabled one (a no-op). (:mod:`fdistill.precision`'s, as a ``torch.autocast`` object.)"""
+    dt = amp_dtype(precision)
     return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
 
 
