@@ -48,6 +48,7 @@ BENCH_GPU = "a GPU benchmark config (CUDA); benchmarks/gpu_check.sh runs it on a
 #: FDISTILL_DOCS_LONG=1, to keep this test near 4 minutes (all of them passed then)
 RUN: Dict[str, dict] = {
     # README.md, "Runnable here"
+    "fdistill recipes distill": {"stdout": "distill/clip_vit_base_300ep"},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu": {},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu train.epochs=3": {},
     "fdistill export runs/tiny_cpu --format timm": {},

@@ -156,3 +156,17 @@ def test_a_stop_signal_during_a_stage_leaves_it_unfinished(tmp_path, monkeypatch
     assert len(calls) == 1
     assert not (runner.folder("knn/x/s0", ["knn", "--model", "m"]) / "stage.json").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the runner's handler is gone again
+
+
+def test_publish_finding_round_trip_and_refuses_a_bad_run(micro_run, tmp_path, monkeypatch):
+    from fdistill.experiments import miniature_report as mr
+
+    out, path = micro_run
+    target = tmp_path / "pub.json"
+    mr.publish_finding(out, target)
+    pub = json.loads(target.read_text())
+    res = json.loads(path.read_text())
+    assert pub["finding"] == res["finding"] and pub["rows"] == res["rows"]
+    assert pub["finding"].startswith("In miniature, ")
+    with pytest.raises(ValueError, match="not a finished"):
+        mr.publish_finding(tmp_path / "nothing", tmp_path / "x.json")

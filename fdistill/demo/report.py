@@ -83,6 +83,18 @@ def verdict(results: Dict[str, Any]) -> str:
             "a result in miniature is an illustration, not a reproduction.")
 
 
+def _miniature_paragraph() -> str:
+    """The miniature reproduction's finding (``make reproduce-mini``), which tests the paper's
+    claim under the conditions this demo cannot meet (docs/evidence.md)."""
+    from ..experiments.miniature_report import published_finding
+
+    text = published_finding()
+    if text is None:
+        return ""
+    return ("<p><strong>The careful small-scale test</strong> (a teacher that knows more than the data, an 8x8 token "
+            f"map, an FD-length sweep, three seeds; <code>make reproduce-mini</code>): {html.escape(text)}</p>")
+
+
 def plot_curves(results: Dict[str, Any], root: Path, path: Path) -> Optional[Path]:
     """Training curves of seed 0: CLIP pre-training loss, FD loss, fine-tuning top-1 of both."""
     import matplotlib
@@ -206,6 +218,7 @@ Seeds: {", ".join(map(str, results['seeds']))} (fixed in advance, never chosen).
 <table><tr><th></th><th>CLIP teacher</th><th>FD student</th><th>FD − teacher</th><th>paper, ViT-B/16 (IN-1K)</th></tr>
 {''.join(rows)}</table>
 <p class="verdict">{html.escape(verdict(results))}</p>
+{_miniature_paragraph()}
 {_SEG_NOTE if seg else ""}
 <h3>Per seed (teacher / student)</h3>
 <table><tr><th>seed</th>{''.join(f'<th>{html.escape(l)}</th>' for _, l in rows_of(results))}<th>teacher pre-training zero-shot check (%)</th></tr>{per_seed}</table>
@@ -220,6 +233,10 @@ Seeds: {", ".join(map(str, results['seeds']))} (fixed in advance, never chosen).
     path.write_text(page)
     print(text_table(results))
     print(verdict(results))
+    from ..experiments.miniature_report import published_finding
+
+    if published_finding():
+        print(f"The miniature reproduction (make reproduce-mini): {published_finding()}")
     return path
 
 

@@ -244,3 +244,32 @@ def finding(rows: List[Dict[str, Any]], plan: Dict[str, Any]) -> str:
     else:
         verdict = "the student does not beat its teacher"
     return f"In miniature, {verdict}: {text}."
+
+
+#: the finished protocol's headline, shipped with the package so the demo's report can state it
+PUBLISHED = "miniature_result.json"
+
+
+def publish_finding(output: str | Path, target: Optional[Path] = None) -> Path:
+    """Copy a finished, checked run's headline (finding, table, date, versions) into the package
+    (``fdistill/experiments/miniature_result.json``), where the demo's report reads it."""
+    problems = check_results(output)
+    if problems:
+        raise ValueError(f"{output}: not a finished, consistent run: {problems}")
+    res = json.loads((Path(output) / "results.json").read_text())
+    keep = {k: res[k] for k in ("finding", "rows", "plan", "date", "machine", "versions", "seconds_all_stages")}
+    target = target or Path(__file__).with_name(PUBLISHED)
+    from ..io import atomic_write_json
+
+    return atomic_write_json(target, keep)
+
+
+def published_finding() -> Optional[str]:
+    """The shipped headline sentence with its date, or None when no run has been published."""
+    from importlib import resources
+
+    f = resources.files(__package__).joinpath(PUBLISHED)
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    return f"{res['finding']} (measured {res['date'][:10]}; docs/evidence.md)"
