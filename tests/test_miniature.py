@@ -118,6 +118,13 @@ def test_table_and_finding_from_numbers_worked_by_hand():
     assert "does not beat its teacher" in finding(rows, plan) and "-1.5" in finding(rows, plan)
     rows[1]["finetune"] = summarise([30.0, 34.0])  # +1.0, inside the spread (std 1.4 and 2.8)
     assert "within the seed-to-seed spread" in finding(rows, plan)
+    assert "longest FD run" not in finding(rows, plan)  # no sweep beyond the main length
+    rows.append({"model": "e30", "description": "FD 30", "fd_epochs": 30, "seeds": [0],
+                 **{m: summarise([31.5]) for m in ("finetune", "linprobe", "knn")}})
+    said = finding(rows, plan)
+    assert "The longest FD run (30 epochs, 1 seed) fine-tunes to 31.5%: +0.5 points, within the teacher's" in said
+    rows[2]["finetune"] = summarise([35.0])  # +4.0: more than the teacher's std (1.4)
+    assert "+4.0 points, above the teacher." in finding(rows, plan)
 
 
 @pytest.mark.slow

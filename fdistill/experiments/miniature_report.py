@@ -243,7 +243,17 @@ def finding(rows: List[Dict[str, Any]], plan: Dict[str, Any]) -> str:
         verdict = "the student beats its teacher"
     else:
         verdict = "the student does not beat its teacher"
-    return f"In miniature, {verdict}: {text}."
+    out = f"In miniature, {verdict}: {text}."
+    longer = [r for r in rows if r["model"].startswith("e") and (r["fd_epochs"] or 0) > plan["main_epochs"]]
+    if longer:  # the end of the FD-length sweep, said as plainly (it may have fewer seeds)
+        r = max(longer, key=lambda r: r["fd_epochs"])
+        f, dd = r["finetune"], r["finetune"]["mean"] - t["mean"]
+        seeds = f"{f['n']} seed{'s' if f['n'] > 1 else ''}"
+        where = ("within the teacher's seed-to-seed spread" if abs(dd) <= max(t["std"], f["std"])
+                 else "above the teacher" if dd > 0 else "below the teacher")
+        out += (f" The longest FD run ({r['fd_epochs']} epochs, {seeds}) fine-tunes to {f['mean']:.1f}%: "
+                f"{dd:+.1f} points, {where}.")
+    return out
 
 
 #: the finished protocol's headline, shipped with the package so the demo's report can state it
