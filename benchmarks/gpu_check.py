@@ -206,16 +206,22 @@ def torchrun_cmd() -> List[str]:
 
 # -- reading a run ----------------------------------------------------------------------------------
 def read_metrics(run_dir: Path) -> List[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    from fdistill.io import read_jsonl  # the project's reader (lines cut by a crash are skipped)
+
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def _run_problems(r: dict, nums: dict, steps: int, *, finite_loss: bool = False) -> List[str]:
+    """What every stage that trains checks first: exit status, the last logged step, and (when
+    asked) a finite last loss."""
+    problems = []
+    if r["rc"] != 0:
+        problems.append(f"rc {r['rc']}")
+    if nums.get("last_step") != steps:
+        problems.append(f"last logged step {nums.get('last_step')} != {steps}")
+    if finite_loss and nums.get("loss_last") is None:
+        problems.append("the last loss is not finite")
+    return problems
 
 
 def _finite(x) -> Optional[float]:
@@ -361,11 +367,7 @@ class Check:
         want = f"ckpt_{steps:08d}.pt"
         res = {"command": cmd, "precision": self.precision, "steps": steps, "batch": self.sz["batch"],
                "data": self.sz["data"], **nums, "checkpoints": ck, **r}
-        problems = []
-        if r["rc"] != 0:
-            problems.append(f"rc {r['rc']}")
-        if nums.get("last_step") != steps:
-            problems.append(f"last logged step {nums.get('last_step')} != {steps}")
+        problems = _run_problems(r, nums, steps)
         if not nums.get("loss_fell"):
             problems.append(f"loss did not fall ({nums.get('loss_first')} -> {nums.get('loss_last')})")
         if want not in ck:
@@ -417,13 +419,7 @@ class Check:
             res["loss_scale"] = _finite(scaler.get("scale"))
             res["scaler_growth_tracker"] = scaler.get("_growth_tracker")
             del obj
-        problems = []
-        if r["rc"] != 0:
-            problems.append(f"rc {r['rc']}")
-        if nums.get("last_step") != steps:
-            problems.append(f"last logged step {nums.get('last_step')} != {steps}")
-        if nums.get("loss_last") is None:
-            problems.append("the last loss is not finite")
+        problems = _run_problems(r, nums, steps, finite_loss=True)
         if nums.get("nonfinite_steps", 0) >= steps // 2:
             problems.append(f"{nums.get('nonfinite_steps')} of {steps} steps skipped as non-finite")
         if res.get("loss_scale") is None:
@@ -463,13 +459,7 @@ class Check:
         text = Path(r["log"]).read_text(errors="replace")
         res = {"command": cmd, "jpegs": self.sz["jpegs"], "steps": steps, "decoded_on": "cuda" if self.cuda else "cpu",
                "decode_fallback_warnings": text.count("JPEG decoding on"), **nums, **r}
-        problems = []
-        if r["rc"] != 0:
-            problems.append(f"rc {r['rc']}")
-        if nums.get("last_step") != steps:
-            problems.append(f"last logged step {nums.get('last_step')} != {steps}")
-        if nums.get("loss_last") is None:
-            problems.append("the last loss is not finite")
+        problems = _run_problems(r, nums, steps, finite_loss=True)
         if nums.get("skipped_images"):
             problems.append(f"{nums['skipped_images']} images skipped as undecodable")
         if self.cuda and res["decode_fallback_warnings"]:

@@ -12,9 +12,9 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "fsync_dir", "read_jsonl"]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -60,3 +60,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, str
     """JSON, atomically. ``strict``: refuse NaN/Inf (``allow_nan=False``) instead of writing them."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=None if strict else str,
                                               allow_nan=not strict))
+
+
+def read_jsonl(path: str | os.PathLike) -> List[Any]:
+    """The records of a JSON-lines file (``metrics.jsonl``, ``log.jsonl``); a missing file is
+    empty and a line cut by a crash is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

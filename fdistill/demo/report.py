@@ -149,16 +149,7 @@ def _seg_figures(seed_dir: Path) -> List[Tuple[str, Path]]:
             for alt, r in zip(SEG_FIGURES, results)]
 
 
-def _read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+from ..io import read_jsonl as _read_jsonl  # noqa: E402  (the project's JSON-lines reader)
 
 
 def _img(path: Path, alt: str) -> str:
