@@ -62,6 +62,65 @@ def test_workers_ignore_the_stop_signals():
     assert signal.SIGTERM in STOP_SIGNALS and signal.SIGUSR1 in STOP_SIGNALS and callable(ignore_stop_signals)
 
 
+_LOADER = """
+import os, signal, sys, torch
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils import signal_handling
+from fdistill.data.workers import worker_options
+"""
+
+
+def _python(code, timeout=90):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
+
+
+def test_a_stop_signal_in_the_workers_start_up_window_is_discarded():
+    """The race of the intermittent failure: a group SIGTERM reaching a worker after PyTorch has
+    installed its worker SIGTERM handler (which dies of any SIGTERM not from the parent) and before
+    the ``worker_init_fn`` ignores it. Here every worker signals itself exactly in that window."""
+    code = _LOADER + """
+install = signal_handling._set_worker_signal_handlers
+def install_then_signal(*a):
+    install(*a)
+    os.kill(os.getpid(), signal.SIGTERM)  # as a killpg arriving at this instant would
+    os.kill(os.getpid(), signal.SIGUSR1)
+signal_handling._set_worker_signal_handlers = install_then_signal
+loader = DataLoader(TensorDataset(torch.arange(64.)), batch_size=8, num_workers=2, **worker_options(2))
+print(sum(len(b[0]) for b in loader), sum(len(b[0]) for b in loader))
+"""
+    out = _python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["64", "64"]  # both epochs complete: no worker died
+    # the parent's own mask is restored after starting the workers
+    mask = _python(_LOADER + """
+loader = DataLoader(TensorDataset(torch.arange(8.)), batch_size=4, num_workers=1, **worker_options(1))
+list(loader); print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))""")
+    assert mask.returncode == 0 and mask.stdout.split() == ["[]"], (mask.stdout, mask.stderr[-2000:])
+
+
+def test_workers_still_alive_at_exit_do_not_hang_the_exit():
+    """A worker that ignores SIGTERM ignores multiprocessing's exit-time terminate() too, which then
+    joins it without a timeout: a loader still alive at exit (here a global; an uncaught exception's
+    traceback does the same) hung the process for ever."""
+    code = _LOADER + """
+loader = DataLoader(TensorDataset(torch.arange(4096.)), batch_size=8, num_workers=2, **worker_options(2))
+it = iter(loader)
+next(it)
+print("exiting", flush=True)
+"""
+    out = _python(code, timeout=60)  # raises TimeoutExpired when the exit hangs
+    assert out.returncode == 0 and out.stdout.strip() == "exiting", out.stderr[-2000:]
+
+
+def test_loaders_without_workers_take_the_options():
+    from torch.utils.data import DataLoader, TensorDataset
+    from fdistill.data.workers import worker_options
+    assert "multiprocessing_context" not in worker_options(0)  # PyTorch refuses it without workers
+    assert [len(b[0]) for b in DataLoader(TensorDataset(torch.arange(6.)), batch_size=4, **worker_options(0))] == [4, 2]
+
+
 def test_distill_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
     out = tmp_path / "run"
     argv = ["distill", "--config", "configs/distill/tiny_cpu.yaml", "--output", str(out), "data.num_workers=2",

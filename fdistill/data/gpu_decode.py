@@ -42,7 +42,7 @@ from .loader import DistillDataLoader
 from .sampler import ResumableDistributedSampler
 from .seeding import sample_seed
 from .transforms import DistillView, distill_transform
-from .workers import ignore_stop_signals
+from .workers import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def build_encoded_loader(root, *, batch_size: int, num_workers: int = 4, seed: i
     kw = dict(prefetch_factor=4, persistent_workers=True) if num_workers > 0 else {}
     return DistillDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                              collate_fn=collate_encoded, pin_memory=pin_memory, drop_last=drop_last,
-                             generator=generator, worker_init_fn=ignore_stop_signals, **kw)
+                             generator=generator, **worker_options(num_workers), **kw)
 
 
 def decode_images(payloads: Sequence[torch.Tensor], device: torch.device) -> List[Optional[torch.Tensor]]:

@@ -40,7 +40,7 @@ from .seeding import in_worker, sample_seed, seeded
 from .shards import WebShardDataset, looks_like_shards
 from .synthetic import SyntheticShapes
 from .transforms import distill_transform
-from .workers import ignore_stop_signals
+from .workers import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def build_distill_loader(dataset: Dataset, *, batch_size: int, num_workers: Opti
             log.warning("persistent_workers ignored for shard streams (workers must see each new epoch)")
         return DistillDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_distill,
                                  pin_memory=pin_memory, drop_last=drop_last, generator=generator,
-                                 persistent_workers=False, worker_init_fn=ignore_stop_signals, **worker_kw)
+                                 persistent_workers=False, **worker_options(num_workers), **worker_kw)
 
     if not isinstance(dataset, DistillDataset):
         dataset = DistillDataset(dataset, None, seed=seed)
@@ -249,5 +249,5 @@ def build_distill_loader(dataset: Dataset, *, batch_size: int, num_workers: Opti
     persistent = (num_workers > 0) if persistent_workers is None else (bool(persistent_workers) and num_workers > 0)
     return DistillDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                              collate_fn=collate_distill, pin_memory=pin_memory, drop_last=drop_last,
-                             generator=generator, persistent_workers=persistent, worker_init_fn=ignore_stop_signals,
+                             generator=generator, persistent_workers=persistent, **worker_options(num_workers),
                              **worker_kw)

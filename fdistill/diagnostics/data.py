@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..data.workers import ignore_stop_signals
+from ..data.workers import worker_options
 
 Size2 = Tuple[int, int]
 
@@ -40,7 +40,7 @@ class ImageBatches:
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(Subset(self.dataset, self.indices), batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, persistent_workers=False,
-                            worker_init_fn=ignore_stop_signals)
+                            **worker_options(self.num_workers))
         for images, labels in loader:
             yield images, torch.as_tensor(labels, dtype=torch.long)
 

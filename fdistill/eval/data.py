@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.workers import ignore_stop_signals
+from ..data.workers import worker_options
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
            "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
@@ -90,7 +90,7 @@ def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=False, generator=g, worker_init_fn=ignore_stop_signals,
+        persistent_workers=False, generator=g, **worker_options(workers),
     )
 
 
