@@ -7,6 +7,7 @@ import torch
 
 from fdistill import create_student
 from fdistill.data import DataError, build_classification_dataset, eval_transform
+from fdistill.engine.checkpoint import list_checkpoints, load_checkpoint
 from fdistill.engine.errors import RunError
 from fdistill.eval.classifier import load_classifier
 from fdistill.eval.data import train_transform
@@ -46,8 +47,11 @@ def test_finetune_learns_far_above_chance_and_writes_outputs(colour_data, tmp_pa
     assert m["top1"] > 3 * 25.0  # 4 classes: chance is 25%
     assert m["steps"] == 3 * (256 // 32) and m["epochs_done"] == 3 and m["classifier"] == "beit"
     assert "top5" not in m["last"]  # 4 classes: top-5 would be 100% by construction
-    for f in ("classifier.json", "model_best.safetensors", "model_last.safetensors", "checkpoints/last.pt"):
+    for f in ("classifier.json", "model_best.safetensors", "model_last.safetensors", "metrics.jsonl"):
         assert (tmp_path / f).is_file(), f
+    # the engine's one checkpoint format, the newest keep_last (2) kept: the last two epochs' ends
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000016.pt", "ckpt_00000024.pt"]
+    assert load_checkpoint(list_checkpoints(tmp_path)[-1], task="finetune")["progress"]["step"] == 24
     log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert m["top1"] == max(r["model"]["top1"] for r in log) and m["last"] == log[-1]["model"]
@@ -134,9 +138,17 @@ class _NaNImages(torch.utils.data.Dataset):
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-    with pytest.raises(RunError, match="non-finite training loss at step 1"):
+    """The engine's policy (the same as distillation's): non-finite steps are skipped, and
+    ``max_nonfinite`` in a row stop the run with an error; the weights are never updated."""
+    with pytest.raises(RunError, match=r"3 optimizer steps in a row had a non-finite loss .*stopped at step 3"):
         finetune(_adapter(), _NaNImages(), _NaNImages(), output_dir=tmp_path, resume=None,
-                 **dict(RECIPE, batch_size=4, log_interval=1))
+                 **dict(RECIPE, batch_size=4, log_interval=1, max_nonfinite=3))
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_streak"] for r in recs] == [1, 2]  # step 3 raised before its record
+    # the epoch-end checkpoint of step 2 holds the initial weights: no NaN reached them
+    ck = load_checkpoint(list_checkpoints(tmp_path)[-1], task="finetune")
+    assert ck["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"]["model"].values() if v.is_floating_point())
 
 
 def test_bad_datasets(colour_data, tmp_path):
@@ -164,8 +176,8 @@ def test_step_interval_checkpoints_bound_what_a_crash_loses(colour_data, tmp_pat
 
     with pytest.raises(KeyboardInterrupt):
         finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume=None, ckpt_interval=3, on_step=crash, **recipe)
-    ck = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ck["step"] == 3 and (ck["epoch"], ck["batch_in_epoch"]) == (0, 3)
+    ck = load_checkpoint(list_checkpoints(tmp_path / "b")[-1], task="finetune")
+    assert ck["progress"]["step"] == 3 and (ck["progress"]["epoch"], ck["progress"]["step_in_epoch"]) == (0, 3)
     rest = finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume="auto", ckpt_interval=3, **recipe)
     assert rest["steps"] == full["steps"] and rest["last"] == full["last"]
     ref = load_classifier(tmp_path / "a", which="last").model.state_dict()

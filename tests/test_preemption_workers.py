@@ -144,8 +144,11 @@ def test_finetune_with_workers_checkpoints_on_a_process_group_sigterm(tmp_path):
     argv = ["finetune", "--config", "configs/finetune/tiny_cpu.yaml", "--model", "timm:vit_tiny_patch16_224",
             "--model-kwargs", kw, "--train", "synthetic:20000", "--output", str(out), "data.num_workers=2",
             "epochs=50", "log_interval=1"]
-    rc, text = _run_until_then_sigterm_the_group(argv, lambda: "finetune 1/50:" in log_path.read_text(), log_path)
+    metrics = out / "metrics.jsonl"  # the first step's record (log_interval=1): the loop is running
+    rc, text = _run_until_then_sigterm_the_group(argv, lambda: metrics.is_file() and metrics.read_text().strip() != "",
+                                                 log_path)
     assert rc == 0, text[-3000:]
-    assert (out / "checkpoints" / "last.pt").is_file(), text[-3000:]
-    ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert int(ck["step"]) > 0
+    ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts, text[-3000:]
+    ck = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    assert int(ck["progress"]["step"]) > 0 and "stopped by SIGTERM" in text

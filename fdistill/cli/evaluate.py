@@ -128,7 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main finetune ...")
     _common(p)
     p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: continue from OUTPUT/checkpoints/last.pt if present (default); none: start over")
+                   help="auto: continue from the newest checkpoint in OUTPUT/checkpoints that loads (default); "
+                        "none: start over")
     p.set_defaults(_flag_keys=())
 
     p = sub.add_parser(

@@ -148,6 +148,13 @@ class FinetuneConfig:
     #: also checkpoint every this many optimizer steps (null: at epoch ends only); a crash then
     #: loses at most this many steps of a long epoch. May change on resume
     ckpt_interval: Optional[int] = None
+    #: checkpoints kept in OUTPUT/checkpoints (the newest). May change on resume
+    keep_last: int = 2
+    #: a step with a non-finite loss or gradient is skipped; this many in a row stop the run
+    #: (the engine's policy, as train.max_nonfinite for distillation). May change on resume
+    max_nonfinite: int = 20
+    #: also write the training records to OUTPUT/tensorboard (pip install 'fdistill[tensorboard]')
+    tensorboard: bool = False
     log_interval: int = 50
     precision: Precision = "auto"
     device: Device = "auto"
@@ -159,6 +166,8 @@ class FinetuneConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
         _check(self.eval_interval >= 1 and self.log_interval >= 1, "eval_interval and log_interval must be >= 1")
         _check(self.ckpt_interval is None or self.ckpt_interval >= 1, f"ckpt_interval must be >= 1, got {self.ckpt_interval}")
+        _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _check(self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
 
 
 @dataclass
@@ -318,7 +327,8 @@ def build_finetune_recipe(cfg: FinetuneConfig, *, world_size: int = 1, device_ty
         clip_grad=cfg.optim.clip_grad, mixup=mixup, label_smoothing=a.label_smoothing,
         ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
         precision=_precision(cfg.precision, device_type), eval_interval=cfg.eval_interval,
-        log_interval=cfg.log_interval, ckpt_interval=cfg.ckpt_interval, seed=cfg.seed,
+        log_interval=cfg.log_interval, ckpt_interval=cfg.ckpt_interval, keep_last=cfg.keep_last,
+        max_nonfinite=cfg.max_nonfinite, tensorboard=cfg.tensorboard, seed=cfg.seed,
     )
 
 

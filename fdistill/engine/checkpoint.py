@@ -47,7 +47,7 @@ VERSION = 1
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 
-__all__ = ["FORMAT", "VERSION", "CKPT_DIR", "checkpoint_path", "list_checkpoints", "save_checkpoint",
+__all__ = ["FORMAT", "VERSION", "CKPT_DIR", "TASK_KEYS", "checkpoint_task", "checkpoint_path", "list_checkpoints", "save_checkpoint",
            "load_checkpoint", "latest_valid_checkpoint", "find_resume_checkpoint", "prune_checkpoints",
            "clean_partial_writes"]
 
@@ -101,11 +101,22 @@ def _is_disk_full(e: BaseException) -> bool:
         cause is not None and cause is not e and _is_disk_full(cause))
 
 
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Dict[str, Any]:
+#: what each task's checkpoint holds beyond config / model / progress (older files have no
+#: ``task`` entry: they are distillation checkpoints)
+TASK_KEYS = {"distill": ("student_args",)}
+
+
+def checkpoint_task(ckpt: Dict[str, Any]) -> str:
+    """The command that wrote a checkpoint: ``distill``, ``finetune``, ..."""
+    return str(ckpt.get("task", "distill"))
+
+
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, task: Optional[str] = None) -> Dict[str, Any]:
     """Load a run checkpoint with ``weights_only=True`` (no arbitrary code runs).
 
     Raises :class:`RunError` if the file is missing, truncated, corrupted (zip CRC check when
-    ``verify``), or not an fdistill checkpoint of a version this code reads."""
+    ``verify``), not an fdistill checkpoint of a version this code reads, or (``task`` given)
+    written by another command."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint not found: {path}")
@@ -127,20 +138,24 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Dict[str
         raise RunError(f"{path} is not an fdistill checkpoint (no format={FORMAT!r})")
     if int(ckpt.get("version", -1)) > VERSION:
         raise RunError(f"{path} has checkpoint version {ckpt.get('version')}; this fdistill reads up to {VERSION}")
-    missing = [k for k in ("config", "student_args", "model", "progress") if k not in ckpt]
+    if task is not None and checkpoint_task(ckpt) != task:
+        raise RunError(f"{path} is a checkpoint of `fdistill {checkpoint_task(ckpt)}`, not of `fdistill {task}`")
+    need = ("config", "model", "progress") + TASK_KEYS.get(checkpoint_task(ckpt), ())
+    missing = [k for k in need if k not in ckpt]
     if missing:
         raise RunError(f"checkpoint {path} lacks {missing}")
     return ckpt
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+def find_resume_checkpoint(run_dir: str | os.PathLike, *, task: Optional[str] = None
+                           ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
     """The newest checkpoint of ``run_dir`` that loads, and its contents; ``(None, None)`` if none.
 
     Newer files that fail to load (truncated, corrupt) are reported with ``logging.warning``
     and skipped; they are left in place for inspection."""
     for p in reversed(list_checkpoints(run_dir)):
         try:
-            return p, load_checkpoint(p)
+            return p, load_checkpoint(p, task=task)
         except RunError as e:
             log.warning("skipping unusable checkpoint: %s", e)
     return None, None

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -28,8 +28,9 @@ _LOCAL = ("loss", "loss_prefix", "loss_patch", "mask_fraction", "finite_micro", 
 class StepMetrics:
     """Device-side running sums between two log points."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, parts: Tuple[str, ...] = ("loss_prefix", "loss_patch")):
         self.device = device
+        self.parts = tuple(parts)  # which loss parts the records report (FD: [CLS] and patch terms)
         self.local = torch.zeros(len(_LOCAL), device=device, dtype=torch.float64)
         self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)  # same on all ranks
         self.steps = 0  # host counters (no sync needed)
@@ -74,8 +75,7 @@ class StepMetrics:
         applied = self.steps - int(nonfinite)
         out = {
             "loss": n["loss"] / good if n["finite_micro"] else math.nan,
-            "loss_prefix": n["loss_prefix"] / good if n["finite_micro"] else math.nan,
-            "loss_patch": n["loss_patch"] / good if n["finite_micro"] else math.nan,
+            **{k: n[k] / good if n["finite_micro"] else math.nan for k in self.parts},
             "grad_norm": grad_norm / applied if applied else math.nan,
             "nonfinite": int(nonfinite),
             "nonfinite_streak": int(streak),
@@ -103,7 +103,7 @@ class RunLog:
     Every method is a no-op on other ranks (``enabled=False``)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
-                 tensorboard: bool = False, desc: str = "distill"):
+                 tensorboard: bool = False, desc: str = "distill", progress: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.bar = None
@@ -115,7 +115,7 @@ class RunLog:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
-                        smoothing=0.05, mininterval=1.0)
+                        smoothing=0.05, mininterval=1.0) if progress else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -140,6 +140,11 @@ class RunLog:
             from ..io import atomic_write_text
 
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def set_description(self, text: str) -> None:
+        """The bar's label (fine-tuning: ``finetune <epoch>/<epochs>``)."""
+        if self.bar is not None:
+            self.bar.set_description(text)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

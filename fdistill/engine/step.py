@@ -1,6 +1,8 @@
-"""One FD optimizer step: ``TrainStep(distiller, optimizer, ...)(micro_batches)``.
+"""One optimizer step of any task: ``TrainStep(model, optimizer, ...)(micro_batches)``, where
+``model(batch)`` returns a dict with the ``"loss"`` (FD's :class:`~fdistill.FeatureDistiller`, or
+a task's loss module such as fine-tuning's, :mod:`fdistill.engine.trainer`).
 
-For each micro-batch: the teacher's targets and the student's prediction under autocast
+For each micro-batch: the forward (for FD: the teacher's targets and the student's prediction) under autocast
 (bf16 by default on GPU; fp16 with a loss scaler on request), backward of ``loss /
 accum_steps`` (DDP all-reduces only on the last micro-batch). Then the update: unscale (fp16),
 clip the global gradient norm, and skip the update if that norm is not finite.
@@ -29,22 +31,28 @@ from ..precision import AUTOCAST_DTYPES, PRECISIONS, autocast  # noqa: E402,F401
 
 
 class TrainStep:
-    """A callable training step over a :class:`~fdistill.FeatureDistiller` (its ``branch``
-    possibly DDP-wrapped).
+    """A callable training step over a module that returns its loss (for FD, a
+    :class:`~fdistill.FeatureDistiller`, its ``branch`` possibly DDP-wrapped).
 
     Args:
-        distiller: teacher + student + projector + loss.
-        optimizer: over ``distiller``'s trainable parameters (see :func:`create_adamw`).
+        distiller: the module: ``distiller(batch)`` -> ``{"loss": ..., ...}`` (for FD: teacher +
+            student + projector + loss).
+        optimizer: over its trainable parameters (see :func:`create_adamw`).
         precision: ``fp32`` | ``bf16`` (autocast) | ``fp16`` (autocast + loss scaler).
         clip_grad: max global gradient norm; 0 = no clipping (the norm is still measured).
         accum_steps: micro-batches per update (the caller passes that many).
         compile: ``torch.compile`` the forward, falling back to eager if it fails.
         scaler: a GradScaler to use for fp16 (one is made if None).
+        params: the parameters whose gradient norm is clipped, in this order (default: the
+            optimizer's groups'; the order fixes the float summation of the norm).
+        sync_module: the DDP-wrapped part whose all-reduce waits for the last micro-batch
+            (default: ``distiller.branch`` if it has one, else ``distiller``).
     """
 
     def __init__(self, distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
                  clip_grad: float = 0.0, accum_steps: int = 1, compile: bool = False,
-                 scaler: Optional[torch.amp.GradScaler] = None):
+                 scaler: Optional[torch.amp.GradScaler] = None, params: Optional[Sequence[torch.Tensor]] = None,
+                 sync_module: Optional[torch.nn.Module] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.distiller, self.optimizer = distiller, optimizer
@@ -53,7 +61,9 @@ class TrainStep:
         self.device = p0.device
         self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type,
                                                                            enabled=precision == "fp16")
-        self.params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+        self.params: List[torch.Tensor] = (list(params) if params is not None else
+                                           [p for g in optimizer.param_groups for p in g["params"]])
+        self.sync_module = sync_module if sync_module is not None else getattr(distiller, "branch", distiller)
         self.device_skip = supports_found_inf(optimizer) and not self.scaler.is_enabled()
         self.forward = torch.compile(distiller) if compile else distiller
         self._compile_checked = not compile
@@ -62,7 +72,7 @@ class TrainStep:
     def autocast(self):
         return autocast(self.device, self.precision)
 
-    def _forward_backward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def _forward_backward(self, images) -> Dict[str, torch.Tensor]:
         with self.autocast():
             out = self.forward(images)
         loss = out["loss"] / self.accum_steps if self.accum_steps > 1 else out["loss"]
@@ -72,9 +82,10 @@ class TrainStep:
             loss.backward()
         return out
 
-    def micro_step(self, images: torch.Tensor, last: bool = True) -> Dict[str, torch.Tensor]:
-        """Forward + backward of one micro-batch (``images``: (B, 3, H, W) uint8 or [0, 1])."""
-        branch = self.distiller.branch
+    def micro_step(self, images, last: bool = True) -> Dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch (for FD ``images``: (B, 3, H, W) uint8 or [0, 1];
+        for other tasks whatever their module takes)."""
+        branch = self.sync_module
         sync = last or not hasattr(branch, "no_sync")
         with contextlib.nullcontext() if sync else branch.no_sync():
             if self._compile_checked:
@@ -116,7 +127,7 @@ class TrainStep:
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     # -- the step -------------------------------------------------------------------------------
-    def __call__(self, micro_batches: Sequence[torch.Tensor]):
+    def __call__(self, micro_batches: Sequence):
         """Run one optimizer step over ``accum_steps`` micro-batches of images (on the device).
 
         Returns (list of each micro-batch's loss parts, gradient norm, applied flag)."""

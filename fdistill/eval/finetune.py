@@ -14,7 +14,8 @@ Output folder::
     classifier.json              how to rebuild the network (fdistill.eval.load_classifier)
     model_best.safetensors       weights with the best validation top-1 (model or EMA)
     model_last.safetensors       weights after the last evaluation
-    checkpoints/last.pt          full training state (atomic; resume with resume="auto")
+    checkpoints/ckpt_<step>.pt   full training state, the engine's one format (atomic, newest kept)
+    metrics.jsonl                training records (loss, lr, gradient norm, skipped steps, img/s)
     log.jsonl                    one line per evaluation
     metrics.json                 written by the command layer
 
@@ -28,9 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -45,9 +44,8 @@ from .layer_decay import param_groups_layer_decay
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finetune", "evaluate_classifier", "FINETUNE_CKPT_FORMAT", "RESUME_SAFE"]
+__all__ = ["finetune", "evaluate_classifier", "FinetuneTask", "RESUME_SAFE"]
 
-FINETUNE_CKPT_FORMAT = "fdistill-finetune-checkpoint"
 #: recipe entries that may differ between a checkpoint and the resumed run
 RESUME_SAFE = ("epochs", "max_steps", "eval_interval", "log_interval", "num_workers")
 
@@ -102,24 +100,68 @@ def _save_weights(model: nn.Module, path: Path) -> None:
         save_file(sd, str(tmp), metadata={"format": "pt"})
 
 
-def _load_ft_checkpoint(path: Path) -> Dict[str, Any]:
-    from ..engine.errors import RunError
+class _ClassifierLoss(nn.Module):
+    """The fine-tuning loss of a batch ``(images, labels)``: mixup / cutmix (timm ``Mixup``), the
+    classifier under the step's autocast, the criterion in fp32 outside it."""
 
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"cannot load fine-tuning checkpoint {path}: {type(e).__name__}: {str(e)[:300]}") from e
-    if not isinstance(ck, dict) or ck.get("format") != FINETUNE_CKPT_FORMAT:
-        raise RunError(f"{path} is not an fdistill fine-tuning checkpoint")
-    return ck
+    def __init__(self, model: nn.Module, criterion: nn.Module, mixup_fn=None):
+        super().__init__()
+        self.model, self.criterion, self.mixup_fn = model, criterion, mixup_fn
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        images, y = batch
+        device = next(self.model.parameters()).device
+        x = images.to(device, non_blocking=True).float()  # (B, 3, H, W), normalised by the transform
+        y = torch.as_tensor(y).to(device, non_blocking=True)
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        logits = self.model(x)  # (B, num_classes)
+        with torch.autocast(device.type, enabled=False):
+            loss = self.criterion(logits.float(), y)
+        return {"loss": loss}
 
 
-def _recipe_diff(old: Dict[str, Any], new: Dict[str, Any]) -> list:
-    from ..config import diff_configs
+class FinetuneTask:
+    """Fine-tuning as a task of :class:`fdistill.engine.trainer.Trainer`: the classifier, its loss,
+    the top-1/top-5 evaluation of the model (and EMA), best and last weights, ``log.jsonl``."""
 
-    o = {k: v for k, v in old.items() if k not in RESUME_SAFE}
-    n = {k: v for k, v in new.items() if k not in RESUME_SAFE}
-    return diff_configs(json.loads(json.dumps(o)), json.loads(json.dumps(n)))
+    name = "finetune"
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, mixup_fn, *, spec, classes, val_loader,
+                 mean, std, precision: str, env, out: Path):
+        self.model, self.criterion, self.mixup_fn = model, criterion, mixup_fn
+        self.spec, self.classes, self.val_loader = spec, classes, val_loader
+        self.mean, self.std, self.precision, self.env, self.out = mean, std, precision, env, out
+        self.device = next(model.parameters()).device
+        self.best: Optional[Dict[str, Any]] = None
+        self.ema = None  # the trainer's EMA module (set by finetune) for the best weights
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return _ClassifierLoss(model, self.criterion, self.mixup_fn)
+
+    def evaluate(self, model: nn.Module, ema: Optional[nn.Module], epoch: int, step: int) -> Dict[str, Any]:
+        kw = dict(mean=self.mean, std=self.std, device=self.device, precision=self.precision, env=self.env)
+        res = {"epoch": epoch + 1, "step": step, "model": evaluate_classifier(model, self.val_loader, desc="eval", **kw)}
+        if ema is not None:
+            res["ema"] = evaluate_classifier(ema, self.val_loader, desc="eval ema", **kw)
+        which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
+        if self.env.is_main:
+            _save_weights(model, self.out / "model_last.safetensors")
+            if self.best is None or res[which]["top1"] > self.best["top1"]:
+                self.best = dict(res[which], epoch=epoch + 1, weights=which)
+                _save_weights(model if which == "model" else ema, self.out / "model_best.safetensors")
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(res) + "\n")
+        log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
+                 f", ema {res['ema']['top1']:.2f}" if ema is not None else "",
+                 self.best["top1"] if self.best else float("nan"))
+        return res
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"best": self.best, "classifier": self.spec, "num_classes": len(self.classes)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best = state.get("best")
 
 
 def finetune(
@@ -151,6 +193,9 @@ def finetune(
     eval_interval: int = 1,
     log_interval: int = 50,
     ckpt_interval: Optional[int] = None,
+    keep_last: int = 2,
+    max_nonfinite: int = 20,
+    tensorboard: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
     resume: Optional[str] = "auto",
@@ -185,8 +230,12 @@ def finetune(
         precision: ``fp32`` | ``bf16`` | ``fp16`` (autocast; fp16 with a loss scaler).
         eval_interval, log_interval: epochs between evaluations, steps between progress updates.
         ckpt_interval: steps between extra mid-epoch checkpoints (None: at epoch ends only).
-        resume: ``"auto"`` (continue from ``output_dir/checkpoints/last.pt`` when present), a
-            checkpoint path, or None (start over, overwriting).
+        keep_last: checkpoints kept in ``output_dir/checkpoints`` (the newest).
+        max_nonfinite: a step with a non-finite loss or gradient is skipped; this many in a row
+            stop the run with an error (the engine's policy, the same as distillation's).
+        tensorboard: also write the training records to ``output_dir/tensorboard``.
+        resume: ``"auto"`` (continue from the newest loadable ``output_dir/checkpoints/ckpt_*.pt``
+            when present), a checkpoint path, or None (start over, overwriting).
         source: ``{"spec", "kwargs"}`` the adapter was loaded with (recorded for rebuilding).
         env: a :class:`fdistill.engine.distributed.DistEnv` for ``torchrun`` runs (default: one process).
         on_step: called with the step number after every optimizer step; returning True stops the
@@ -201,24 +250,21 @@ def finetune(
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
-    from tqdm.auto import tqdm
 
     from ..data import DataError, ResumableDistributedSampler
-    from ..engine.checkpoint import save_checkpoint
-    from ..engine.distributed import DistEnv, any_rank, gather_objects, unwrap, wrap_ddp
-    from ..engine.errors import RunError
+    from ..engine.checkpoint import list_checkpoints
+    from ..engine.distributed import DistEnv
     from ..engine.lock import hold_run_lock
-    from ..logs import run_log_file
     from ..engine.optim import no_weight_decay_patterns
-    from ..engine.rng import capture_rng_state, restore_rng_state, seed_everything
-    from ..engine.signals import StopRequest
+    from ..engine.rng import seed_everything
+    from ..engine.trainer import Trainer, TrainerConfig
+    from ..logs import run_log_file
 
     device = torch.device(device)
     env = env or DistEnv(device=device)
     out = Path(output_dir)
     # one run per output folder (a second one is refused); run.log gets every library's INFO lines
     with hold_run_lock(out, env), run_log_file(out, env.is_main):
-        ckpt_path = out / "checkpoints" / "last.pt"
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
@@ -227,7 +273,7 @@ def finetune(
                       decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,
                       mixup=mixup, label_smoothing=label_smoothing,
                       ema_decay=ema_decay, precision=precision, eval_interval=eval_interval, log_interval=log_interval,
-                      seed=seed, train_images=len(train_ds))
+                      seed=seed, train_images=len(train_ds), num_classes=len(dataset_classes(train_ds)))
 
         # -- data ---------------------------------------------------------------------------------------
         classes = dataset_classes(train_ds)
@@ -267,12 +313,6 @@ def finetune(
         scheduler = CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=min_lr,
                                       warmup_lr_init=warmup_lr, warmup_t=warmup_steps, warmup_prefix=True,
                                       cycle_limit=1, t_in_epochs=False)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        ema = None
-        if ema_decay is not None:
-            from timm.utils import ModelEmaV3
-
-            ema = ModelEmaV3(model, decay=ema_decay)
         mixup_fn = None
         if mixup:
             mixup_fn = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
@@ -282,156 +322,33 @@ def finetune(
         else:
             criterion = nn.CrossEntropyLoss()
 
-        # -- resume --------------------------------------------------------------------------------------
-        step, best, history = 0, None, []
-        resume_from = None
-        if resume == "auto":
-            resume_from = ckpt_path if ckpt_path.is_file() else None
-        elif resume:
-            resume_from = Path(resume)
-            if not resume_from.is_file():
-                raise RunError(f"resume checkpoint not found: {resume_from}")
-        if resume_from is not None:
-            ck = _load_ft_checkpoint(resume_from)
-            diff = _recipe_diff(ck["recipe"], recipe)
-            if diff or ck["classifier"]["num_classes"] != num_classes:
-                raise RunError(f"{resume_from} was written with another recipe or dataset ({'; '.join(diff[:6]) or 'classes differ'}); "
-                               "use another --output or resume=None to start over")
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            if ema is not None and ck.get("ema") is not None:
-                ema.load_state_dict(ck["ema"])
-            step, best, history = int(ck["step"]), ck.get("best"), list(ck.get("history", []))
-            restore_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)])
-            log.info("resumed from %s at step %d", resume_from, step)
+        # -- the loop: the shared engine ------------------------------------------------------------------
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
+        task = FinetuneTask(model, criterion, mixup_fn, spec=spec, classes=classes, val_loader=val_loader,
+                            mean=adapter.mean, std=adapter.std, precision=precision, env=env, out=out)
+        trainer = Trainer(task, optimizer=optimizer, scheduler=scheduler, loader=train_loader, sampler=sampler,
+                          output_dir=out, recipe=recipe, resume_safe=RESUME_SAFE, env=env, on_step=on_step,
+                          config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                               batch_size=batch_size, precision=precision, clip_grad=clip_grad,
+                                               eval_interval=eval_interval, log_interval=log_interval,
+                                               ckpt_interval=ckpt_interval, keep_last=keep_last,
+                                               max_nonfinite=max_nonfinite, ema_decay=ema_decay,
+                                               tensorboard=tensorboard, progress=progress))
+        resumed = trainer.resume(resume)
+        if env.is_main:
             save_classifier_spec(spec, classes, out)
-            if resume_from is None:  # starting over: nothing of an earlier run in this folder may mix in
-                for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors"):
+            if resumed is None:  # starting over: nothing of an earlier run in this folder may mix in
+                for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors", "metrics.jsonl"):
                     (out / f).unlink(missing_ok=True)
-        ddp_model = wrap_ddp(model, env)
-        scheduler.step_update(step)
-
-        def checkpoint(epoch_pos: Tuple[int, int]) -> None:
-            rng = gather_objects(capture_rng_state(), env)  # every rank's generators (collective)
-            if not env.is_main:
-                return
-            save_checkpoint(ckpt_path, {
-                "format": FINETUNE_CKPT_FORMAT, "version": 1, "recipe": recipe, "classifier": spec,
-                "model": unwrap(ddp_model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None, "step": step, "epoch": epoch_pos[0],
-                "batch_in_epoch": epoch_pos[1], "best": best, "history": history, "rng": rng,
-            })
-
-        eval_time = 0.0
-
-        def evaluate(epoch: int) -> None:
-            nonlocal best, eval_time
-            t_eval = time.time()
-            res = {"epoch": epoch + 1, "step": step,
-                   "model": evaluate_classifier(unwrap(ddp_model), val_loader, mean=adapter.mean, std=adapter.std,
-                                                device=device, precision=precision, env=env, desc="eval")}
-            if ema is not None:
-                res["ema"] = evaluate_classifier(ema.module, val_loader, mean=adapter.mean, std=adapter.std, device=device,
-                                                 precision=precision, env=env, desc="eval ema")
-            history.append(res)
-            which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
-            if env.is_main:
-                _save_weights(unwrap(ddp_model), out / "model_last.safetensors")
-                if best is None or res[which]["top1"] > best["top1"]:
-                    best = dict(res[which], epoch=epoch + 1, weights=which)
-                    _save_weights(unwrap(ddp_model) if which == "model" else ema.module, out / "model_best.safetensors")
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(res) + "\n")
-            eval_time += time.time() - t_eval
-            log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
-                     f", ema {res['ema']['top1']:.2f}" if ema is not None else "", best["top1"] if best else float("nan"))
-
-        # -- train ---------------------------------------------------------------------------------------
-        start_epoch, start_batch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, 0)
-        t0, images_seen = time.time(), 0
-        stopped = stopping = False
-        with StopRequest() as stop:
-            for epoch in range(start_epoch, epochs):
-                if step >= total_steps:
-                    break
-                sampler.set_epoch(epoch)
-                sampler.set_start(start_batch * batch_size if epoch == start_epoch else 0)
-                ddp_model.train()
-                loss_sum = torch.zeros((), device=device)
-                n_loss = 0
-                bar = tqdm(train_loader, desc=f"finetune {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
-                           disable=not (progress and env.is_main), initial=start_batch if epoch == start_epoch else 0,
-                           total=steps_per_epoch)
-                batch_in_epoch = start_batch if epoch == start_epoch else 0
-                for images, y in bar:
-                    x = images.to(device, non_blocking=True).float()
-                    y = torch.as_tensor(y).to(device, non_blocking=True)
-                    if mixup_fn is not None:
-                        x, y = mixup_fn(x, y)
-                    with autocast(device, precision):
-                        logits = ddp_model(x)
-                    loss = criterion(logits.float(), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    if clip_grad > 0:
-                        torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), clip_grad)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    step += 1
-                    batch_in_epoch += 1
-                    scheduler.step_update(step)
-                    if ema is not None:
-                        ema.update(unwrap(ddp_model), step=step)
-                    loss_sum += loss.detach()
-                    n_loss += 1
-                    images_seen += x.shape[0]
-                    if step % log_interval == 0 or batch_in_epoch == steps_per_epoch:
-                        avg = float(loss_sum) / max(n_loss, 1)  # the only host sync of the loop
-                        if not math.isfinite(avg):
-                            raise RunError(f"non-finite training loss at step {step} (lr too high? try precision=fp32); "
-                                           f"last checkpoint kept at {ckpt_path}")
-                        bar.set_postfix(loss=f"{avg:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-                        loss_sum.zero_()
-                        n_loss = 0
-                    if on_step is not None and on_step(step):
-                        stop.request("on_step")
-                    if ckpt_interval and step % ckpt_interval == 0 and batch_in_epoch < steps_per_epoch:
-                        checkpoint((epoch, batch_in_epoch))  # mid-epoch (the epoch's end writes its own)
-                    # every rank stops at the same step: a signal may reach one rank only (a lone rank
-                    # leaving the loop would leave the others in allreduce and lose the checkpoint)
-                    stopping = any_rank(stop.requested, env)
-                    if step >= total_steps or stopping:
-                        break
-                bar.close()
-                epoch_done = batch_in_epoch >= steps_per_epoch
-                if stopping and not epoch_done:
-                    checkpoint((epoch, batch_in_epoch))
-                    stopped = True
-                    break
-                if epoch_done and ((epoch + 1) % eval_interval == 0 or epoch + 1 == epochs or step >= total_steps):
-                    evaluate(epoch)
-                elif not epoch_done:  # max_steps reached mid-epoch: evaluate what we have
-                    evaluate(epoch)
-                checkpoint((epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch))
-                if stopping:
-                    stopped = True
-                    break
-        elapsed = max(time.time() - t0 - eval_time, 1e-9)  # training throughput, evaluations excluded
-        if best is None and history == [] and not stopped:  # nothing left to train: evaluate the weights
-            evaluate(max(step // max(steps_per_epoch, 1) - 1, 0))
-            checkpoint(divmod(step, steps_per_epoch))
+                for p in list_checkpoints(out):
+                    p.unlink()
+        task.ema = trainer.ema
+        result = trainer.fit()
+        history, best, step = result.history, task.best, result.step
+        stopped = result.stopped_by is not None
+        elapsed = result.train_time_s  # training throughput, evaluations excluded
+        images_seen = result.images_seen
         last = history[-1] if history else {}
         metrics = {
             "top1": best["top1"] if best else None,
