@@ -110,3 +110,19 @@ def test_two_process_finetune_matches_one_process(colour_data, tmp_path):  # noq
     assert worst < 1e-4, worst
     ck = load_checkpoint(list_checkpoints(tmp_path / "two")[-1], task="finetune")
     assert ck["progress"]["world_size"] == 2 and len(ck["rng"]["per_rank"]) == 2
+
+
+def test_distillation_commands_refuse_a_finetune_checkpoint_by_name(colour_data, tmp_path):  # noqa: F811
+    """Export, model loading and distillation's resume read distillation checkpoints only: a
+    fine-tuning one (the same format) is named as such, not failed on a missing key."""
+    from fdistill.engine.export import export_student
+    from fdistill.models.loading import load_model
+
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    finetune(a, tr, va, output_dir=tmp_path / "ft", resume=None, on_step=lambda s: s == 2, **RECIPE)
+    path = list_checkpoints(tmp_path / "ft")[-1]
+    with pytest.raises(RunError, match="checkpoint of `fdistill finetune`"):
+        load_model(str(path))
+    with pytest.raises(RunError, match="checkpoint of `fdistill finetune`"):
+        export_student(str(path), output=tmp_path / "export")

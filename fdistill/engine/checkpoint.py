@@ -161,9 +161,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, *, task: Optional[str] = 
     return None, None
 
 
-def latest_valid_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+def latest_valid_checkpoint(run_dir: str | os.PathLike, *, task: Optional[str] = None) -> Optional[Path]:
     """Path of the newest checkpoint of ``run_dir`` that loads (see :func:`find_resume_checkpoint`)."""
-    return find_resume_checkpoint(run_dir)[0]
+    return find_resume_checkpoint(run_dir, task=task)[0]
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, *,

@@ -209,7 +209,7 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
                            "--output folder, or --resume auto to continue that run")
         return None, None
     if resume == "auto":
-        path, ckpt = find_resume_checkpoint(run_dir) if env.is_main else (None, None)
+        path, ckpt = find_resume_checkpoint(run_dir, task="distill") if env.is_main else (None, None)
         # checkpoints there but none loads: stop (starting from step 0 would silently drop the run)
         problem = _no_loadable_checkpoint(run_dir) if env.is_main and path is None else None
         problem = broadcast_object(problem, env)
@@ -219,14 +219,14 @@ def _resolve_resume(resume: str, run_dir: Path, env: DistEnv):
         if path is None:
             return None, None
         # rank 0 verified the file; the others read the same one
-        return Path(path), ckpt if ckpt is not None else load_checkpoint(path, verify=False)
+        return Path(path), ckpt if ckpt is not None else load_checkpoint(path, verify=False, task="distill")
     p = Path(resume).expanduser()
     if p.is_dir():
-        found, ckpt = find_resume_checkpoint(p)
+        found, ckpt = find_resume_checkpoint(p, task="distill")
         if found is None:
             raise RunError(f"--resume {p}: no valid checkpoint in {p}")
         return found, ckpt
-    return p, load_checkpoint(p)
+    return p, load_checkpoint(p, task="distill")
 
 
 def _no_loadable_checkpoint(run_dir: Path) -> Optional[str]:
@@ -238,7 +238,7 @@ def _no_loadable_checkpoint(run_dir: Path) -> Optional[str]:
     problems = []
     for p in found:
         try:
-            load_checkpoint(p)
+            load_checkpoint(p, task="distill")
         except RunError as e:
             problems.append(f"  {p.name}: {str(e).splitlines()[0][:200]}")
     return (f"{run_dir} holds {len(found)} checkpoint(s) and none loads:\n" + "\n".join(problems)

@@ -132,7 +132,7 @@ def resolve_checkpoint(run_or_ckpt: str | os.PathLike) -> Path:
     """A checkpoint file, or the newest valid checkpoint of a run folder."""
     p = Path(run_or_ckpt).expanduser()
     if p.is_dir():
-        found = latest_valid_checkpoint(p)
+        found = latest_valid_checkpoint(p, task="distill")
         if found is None:
             raise RunError(f"{p} holds no valid checkpoint (looked in {p / CKPT_DIR})")
         return found
@@ -205,7 +205,7 @@ def export_student(run_or_ckpt: str | os.PathLike, *, format: str = "timm", outp
     if format not in FORMATS:
         raise RunError(f"unknown export format {format!r}; expected one of {FORMATS}")
     ckpt_path = resolve_checkpoint(run_or_ckpt)
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, task="distill")
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CKPT_DIR else ckpt_path.parent
     out = Path(output).expanduser() if output else run_dir / f"export_{format}"
     student = rebuild_student(ckpt)

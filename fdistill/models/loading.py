@@ -96,10 +96,10 @@ def _load_path(path: Path) -> Teacher:
 
             return create_timm_teacher(f"local-dir:{path.resolve()}", pretrained=True, dynamic_img_size=False)
     if path.is_dir():
-        ckpt_path = latest_valid_checkpoint(path)
+        ckpt_path = latest_valid_checkpoint(path, task="distill")
         if ckpt_path is None:
             raise TeacherError(f"{path} holds no valid fdistill checkpoint (looked in {path}/checkpoints)")
-        return student_from_checkpoint(load_checkpoint(ckpt_path), name=str(ckpt_path))
+        return student_from_checkpoint(load_checkpoint(ckpt_path, task="distill"), name=str(ckpt_path))
     if path.suffix in (".pt", ".pth", ".ckpt"):
-        return student_from_checkpoint(load_checkpoint(path), name=str(path))
+        return student_from_checkpoint(load_checkpoint(path, task="distill"), name=str(path))
     raise TeacherError(f"don't know how to load {path}: expected a run folder, a .pt checkpoint or an export folder")
