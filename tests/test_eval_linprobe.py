@@ -112,3 +112,27 @@ def test_available_features_skip_what_a_model_lacks(tiny_vit_teacher):
     assert available_features(cnn, ["auto", "cls", "cls+avg", "avg", "last4"]) == ["avg", "last4"]  # 9 blocks
     with pytest.raises(Exception, match="none of the features"):
         available_features(cnn, ["cls"])
+
+
+def test_mae_linear_probe_stops_and_resumes_exactly(colour_data, tmp_path):
+    """The probe runs on the training engine: a stop mid-run (as SIGTERM) checkpoints the head,
+    LARS state, RNG and sampler position, and the resumed probe ends with the same head and
+    accuracy as one that never stopped; another model in the same folder is refused."""
+    from fdistill.engine.checkpoint import list_checkpoints, load_checkpoint
+    from fdistill.engine.errors import RunError
+
+    tr = build_classification_dataset(colour_data, "train", distill_transform(32, scale=(0.5, 1.0)))
+    va = build_classification_dataset(colour_data, "val", eval_transform(32))
+    kw = dict(feature="auto", epochs=4, warmup_epochs=1, lr=6.4, batch_size=32, num_workers=0, progress=False)
+    full = linear_probe(_student(), tr, va, output_dir=tmp_path / "a", **kw)
+    part = linear_probe(_student(), tr, va, output_dir=tmp_path / "b", on_step=lambda s: s == 6, **kw)
+    assert part["stopped_early"] and part["steps"] == 6
+    rest = linear_probe(_student(), tr, va, output_dir=tmp_path / "b", **kw)
+    assert rest["steps"] == full["steps"] == 16 and rest["top1"] == full["top1"]
+    head = lambda d: load_checkpoint(list_checkpoints(d)[-1], task="linprobe")["model"]["model"]  # noqa: E731
+    ref, got = head(tmp_path / "a"), head(tmp_path / "b")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    other = _student()
+    other.name = "another-model"
+    with pytest.raises(RunError, match="another recipe"):
+        linear_probe(other, tr, va, output_dir=tmp_path / "b", **kw)

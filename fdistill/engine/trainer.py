@@ -119,6 +119,7 @@ class TrainResult:
     stopped_by: Optional[str]
     images_seen: int
     train_time_s: float  # without evaluations
+    last_record: Dict[str, Any]  # the last metrics.jsonl record of this run ({} if it trained nothing)
 
 
 class Trainer:
@@ -255,6 +256,7 @@ class Trainer:
                         tensorboard=cfg.tensorboard, desc=self.task.name, progress=cfg.progress)
         metrics = StepMetrics(self.device, parts=())
         stopped_by: Optional[str] = None
+        record: Dict[str, Any] = {}
         trained_any = False
         images_seen = 0
         t_start = time.time()
@@ -355,7 +357,7 @@ class Trainer:
                         stopped_by, self.step, cfg.total_steps, self.last_checkpoint)
         return TrainResult(step=self.step, total_steps=cfg.total_steps, history=self.history,
                            checkpoint=self.last_checkpoint, stopped_by=stopped_by, images_seen=images_seen,
-                           train_time_s=max(time.time() - t_start - self.eval_time, 1e-9))
+                           train_time_s=max(time.time() - t_start - self.eval_time, 1e-9), last_record=record)
 
 
 def _batch_size(batch) -> int:

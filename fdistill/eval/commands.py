@@ -172,11 +172,19 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     size = _img_size(cfg.data.img_size, adapter)
     eval_tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
     val_ds = load_dataset(val, "val", eval_tf, download=cfg.data.download)
-    if cfg.mode == "standard":
+    if cfg.mode == "standard":  # on the training engine: checkpoints in OUTPUT, resume, torchrun
+        from ..engine.distributed import init_distributed, shutdown
+
         train_tf = distill_transform(size, interpolation=cfg.data.interpolation) if cfg.augment else eval_tf
         train_ds = load_dataset(train, "train", train_tf, download=cfg.data.download)
-        res = linear_probe(adapter, train_ds, val_ds, device=device,
-                           **build_linprobe_recipe(cfg, device_type=device.type))
+        env = init_distributed(cfg.device)
+        try:
+            res = linear_probe(adapter, train_ds, val_ds, device=env.device, env=env, output_dir=output,
+                               **build_linprobe_recipe(cfg, world_size=env.world_size, device_type=env.device.type))
+        finally:
+            shutdown(env)
+        if not env.is_main:
+            return _record("linprobe", model, model_kwargs, train, val, cfg, env.device, t0, mode=cfg.mode, **res)
     else:
         train_ds = load_dataset(train, "train", eval_tf, download=cfg.data.download)
         feats = available_features(adapter, cfg.sweep.features)

@@ -267,7 +267,7 @@ def finetune(
     with hold_run_lock(out, env), run_log_file(out, env.is_main):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        recipe = dict(global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
+        recipe = dict(model=(source or {}).get("spec") or adapter.name, global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
                       max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
                       lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                       decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,

@@ -20,6 +20,8 @@ Two modes:
 from __future__ import annotations
 
 import logging
+import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -27,13 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher, TeacherError
-from .data import dataset_classes, frozen_forward, probe_loaders
+from .data import dataset_classes, model_inputs
 from .features import FeatureSet, batch_features, default_pool
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearProbeHead", "lars_param_groups", "linear_probe", "linear_probe_sweep", "available_features"]
+__all__ = ["LinearProbeHead", "LinearProbeTask", "lars_param_groups", "linear_probe", "linear_probe_sweep",
+           "available_features"]
 
 
 class LinearProbeHead(nn.Module):
@@ -111,6 +114,74 @@ def _evaluate_heads(heads: Dict[Any, nn.Module], feats: Dict[Any, torch.Tensor],
     return out
 
 
+class _ProbeClassifier(nn.Module):
+    """The frozen model's ``feature`` of normalised images, then the probe head: (B, 3, H, W) ->
+    (B, num_classes). The features are taken without gradients under the step's autocast; the
+    head runs in fp32 outside it, as MAE's probe."""
+
+    def __init__(self, adapter: Teacher, head: nn.Module, feature: str):
+        super().__init__()
+        self.adapter, self.head, self.feature = adapter, head, feature
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return batch_features(self.adapter, x, [self.feature])[self.feature]  # (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(f.float())
+
+
+class _ProbeLoss(nn.Module):
+    def __init__(self, probe: _ProbeClassifier, head: nn.Module):
+        super().__init__()
+        self.probe, self.head = probe, head  # head: the (DDP-wrapped) trained part
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        images, y = batch
+        device = next(self.head.parameters()).device
+        x = model_inputs(images, self.probe.adapter.mean, self.probe.adapter.std, device)
+        f = self.probe.features(x)  # (B, C), frozen
+        with torch.autocast(device.type, enabled=False):
+            logits = self.head(f.float())  # (B, num_classes)
+            loss = F.cross_entropy(logits, torch.as_tensor(y).to(device))
+        return {"loss": loss}
+
+
+class LinearProbeTask:
+    """MAE's linear probe as a task of :class:`fdistill.engine.trainer.Trainer`: the head is the
+    trained model, the frozen backbone only gives features; evaluated after the last epoch."""
+
+    name = "linprobe"
+
+    def __init__(self, probe: _ProbeClassifier, val_loader, *, precision: str, env):
+        self.probe, self.model, self.val_loader = probe, probe.head, val_loader
+        self.precision, self.env = precision, env
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return _ProbeLoss(self.probe, model)
+
+    def evaluate(self, model, ema, epoch: int, step: int) -> Dict[str, Any]:
+        from .finetune import evaluate_classifier
+
+        a = self.probe.adapter
+        res = evaluate_classifier(self.probe, self.val_loader, mean=a.mean, std=a.std, device=_device_of(a),
+                                  precision=self.precision, env=self.env, desc="linprobe eval")
+        return {"epoch": epoch + 1, "step": step, "model": res}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def _device_of(adapter: nn.Module) -> torch.device:
+    p = next(adapter.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def linear_probe(
     adapter: Teacher,
     train_ds,
@@ -128,64 +199,84 @@ def linear_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     max_steps: Optional[int] = None,
+    output_dir: Optional[str] = None,
+    resume: Optional[str] = "auto",
+    env=None,
     progress: bool = True,
+    on_step=None,
 ) -> Dict[str, Any]:
-    """MAE-style linear probe (module docstring). ``train_ds``/``val_ds`` give images in [0, 1] /
-    uint8 with labels (augmented for training); ``lr`` is the absolute peak learning rate."""
-    from timm.optim import Lars
-    from tqdm.auto import tqdm
+    """MAE-style linear probe (module docstring) on the shared training engine. ``train_ds`` /
+    ``val_ds`` give images in [0, 1] / uint8 with labels (augmented for training); ``lr`` is the
+    absolute peak learning rate; ``batch_size`` is per process (``torchrun``: ``env``).
 
-    from ..data import DataError
+    ``output_dir`` gets ``checkpoints/`` (the head, LARS state, RNG, sampler position: a stopped
+    probe resumes exactly with ``resume="auto"``) and ``metrics.jsonl``; None: a temporary folder,
+    removed afterwards (no resume). ``train_loss`` is the last log interval's mean loss."""
+    import contextlib
+    import tempfile
+
+    from timm.optim import Lars
+
+    from ..data import DataError, ResumableDistributedSampler
+    from ..engine.distributed import DistEnv
+    from ..engine.lock import hold_run_lock
+    from ..engine.trainer import Trainer, TrainerConfig
+    from .data import make_loader
 
     device = torch.device(device)
-    torch.manual_seed(seed)
+    env = env or DistEnv(device=device)
+    torch.manual_seed(seed + env.rank)
     feature = available_features(adapter, [feature])[0]
     classes = dataset_classes(train_ds)
     if dataset_classes(val_ds) != classes:
         raise DataError("train and val classes differ")
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise DataError("the training loader gave no batches" if len(train_ds) == 0 else "the validation set is empty")
     adapter = adapter.to(device).eval()
-    train_loader, val_loader = probe_loaders(train_ds, val_ds, batch_size=batch_size, num_workers=num_workers,
-                                             seed=seed, device=device)
-    feats_of = frozen_forward(adapter, lambda a, x: batch_features(a, x, [feature])[feature], device=device,
-                              precision=precision)
 
-    head: Optional[LinearProbeHead] = None
-    steps_per_epoch = len(train_loader)
-    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
-    step, loss_sum = 0, torch.zeros((), device=device)
-    for epoch in range(epochs):
-        bar = tqdm(train_loader, desc=f"linprobe {epoch + 1}/{epochs}", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        for images, y in bar:
-            f = feats_of(images)
-            if head is None:  # the feature width is known after the first batch
-                head = LinearProbeHead(f.shape[1], len(classes)).to(device)
-                opt = Lars(lars_param_groups(head, weight_decay=weight_decay), lr=lr, momentum=momentum,
-                           trust_coeff=0.001)
-                sched = _scheduler(opt, total, int(round(warmup_epochs * steps_per_epoch)))
-            loss = F.cross_entropy(head(f), torch.as_tensor(y).to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sched.step_update(step)
-            loss_sum += loss.detach()
-            if step >= total:
-                break
-        bar.close()
-        if step >= total:
-            break
-    if head is None:
-        raise DataError("the training loader gave no batches")
-    head.eval()
-    scores, labels = [], []
-    with torch.no_grad():
-        for images, y in tqdm(val_loader, desc="linprobe eval", unit="batch", disable=not progress, leave=False):
-            scores.append(head(feats_of(images)).float())
-            labels.append(torch.as_tensor(y).to(device))
-    res = topk_accuracy(torch.cat(scores), torch.cat(labels))
-    return dict(res, feature=feature, lr=lr, epochs_done=step / max(steps_per_epoch, 1), steps=step,
-                train_loss=float(loss_sum) / max(step, 1), train_images=len(train_ds), val_images=len(val_ds))
+    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+    drop_last = sampler.num_samples > batch_size  # MAE drops a last partial batch; one small set: one batch
+    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                               drop_last=drop_last, seed=seed, device=device)
+    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
+    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+    steps_per_epoch = sampler.num_samples // batch_size if drop_last else 1
+    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
+
+    # the feature width, from one evaluation image (deterministic: no random draw)
+    probe = _ProbeClassifier(adapter, nn.Identity(), feature)
+    x0 = model_inputs(torch.as_tensor(val_ds[0][0])[None], adapter.mean, adapter.std, device)
+    dim = probe.features(x0).shape[1]
+    probe.head = LinearProbeHead(dim, len(classes)).to(device)
+    optimizer = Lars(lars_param_groups(probe.head, weight_decay=weight_decay), lr=lr, momentum=momentum,
+                     trust_coeff=0.001)
+    scheduler = _scheduler(optimizer, total, int(round(warmup_epochs * steps_per_epoch)))
+    recipe = dict(model=adapter.name, feature=feature, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
+                  momentum=momentum, batch_size=batch_size, world_size=env.world_size, precision=precision, seed=seed,
+                  max_steps=max_steps, train_images=len(train_ds), num_classes=len(classes))
+    task = LinearProbeTask(probe, val_loader, precision=precision, env=env)
+    with contextlib.ExitStack() as stack:
+        if output_dir is None:
+            out, resume = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fdistill-linprobe-"))), None
+        else:
+            out = Path(output_dir)
+            stack.enter_context(hold_run_lock(out, env))
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(task, optimizer=optimizer, scheduler=scheduler, loader=train_loader, sampler=sampler,
+                          output_dir=out, recipe=recipe, resume_safe=("epochs", "max_steps"), env=env, on_step=on_step,
+                          config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
+                                               batch_size=batch_size, precision=precision, eval_interval=epochs,
+                                               log_interval=max(1, min(50, steps_per_epoch)), keep_last=1,
+                                               progress=progress))
+        trainer.resume(resume)
+        result = trainer.fit()
+    last = result.history[-1]["model"] if result.history else {}
+    res = {k: v for k, v in last.items() if k in ("top1", "top5")}
+    return dict(res, feature=feature, lr=lr, epochs_done=result.step / max(steps_per_epoch, 1), steps=result.step,
+                train_loss=result.last_record.get("loss", math.nan), train_images=len(train_ds),
+                val_images=len(val_ds), stopped_early=result.stopped_by is not None)
 
 
 def linear_probe_sweep(
