@@ -126,3 +126,20 @@ def test_distillation_commands_refuse_a_finetune_checkpoint_by_name(colour_data,
         load_model(str(path))
     with pytest.raises(RunError, match="checkpoint of `fdistill finetune`"):
         export_student(str(path), output=tmp_path / "export")
+
+
+def test_the_cli_finetune_of_a_random_model_is_the_same_in_every_process(tmp_path):
+    """torch seeds its generator from the OS at start-up; the fine-tune of a randomly initialised
+    model (a baseline) differed from process to process, so an interrupted and resumed run could
+    not even be compared with an uninterrupted one (found by benchmarks/fault_review.py)."""
+    kw = '{"pretrained": false, "img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}'
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("a", "b"):
+        p = subprocess.run([sys.executable, "-m", "fdistill.cli.main", "finetune", "--config",
+                            "configs/finetune/tiny_cpu.yaml", "--model", "timm:vit_tiny_patch16_224", "--model-kwargs",
+                            kw, "--train", "synthetic:128", "max_steps=3", "data.batch_size=32",
+                            "--output", str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    a, b = (load_file(tmp_path / n / "model_last.safetensors") for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

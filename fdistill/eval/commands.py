@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 
 from ..config import to_dict
+from ..engine.rng import seed_everything
 from ..errors import UsageError
 from ..teachers.base import Teacher, TeacherError
 
@@ -137,6 +138,9 @@ def run_finetune(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     val = _val_spec(train, val)
     env = init_distributed(cfg.device)
     try:
+        # torch seeds its generator from the OS at start-up: without this, a randomly initialised
+        # model (pretrained: false, baselines, tests) differs from process to process
+        seed_everything(cfg.seed)
         adapter = load_eval_model(model, model_kwargs)
         size = _img_size(cfg.data.img_size, adapter)
         tf = train_transform(size, mean=adapter.mean, std=adapter.std, **build_train_transform_args(cfg))
@@ -217,6 +221,7 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
     t0 = time.time()
     val = _val_spec(train, val)
     device = _device(cfg.device)
+    seed_everything(getattr(cfg, "seed", 0))  # randomly initialised models are reproducible
     adapter = load_eval_model(model, model_kwargs)
     size = _img_size(cfg.data.img_size, adapter)
     tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
@@ -275,6 +280,7 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
 
     t0 = time.time()
     device = _device(cfg.device)
+    seed_everything(getattr(cfg, "seed", 0))  # randomly initialised models are reproducible
     adapter = load_eval_model(model, model_kwargs)
     rec = build_zeroshot_recipe(cfg)
     templates = load_templates(rec["templates"])
