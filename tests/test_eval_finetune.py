@@ -183,3 +183,40 @@ def test_step_interval_checkpoints_bound_what_a_crash_loses(colour_data, tmp_pat
     ref = load_classifier(tmp_path / "a", which="last").model.state_dict()
     got = load_classifier(tmp_path / "b", which="last").model.state_dict()
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+class _SignalAt(torch.utils.data.Dataset):
+    """A dataset that SIGTERMs its own process while producing sample ``at`` (after that sample's
+    random augmentation has drawn from the global generators): a pre-emption in mid-batch."""
+
+    def __init__(self, ds, at):
+        self.ds, self.at, self.calls, self.classes = ds, at, 0, ds.classes
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        self.calls += 1
+        if self.calls == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        return item
+
+
+def test_a_signal_in_the_middle_of_a_batch_still_resumes_exactly(colour_data, tmp_path):
+    """In-process loading draws the augmentations from the global generators; a stop inside a
+    batch's loading used to checkpoint them half-advanced, so the resumed run augmented that
+    batch differently (found by benchmarks/fault_review.py: SIGTERM, resume)."""
+    recipe = dict(RECIPE, epochs=2)
+    a = _adapter()
+    tr, va = _datasets(colour_data, a)
+    finetune(a, tr, va, output_dir=tmp_path / "a", resume=None, **recipe)
+    part = finetune(_adapter(), _SignalAt(tr, at=32 * 5 + 7), va, output_dir=tmp_path / "b", resume=None, **recipe)
+    assert part["stopped_early"] and part["steps"] == 5  # stopped while loading step 6's batch
+    finetune(_adapter(), tr, va, output_dir=tmp_path / "b", resume="auto", **recipe)
+    ref = load_classifier(tmp_path / "a", which="last").model.state_dict()
+    got = load_classifier(tmp_path / "b", which="last").model.state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -284,13 +284,19 @@ class Trainer:
                     model.train()
                     runlog.set_description(f"{self.task.name} {self.epoch + 1}/{cfg.epochs}")
                     batches = iter(self.loader)
+                    # loading in this process draws the augmentations from the global generators: a
+                    # stop in the middle of a batch must not leave them half-advanced in the checkpoint
+                    in_process = int(getattr(self.loader, "num_workers", 0)) == 0
                     while self.step_in_epoch < cfg.steps_per_epoch and self.step < cfg.total_steps:
+                        rng_before = capture_rng_state() if in_process else None
                         try:  # a stop arriving while this blocks on data is honoured at once
                             with stop.interruptible():
                                 micro = [next(batches) for _ in range(cfg.accum_steps)]
                             interrupted = False
                         except StopWhileWaiting:
                             micro, interrupted = None, True
+                            if rng_before is not None:
+                                restore_rng_state(rng_before)  # as if the batch had never been started
                         except StopIteration:
                             micro, interrupted = None, False
                         stop_now, exhausted = any_ranks([interrupted, micro is None and not interrupted], env)
