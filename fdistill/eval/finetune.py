@@ -134,7 +134,6 @@ class FinetuneTask:
         self.mean, self.std, self.precision, self.env, self.out = mean, std, precision, env, out
         self.device = next(model.parameters()).device
         self.best: Optional[Dict[str, Any]] = None
-        self.ema = None  # the trainer's EMA module (set by finetune) for the best weights
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         return _ClassifierLoss(model, self.criterion, self.mixup_fn)
@@ -343,7 +342,6 @@ def finetune(
                     (out / f).unlink(missing_ok=True)
                 for p in list_checkpoints(out):
                     p.unlink()
-        task.ema = trainer.ema
         result = trainer.fit()
         history, best, step = result.history, task.best, result.step
         stopped = result.stopped_by is not None
