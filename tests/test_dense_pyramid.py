@@ -67,3 +67,25 @@ def test_an_open_clip_tower_gives_its_blocks():
     a = load_model("open_clip:local-dir:fdistill/assets/clip_mini")
     maps = intermediate_maps(a, torch.randn(2, 3, 32, 32), [0, 1])
     assert len(maps) == 2 and all(m.shape[0] == 2 and m.shape[-2:] == (8, 8) for m in maps)
+
+
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_upernet_on_a_vit_and_a_swin_gives_full_size_logits_and_trains_the_backbone(which):
+    from fdistill.dense.upernet import UperNetSegmenter
+
+    torch.manual_seed(0)
+    if which == "vit":
+        net = create_student("vit_tiny", img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+    else:
+        net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=2,
+                                embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    seg = UperNetSegmenter(net, 5, img_size=(64, 64), channels=32, aux_channels=16)
+    assert isinstance(seg.neck, ViTPyramid) == (which == "vit")  # Swin's stages need no neck
+    x = torch.randn(2, 3, 64, 64)
+    out = seg(x)
+    assert out["logits"].shape == (2, 5, 64, 64) and out["aux_logits"].shape == (2, 5, 64, 64)
+    target = torch.randint(0, 5, (2, 64, 64))
+    loss = F.cross_entropy(out["logits"], target) + 0.4 * F.cross_entropy(out["aux_logits"], target)
+    loss.backward()  # fine-tuning: the backbone learns too
+    g = net.patch_embed.proj.weight.grad  # the first layer of the backbone
+    assert g is not None and g.abs().sum() > 0
