@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.fault_review import wait_for
 from fdistill.data.workers import STOP_SIGNALS, ignore_stop_signals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,15 +25,6 @@ def _start(argv, log):
                             start_new_session=True)  # its own process group, as under torchrun / SLURM
 
 
-def _wait_for(cond, proc, timeout=240.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.2)
-    return False
 
 
 def _run_until_then_sigterm_the_group(argv, ready, log_path):
@@ -42,7 +33,7 @@ def _run_until_then_sigterm_the_group(argv, ready, log_path):
     with open(log_path, "w") as log:
         proc = _start(argv, log)
         try:
-            assert _wait_for(ready, proc), log_path.read_text()[-3000:]
+            assert wait_for(ready, proc, timeout=240.0), log_path.read_text()[-3000:]
             os.killpg(proc.pid, signal.SIGTERM)
             rc = proc.wait(timeout=120)
         finally:

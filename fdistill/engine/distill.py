@@ -54,7 +54,7 @@ from .distributed import (DistEnv, any_rank, any_ranks, barrier, broadcast_objec
                           shutdown, unwrap, wrap_ddp)
 from .errors import RunError
 from .lock import hold_run_lock
-from .metrics import RunLog, StepMetrics
+from .metrics import NonFiniteGuard, RunLog, StepMetrics
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .signals import StopRequest, StopWhileWaiting
 from .step import TrainStep
@@ -385,19 +385,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
         barrier(env)
         return path
 
-    def check_nonfinite() -> None:
-        streak = metrics.current_streak()
-        if streak >= tc.max_nonfinite:
-            raise RunError(
-                f"{streak} optimizer steps in a row had a non-finite loss or gradient (train.max_nonfinite="
-                f"{tc.max_nonfinite}); stopped at step {step}. The last good checkpoint is "
-                f"{last_ckpt or 'none'}; lower the learning rate, use precision=fp32/bf16, or check the data.")
-
     # -- the loop ---------------------------------------------------------------------------------
-    # the non-finite limit is checked exactly when a streak could first reach it: K steps after a
-    # check that found none, K - c after one that found a streak of c (a host sync that often,
-    # not every step); it used to wait for the next log interval and stop a few steps late
-    streak_check_at = step + tc.max_nonfinite
+    nonfinite = NonFiniteGuard(metrics, tc.max_nonfinite, option="train.max_nonfinite", start_step=step)
     with StopRequest() as stop:
         while step < total_steps:
             if any_rank(stop.requested, env):  # also between epochs (a signal during an epoch's first batch)
@@ -459,9 +448,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                 step += 1
                 step_in_epoch += 1
                 metrics.add_step(grad_norm, ok, images_n, skipped)
-                if step >= streak_check_at:  # the first step the streak could reach the limit
-                    check_nonfinite()
-                    streak_check_at = step + tc.max_nonfinite - metrics.current_streak()
+                nonfinite.after_step(step, last_ckpt)
                 runlog.advance()
                 if on_step is not None:
                     on_step(step)
@@ -473,9 +460,9 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                               **metrics.collect(env)}
                     runlog.write(record)
                     if record["nonfinite_streak"] >= tc.max_nonfinite:
-                        check_nonfinite()
+                        nonfinite.check(step, last_ckpt)
                 if step % tc.ckpt_interval == 0 or step == total_steps or stopping:
-                    check_nonfinite()
+                    nonfinite.check(step, last_ckpt)
                     last_ckpt = save(step)
                 if stopping:
                     stopped_by = stop.signame or "a stop request"

@@ -18,6 +18,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from .distributed import DistEnv, all_reduce_sum_
+from .errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,34 @@ class StepMetrics:
     def current_streak(self) -> int:
         """Consecutive skipped steps so far (a host sync: call at log / checkpoint time only)."""
         return int(self.streak.item())
+
+
+class NonFiniteGuard:
+    """The one non-finite policy of every training loop: :class:`StepMetrics` counts the skipped
+    steps; ``limit`` of them in a row stop the run with an error naming the last good checkpoint.
+
+    The streak is read (a host sync) exactly when it could first reach the limit: ``limit`` steps
+    after a check that found none, ``limit - c`` after one that found a streak of ``c`` -- not
+    every step, and not only at the next log interval (which stopped a few steps late)."""
+
+    def __init__(self, metrics: StepMetrics, limit: int, *, option: str, start_step: int = 0):
+        self.metrics, self.limit, self.option = metrics, int(limit), option
+        self.check_at = start_step + self.limit
+
+    def check(self, step: int, last_checkpoint) -> int:
+        """Raise if the current streak reached the limit; returns the streak."""
+        streak = self.metrics.current_streak()
+        if streak >= self.limit:
+            raise RunError(
+                f"{streak} optimizer steps in a row had a non-finite loss or gradient ({self.option}="
+                f"{self.limit}); stopped at step {step}. The last good checkpoint is "
+                f"{last_checkpoint or 'none'}; lower the learning rate, use precision=fp32/bf16, or check the data.")
+        return streak
+
+    def after_step(self, step: int, last_checkpoint) -> None:
+        """Call after every optimizer step (cheap: checks only when a streak could reach the limit)."""
+        if step >= self.check_at:
+            self.check_at = step + self.limit - self.check(step, last_checkpoint)
 
 
 class RunLog:

@@ -40,7 +40,7 @@ from .checkpoint import (FORMAT, VERSION, checkpoint_path, find_resume_checkpoin
                          prune_checkpoints, save_checkpoint)
 from .distributed import DistEnv, any_rank, any_ranks, barrier, gather_objects, unwrap, wrap_ddp
 from .errors import RunError
-from .metrics import RunLog, StepMetrics
+from .metrics import NonFiniteGuard, RunLog, StepMetrics
 from .rng import capture_rng_state, restore_rng_state
 from .signals import StopRequest, StopWhileWaiting
 from .step import TrainStep
@@ -262,15 +262,7 @@ class Trainer:
         t_start = time.time()
         self.eval_time = 0.0
 
-        def check_nonfinite() -> None:
-            streak = metrics.current_streak()
-            if streak >= cfg.max_nonfinite:
-                raise RunError(
-                    f"{streak} optimizer steps in a row had a non-finite loss or gradient (max_nonfinite="
-                    f"{cfg.max_nonfinite}); stopped at step {self.step}. The last good checkpoint is "
-                    f"{self.last_checkpoint or 'none'}; lower the learning rate, use precision=fp32/bf16, or check the data.")
-
-        streak_check_at = self.step + cfg.max_nonfinite  # when a streak could first reach the limit
+        nonfinite = NonFiniteGuard(metrics, cfg.max_nonfinite, option="max_nonfinite", start_step=self.step)
         try:
             with StopRequest() as stop:
                 while self.step < cfg.total_steps and self.epoch < cfg.epochs:
@@ -318,9 +310,7 @@ class Trainer:
                         metrics.add_step(grad_norm, ok, n_images)
                         if self.ema is not None:
                             self.ema.update(unwrap(model), step=self.step)
-                        if self.step >= streak_check_at:
-                            check_nonfinite()
-                            streak_check_at = self.step + cfg.max_nonfinite - metrics.current_streak()
+                        nonfinite.after_step(self.step, self.last_checkpoint)
                         runlog.advance()
                         if self.on_step is not None and self.on_step(self.step):
                             stop.request("on_step")
@@ -331,23 +321,23 @@ class Trainer:
                                       "lr": self.optimizer.param_groups[-1]["lr"], **metrics.collect(env)}
                             runlog.write(record)
                             if record["nonfinite_streak"] >= cfg.max_nonfinite:
-                                check_nonfinite()
+                                nonfinite.check(self.step, self.last_checkpoint)
                         if stopping:
                             stopped_by = stop.signame or "a stop request"
                             break
                         if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and not epoch_end
                                 and self.step < cfg.total_steps):
-                            check_nonfinite()
+                            nonfinite.check(self.step, self.last_checkpoint)
                             self.save()  # mid-epoch (the epoch's end writes its own)
                     epoch_done = self.step_in_epoch >= cfg.steps_per_epoch
                     if stopped_by and not epoch_done:
-                        check_nonfinite()
+                        nonfinite.check(self.step, self.last_checkpoint)
                         self.save()
                         break
                     last = self.epoch + 1 == cfg.epochs or self.step >= cfg.total_steps
                     if not epoch_done or (self.epoch + 1) % cfg.eval_interval == 0 or last:
                         self._evaluate(model, self.epoch)  # (not epoch_done: max_steps reached mid-epoch)
-                    check_nonfinite()
+                    nonfinite.check(self.step, self.last_checkpoint)
                     self.save()
                     if epoch_done:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0

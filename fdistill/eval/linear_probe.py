@@ -155,9 +155,9 @@ class LinearProbeTask:
 
     name = "linprobe"
 
-    def __init__(self, probe: _ProbeClassifier, val_loader, *, precision: str, env):
+    def __init__(self, probe: _ProbeClassifier, val_loader, *, precision: str, env, device: torch.device):
         self.probe, self.model, self.val_loader = probe, probe.head, val_loader
-        self.precision, self.env = precision, env
+        self.precision, self.env, self.device = precision, env, device
 
     def loss_module(self, model: nn.Module) -> nn.Module:
         return _ProbeLoss(self.probe, model)
@@ -166,7 +166,7 @@ class LinearProbeTask:
         from .finetune import evaluate_classifier
 
         a = self.probe.adapter
-        res = evaluate_classifier(self.probe, self.val_loader, mean=a.mean, std=a.std, device=_device_of(a),
+        res = evaluate_classifier(self.probe, self.val_loader, mean=a.mean, std=a.std, device=self.device,
                                   precision=self.precision, env=self.env, desc="linprobe eval")
         return {"epoch": epoch + 1, "step": step, "model": res}
 
@@ -175,11 +175,6 @@ class LinearProbeTask:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
-
-
-def _device_of(adapter: nn.Module) -> torch.device:
-    p = next(adapter.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def linear_probe(
@@ -255,7 +250,7 @@ def linear_probe(
     recipe = dict(model=adapter.name, feature=feature, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
                   momentum=momentum, batch_size=batch_size, world_size=env.world_size, precision=precision, seed=seed,
                   max_steps=max_steps, train_images=len(train_ds), num_classes=len(classes))
-    task = LinearProbeTask(probe, val_loader, precision=precision, env=env)
+    task = LinearProbeTask(probe, val_loader, precision=precision, env=env, device=device)
     with contextlib.ExitStack() as stack:
         if output_dir is None:
             out, resume = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fdistill-linprobe-"))), None
