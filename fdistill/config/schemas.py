@@ -16,16 +16,17 @@ from .core import ConfigError, build_config
 __all__ = ["SCHEMA_NAMES", "schemas", "infer_schema", "build_any_config"]
 
 #: the kinds of recipe, as the command that reads each
-SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe")
+SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe", "segment")
 
 
 def schemas() -> Dict[str, type]:
     """{kind: schema dataclass} for every kind in :data:`SCHEMA_NAMES`."""
+    from .dense import SegmentConfig
     from .distill import DistillConfig
     from .finetune import FinetuneConfig, KnnConfig, LinprobeConfig, SegprobeConfig, ZeroshotConfig
 
     return {"distill": DistillConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig,
-            "zeroshot": ZeroshotConfig, "segprobe": SegprobeConfig}
+            "zeroshot": ZeroshotConfig, "segprobe": SegprobeConfig, "segment": SegmentConfig}
 
 
 def infer_schema(path: str | os.PathLike, overrides=()) -> str:

@@ -38,6 +38,7 @@ SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation")}
 DEFAULT_SYNTHETIC_TRAIN = 2000
 
 __all__ = ["SegmentationFolder", "SyntheticSegmentation", "SegmentationTransform", "segmentation_transform",
+           "SegmentationCropTransform", "SegmentationRescaleTransform", "rescale_size",
            "build_segmentation_dataset", "IGNORE_INDEX"]
 
 
@@ -72,6 +73,87 @@ def segmentation_transform(img_size: int | Tuple[int, int], *, train: bool,
     """Training crops (RandomResizedCrop ``scale`` + flip) or the evaluation resize, applied to
     image and mask together: a :class:`SegmentationTransform`."""
     return SegmentationTransform(img_size, train=train, scale=scale, interpolation=interpolation)
+
+
+def rescale_size(height: int, width: int, img_scale: Sequence[int], ratio: float = 1.0) -> Tuple[int, int]:
+    """mmcv's keep-ratio rescale: the largest size of the image's aspect ratio that fits a box of
+    ``img_scale`` (short, long) x ``ratio``, whichever way round the image is.
+
+    >>> rescale_size(480, 640, (512, 2048))   # the short side reaches 512 first
+    (512, 683)
+    >>> rescale_size(100, 1000, (512, 2048))  # a long panorama: the long side reaches 2048 first
+    (205, 2048)
+    """
+    short, long = min(img_scale) * ratio, max(img_scale) * ratio
+    f = min(long / max(height, width), short / min(height, width))
+    return int(height * f + 0.5), int(width * f + 0.5)
+
+
+class _JointTransform:
+    def __call__(self, image: Image.Image, mask: np.ndarray):
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as TF
+
+        m = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).long())
+        size = rescale_size(image.height, image.width, self.img_scale, self._ratio())
+        img = TF.resize(TF.to_image(image), list(size), antialias=True)  # bilinear
+        m_resized = TF.resize(m, list(size))  # a Mask: nearest
+        return self._after(img, m_resized, m)
+
+    def _ratio(self) -> float:
+        return 1.0
+
+
+class SegmentationCropTransform(_JointTransform):
+    """mmsegmentation's ADE20K training pipeline (BEiT's UPerNet recipe), on image and mask together
+    with torchvision ``transforms.v2``: rescale to fit ``img_scale`` (short, long) x a random ratio
+    from ``ratio_range`` keeping the aspect ratio (:func:`rescale_size`, mmseg's
+    ``RandomResize(keep_ratio=True)``), a random ``crop_size`` crop padded where the image is
+    smaller (image 0, mask ``ignore_index``), a horizontal flip and the photometric distortion
+    (brightness / contrast / saturation / hue: ``RandomPhotometricDistort``, SSD's =
+    mmsegmentation's). mmsegmentation's ``cat_max_ratio`` (re-drawing crops dominated by one class)
+    is not reproduced. The ratio is drawn from torch's generator (seeded per loader worker).
+    Gives (uint8 (3, c, c), int64 (c, c))."""
+
+    def __init__(self, crop_size: int, *, img_scale: Sequence[int] = (512, 2048),
+                 ratio_range: Sequence[float] = (0.5, 2.0), flip: bool = True, photometric: bool = True):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        self.img_scale, self.ratio_range = tuple(int(v) for v in img_scale), tuple(float(r) for r in ratio_range)
+        ops = [v2.RandomCrop(int(crop_size), pad_if_needed=True,
+                             fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})]
+        if flip:
+            ops.append(v2.RandomHorizontalFlip())
+        if photometric:
+            ops.append(v2.RandomPhotometricDistort(p=0.5))
+        self.tf = v2.Compose(ops)
+
+    def _ratio(self) -> float:
+        lo, hi = self.ratio_range
+        return float(torch.empty(()).uniform_(lo, hi)) if hi > lo else lo
+
+    def _after(self, img, mask, _original):
+        img, m = self.tf(img, mask)
+        return img.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return f"SegmentationCropTransform(img_scale={self.img_scale}, ratio_range={self.ratio_range}, {self.tf})"
+
+
+class SegmentationRescaleTransform(_JointTransform):
+    """The evaluation side of :class:`SegmentationCropTransform`: the image rescaled to fit
+    ``img_scale`` (keeping its aspect ratio), the label map left at the image's *original* size,
+    where the metrics are taken (mmsegmentation's single-scale test: predictions are resized back)."""
+
+    def __init__(self, img_scale: Sequence[int] = (512, 2048)):
+        self.img_scale = tuple(int(v) for v in img_scale)
+
+    def _after(self, img, _mask, original):
+        return img.as_subclass(torch.Tensor), original.as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return f"SegmentationRescaleTransform(img_scale={self.img_scale})"
 
 
 class SyntheticSegmentation(Dataset):
@@ -177,11 +259,12 @@ class SegmentationFolder(Dataset):
 def build_segmentation_dataset(spec: str, split: str, img_size: int | Tuple[int, int], *, train: bool,
                                num_classes: Optional[int] = None, reduce_zero_label: bool = False,
                                scale: Sequence[float] = (0.5, 1.0), interpolation: str = "bilinear",
-                               seed: int = 0) -> Dataset:
-    """The dataset ``spec`` names (see module doc), transformed for training or evaluation."""
+                               seed: int = 0, transform=None) -> Dataset:
+    """The dataset ``spec`` names (see module doc), transformed for training or evaluation
+    (``transform``: another joint (image, mask) transform, e.g. :class:`SegmentationCropTransform`)."""
     if split not in SPLIT_FOLDERS:
         raise DataError(f"split must be one of {sorted(SPLIT_FOLDERS)}, got {split!r}")
-    tf = segmentation_transform(img_size, train=train, scale=scale, interpolation=interpolation)
+    tf = transform or segmentation_transform(img_size, train=train, scale=scale, interpolation=interpolation)
     name, _, arg = str(spec).partition(":")
     if name == "synthetic" and not Path(str(spec)).exists():
         try:

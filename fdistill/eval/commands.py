@@ -351,13 +351,22 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     return _finish(metrics, output, ["miou", "aacc", "macc", "steps"], echo)
 
 
+def run_segment(cfg, **kwargs) -> Dict[str, Any]:
+    """``fdistill segment``: :func:`fdistill.dense.commands.run_segment` (UPerNet fine-tuning)."""
+    from ..dense.commands import run_segment as run
+
+    return run(cfg, **kwargs)
+
+
 COMMANDS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "finetune": run_finetune, "linprobe": run_linprobe, "knn": run_knn, "zeroshot": run_zeroshot,
-    "segprobe": run_segprobe,
+    "segprobe": run_segprobe, "segment": run_segment,
 }
+#: commands that train into an output folder (``--compare`` gives each model a sub-folder)
+TRAINING_COMMANDS = ("finetune", "segment")
 _COLUMNS = {"finetune": ["top1", "top5", "best_epoch"], "linprobe": ["top1", "top5", "feature"],
             "knn": ["top1", "top5", "k"], "zeroshot": ["top1", "top5", "teacher_top1", "teacher_top5"],
-            "segprobe": ["miou", "aacc", "macc"]}
+            "segprobe": ["miou", "aacc", "macc"], "segment": ["miou", "aacc", "macc", "best_epoch"]}
 
 
 def _slug(spec: str, i: int) -> str:
@@ -371,8 +380,8 @@ def compare(command: str, cfg, *, models: Sequence[str], model_kwargs: Optional[
     model's ``metrics.json`` under ``output/<i>_<name>/`` and all of them in ``output/compare.json``."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {sorted(COMMANDS)}")
-    if command == "finetune" and not output:
-        raise UsageError("finetune --compare needs --output (each model trains into its own sub-folder)")
+    if command in TRAINING_COMMANDS and not output:
+        raise UsageError(f"{command} --compare needs --output (each model trains into its own sub-folder)")
     kws = list(model_kwargs or [None] * len(models))
     if len(kws) != len(models):
         raise UsageError(f"{len(models)} models but {len(kws)} --model-kwargs")

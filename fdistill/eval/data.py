@@ -78,8 +78,9 @@ def dataset_classes(ds: Dataset) -> list:
 
 
 def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 4, drop_last: bool = False,
-                sampler=None, seed: int = 0, device: str | torch.device = "cpu") -> DataLoader:
-    """A DataLoader; ``num_workers`` is capped at the CPUs this process may use."""
+                sampler=None, seed: int = 0, device: str | torch.device = "cpu", collate_fn=None) -> DataLoader:
+    """A DataLoader; ``num_workers`` is capped at the CPUs this process may use (``collate_fn``:
+    None = torch's default)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
@@ -90,7 +91,7 @@ def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, drop_last=drop_last, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=False, generator=g, **worker_options(workers),
+        persistent_workers=False, generator=g, collate_fn=collate_fn, **worker_options(workers),
     )
 
 
