@@ -12,6 +12,16 @@ from .errors import WeightsError  # the one hierarchy: fdistill.errors
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "student")
 
 
+def save_model_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """``model``'s state dict as a safetensors file, written atomically (:mod:`fdistill.io`)."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    return Path(path)
 
 
 def load_state_dict_file(path: str | os.PathLike, *, key: Optional[str] = None,

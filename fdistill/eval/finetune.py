@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..teachers.base import Teacher
+from ..weights import save_model_weights
 from .classifier import build_classifier, save_classifier_spec
 from .data import PRECISIONS, autocast, dataset_classes, model_inputs
 from .layer_decay import param_groups_layer_decay
@@ -89,17 +90,6 @@ def evaluate_classifier(model: nn.Module, loader, *, mean: Sequence[float], std:
     return out
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
-    """Atomic safetensors write (:mod:`fdistill.io`)."""
-    from safetensors.torch import save_file
-
-    from ..io import atomic_path
-
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-
-
 class _ClassifierLoss(nn.Module):
     """The fine-tuning loss of a batch ``(images, labels)``: mixup / cutmix (timm ``Mixup``), the
     classifier under the step's autocast, the criterion in fp32 outside it."""
@@ -145,10 +135,10 @@ class FinetuneTask:
             res["ema"] = evaluate_classifier(ema, self.val_loader, desc="eval ema", **kw)
         which = max(("model", "ema") if ema is not None else ("model",), key=lambda w: res[w]["top1"])
         if self.env.is_main:
-            _save_weights(model, self.out / "model_last.safetensors")
+            save_model_weights(model, self.out / "model_last.safetensors")
             if self.best is None or res[which]["top1"] > self.best["top1"]:
                 self.best = dict(res[which], epoch=epoch + 1, weights=which)
-                _save_weights(model if which == "model" else ema, self.out / "model_best.safetensors")
+                save_model_weights(model if which == "model" else ema, self.out / "model_best.safetensors")
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(res) + "\n")
         log.info("epoch %d: top1 %.2f%s (best %.2f)", epoch + 1, res["model"]["top1"],
