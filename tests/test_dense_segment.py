@@ -15,7 +15,8 @@ from fdistill.config.dense import SegmentConfig
 from fdistill.data.segmentation import (IGNORE_INDEX, SegmentationCropTransform, SegmentationRescaleTransform,
                                         build_segmentation_dataset)
 from fdistill.dense.pyramid import DenseError
-from fdistill.dense.segment import finetune_segmentation, slide_logits
+from fdistill.dense.segment import finetune_segmentation
+from fdistill.dense.sliding import sliding_window
 from fdistill.diagnostics.plots import figure_png_ok
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,7 @@ def test_sliding_window_equals_the_whole_image_for_a_per_pixel_model(size, crop,
     m = PixelLogits()
     x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        got = slide_logits(m, x, 4, crop, stride)
+        got = sliding_window(m, x, 4, crop, stride)
         want = m(x)["logits"]
     assert got.shape == (1, 4, *size)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -57,7 +58,7 @@ def test_sliding_window_averages_overlaps():
             n = x.shape[0]
             return {"logits": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, *x.shape[-2:])}
 
-    out = slide_logits(WindowIndex(), torch.zeros(1, 3, 8, 12), 1, 8, 2)
+    out = sliding_window(WindowIndex(), torch.zeros(1, 3, 8, 12), 1, 8, 2)
     # windows at x = 0, 2, 4 (the last aligned to the far edge: 12 - 8 = 4): columns 0-1 see window 0 only,
     # 2-3 windows 0 and 1, 4-7 all three, 8-9 windows 1 and 2, 10-11 window 2
     want = torch.tensor([0, 0, 0.5, 0.5, 1, 1, 1, 1, 1.5, 1.5, 2, 2])

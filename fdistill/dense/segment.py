@@ -2,7 +2,7 @@
 the backbone inside :class:`~fdistill.dense.upernet.UperNetSegmenter`, trained end to end on the
 engine (:class:`fdistill.engine.trainer.Trainer`) with per-pixel cross-entropy (ignored pixels left
 out) plus ``aux_weight`` x the auxiliary FCN head's, and scored by single-scale sliding-window
-inference (:func:`slide_logits`) at each image's original size: mIoU, aAcc, mAcc
+inference (:func:`~fdistill.dense.sliding.sliding_window`) at each image's original size: mIoU, aAcc, mAcc
 (:func:`fdistill.eval.segmentation.segmentation_scores`, mmsegmentation's definitions).
 
 Output folder: ``model_best.safetensors`` / ``model_last.safetensors`` (the whole segmenter),
@@ -21,46 +21,17 @@ import torch.nn.functional as F
 
 from ..eval.data import autocast, model_inputs
 from ..eval.segmentation import confusion_matrix, segmentation_scores
+from .sliding import sliding_window
 from .common import BestTracker, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
 
 log = logging.getLogger(__name__)
 
-__all__ = ["slide_logits", "evaluate_segmenter", "SegmentTask", "finetune_segmentation", "segment_collate"]
+__all__ = ["evaluate_segmenter", "SegmentTask", "finetune_segmentation", "segment_collate"]
 
 
 def segment_collate(batch):
     """Evaluation batches of images of different sizes: (list of images, list of label maps)."""
     return [b[0] for b in batch], [b[1] for b in batch]
-
-
-def slide_logits(model: nn.Module, x: torch.Tensor, num_classes: int, crop: int, stride: int) -> torch.Tensor:
-    """mmsegmentation's ``slide_inference``: ``crop`` x ``crop`` windows every ``stride`` pixels
-    (the last row / column of windows aligned to the far edge), their logits summed and divided by
-    how many windows cover each pixel. An image smaller than a window is padded (zeros, i.e. the
-    mean colour after normalisation) and the padding cropped from the logits.
-
-    ``x``: (1, 3, H, W) normalised -> (1, K, H, W) logits."""
-    _, _, H, W = x.shape
-    ph, pw = max(crop - H, 0), max(crop - W, 0)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
-    Hp, Wp = x.shape[-2:]
-    rows = max(Hp - crop + stride - 1, 0) // stride + 1
-    cols = max(Wp - crop + stride - 1, 0) // stride + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y1, x1 = r * stride, c * stride
-            y2, x2 = min(y1 + crop, Hp), min(x1 + crop, Wp)
-            boxes.append((max(y2 - crop, 0), max(x2 - crop, 0), y2, x2))
-    windows = torch.cat([x[:, :, a:b, c:d] for a, c, b, d in boxes])  # (n, 3, crop, crop)
-    out = model(windows)["logits"].float()  # (n, K, crop, crop)
-    total = x.new_zeros(1, num_classes, Hp, Wp, dtype=torch.float32)
-    count = x.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
-    for (a, c, b, d), o in zip(boxes, out):
-        total[0, :, a:b, c:d] += o
-        count[0, :, a:b, c:d] += 1
-    return (total / count)[:, :, :H, :W]
 
 
 @torch.no_grad()
@@ -83,7 +54,7 @@ def evaluate_segmenter(model: nn.Module, loader, *, num_classes: int, ignore_ind
             x = model_inputs(img.unsqueeze(0), mean, std, device)  # (1, 3, h, w)
             y = mask.to(device)  # (H, W) original size
             with autocast(device, precision):
-                logits = slide_logits(model, x, num_classes, crop, stride)
+                logits = sliding_window(model, x, num_classes, crop, stride)
             pred = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)[0]
             conf += confusion_matrix(pred, y, num_classes, ignore_index)
             if len(shown) < keep:
