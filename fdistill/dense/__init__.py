@@ -1,9 +1,25 @@
-"""Building blocks of the dense benchmarks (issue 14): multi-level backbone features for decoders,
-UPerNet on any backbone, the NYUv2 depth metrics. The commands (segment, detect, depth) are not
-built yet."""
+"""The paper's dense benchmarks (Sec. 5, Table 1): fine-tuning a backbone inside a dense model, on
+the one training engine, for any backbone fdistill loads.
+
+- ``fdistill segment``: UPerNet on ADE20K (:mod:`.segment`, :mod:`.upernet`, :mod:`.pyramid`);
+- ``fdistill depth``: a DPT decoder on NYUv2 (:mod:`.depth`, :mod:`.depth_head`, :mod:`.depth_loss`,
+  :mod:`.depth_metrics`);
+- ``fdistill detect``: ViTDet-style Mask R-CNN on COCO (:mod:`.detect`, :mod:`.vitdet`,
+  :mod:`.maskrcnn`, :mod:`.coco_eval`).
+
+What they share: :mod:`.backbone` (any model -> a trainable backbone), :mod:`.common` (optimizer,
+schedule, the engine's run), :mod:`.sliding` (sliding-window inference), :mod:`.commands` (the CLI's
+library functions).
+"""
+from .coco_eval import CocoEvaluator, coco_evaluate
+from .depth_head import DepthEstimator
+from .depth_loss import SiLogLoss
 from .depth_metrics import DepthMetrics
+from .maskrcnn import build_maskrcnn
 from .pyramid import DenseError, ViTPyramid, default_block_indices, intermediate_maps
 from .upernet import UperNetSegmenter
+from .vitdet import SimpleFeaturePyramid, WindowedViT
 
-__all__ = ["DenseError", "DepthMetrics", "UperNetSegmenter", "ViTPyramid", "default_block_indices",
-           "intermediate_maps"]
+__all__ = ["CocoEvaluator", "DenseError", "DepthEstimator", "DepthMetrics", "SiLogLoss", "SimpleFeaturePyramid",
+           "UperNetSegmenter", "ViTPyramid", "WindowedViT", "build_maskrcnn", "coco_evaluate",
+           "default_block_indices", "intermediate_maps"]
