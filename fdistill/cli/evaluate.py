@@ -1,4 +1,4 @@
-"""``fdistill finetune | linprobe | knn | zeroshot | segprobe | segment``: argument parsing only; the work is in
+"""``fdistill finetune | linprobe | knn | zeroshot | segprobe | segment | depth``: argument parsing only; the work is in
 :mod:`fdistill.eval.commands` (configs: :mod:`fdistill.config.finetune`)."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _run(args) -> int:
         if not args.train:
             raise UsageError(f"{args.command}: give the training images with --train PATH")
         data["train"] = args.train
-    if args.command in ("finetune", "segment"):
+    if args.command in ("finetune", "segment", "depth"):
         if not args.output:
             raise UsageError(f"{args.command}: give an output folder with --output DIR")
         data["resume"] = None if args.resume in ("none", "None", "") else args.resume
@@ -119,6 +119,12 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True, train_help: str =
     p.set_defaults(func=_run, train=None)
 
 
+def _resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from the newest checkpoint in OUTPUT/checkpoints that loads (default); "
+                        "none: start over")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a model for image classification (BEiT/MAE recipe, layer-wise lr decay)",
@@ -127,9 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Default recipe: the official FD CLIP ViT-B/16 fine-tuning (configs/finetune/vit_base.yaml). "
                     "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main finetune ...")
     _common(p)
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: continue from the newest checkpoint in OUTPUT/checkpoints that loads (default); "
-                        "none: start over")
+    _resume(p)
     p.set_defaults(_flag_keys=())
 
     p = sub.add_parser(
@@ -188,7 +192,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, help="sets num_classes= (default: classes.txt, or 11 for synthetic)")
     p.add_argument("--reduce-zero-label", action="store_true",
                    help="sets reduce_zero_label=true: label 0 ignored, 1..K -> 0..K-1 (ADE20K)")
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
-                   help="auto: continue from the newest checkpoint in OUTPUT/checkpoints that loads (default); "
-                        "none: start over")
+    _resume(p)
     p.set_defaults(_flag_keys=(("num_classes", "num_classes"), ("reduce_zero_label", "reduce_zero_label")))
+
+    p = sub.add_parser(
+        "depth", help="fine-tune a model inside a DPT decoder for monocular depth (NYUv2; RMSE)",
+        description="The paper's NYUv2 benchmark (Sec. 5): the backbone's blocks 4/6/8/12 through BEiT's pyramid "
+                    "neck into DPT's fusion decoder, depth = max_depth x sigmoid, SiLog loss, random crops + flip, "
+                    "one-cycle schedule; whole test images scored on the Eigen crop; RMSE, abs rel, log10, "
+                    "delta1-3; best and last weights; resumable. Default recipe: configs/depth/nyuv2_vit_base.yaml. "
+                    "Several GPUs: torchrun --nproc_per_node=N -m fdistill.cli.main depth ...")
+    _common(p, download=False, train_help="a NYUv2-layout folder (a split file of 'rgb depth [focal]' lines, 16-bit "
+                                          "depth PNGs in millimetres: nyu_train.txt / nyu_test.txt or train.txt / "
+                                          "test.txt) or 'synthetic[:N]' (the built-in scenes' depth maps)")
+    _resume(p)
+    p.set_defaults(_flag_keys=())

@@ -16,17 +16,18 @@ from .core import ConfigError, build_config
 __all__ = ["SCHEMA_NAMES", "schemas", "infer_schema", "build_any_config"]
 
 #: the kinds of recipe, as the command that reads each
-SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe", "segment")
+SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe", "segment", "depth")
 
 
 def schemas() -> Dict[str, type]:
     """{kind: schema dataclass} for every kind in :data:`SCHEMA_NAMES`."""
-    from .dense import SegmentConfig
+    from .dense import DepthConfig, SegmentConfig
     from .distill import DistillConfig
     from .finetune import FinetuneConfig, KnnConfig, LinprobeConfig, SegprobeConfig, ZeroshotConfig
 
     return {"distill": DistillConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig,
-            "zeroshot": ZeroshotConfig, "segprobe": SegprobeConfig, "segment": SegmentConfig}
+            "zeroshot": ZeroshotConfig, "segprobe": SegprobeConfig, "segment": SegmentConfig,
+            "depth": DepthConfig}
 
 
 def infer_schema(path: str | os.PathLike, overrides=()) -> str:

@@ -4,8 +4,8 @@ the one training engine, for any backbone fdistill loads.
 - ``fdistill segment``: UPerNet on ADE20K (:mod:`.segment`, :mod:`.upernet`, :mod:`.pyramid`);
 - ``fdistill depth``: a DPT decoder on NYUv2 (:mod:`.depth`, :mod:`.depth_head`, :mod:`.depth_loss`,
   :mod:`.depth_metrics`);
-- ``fdistill detect``: ViTDet-style Mask R-CNN on COCO (:mod:`.detect`, :mod:`.vitdet`,
-  :mod:`.maskrcnn`, :mod:`.coco_eval`).
+- COCO detection: the ViTDet-style Mask R-CNN and the COCO API's AP (:mod:`.vitdet`,
+  :mod:`.maskrcnn`, :mod:`.coco_eval`); the ``fdistill detect`` command is not built yet.
 
 What they share: :mod:`.backbone` (any model -> a trainable backbone), :mod:`.common` (optimizer,
 schedule, the engine's run), :mod:`.sliding` (sliding-window inference), :mod:`.commands` (the CLI's

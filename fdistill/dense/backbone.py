@@ -16,7 +16,7 @@ embeddings and relative-position tables resampled: BEiT's dense fine-tuning does
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -38,14 +38,14 @@ def _grid_ok(net: nn.Module, size: Tuple[int, int]) -> None:
                          f"choose data.crop_size as a multiple of {ph}")
 
 
-def dense_backbone(adapter, *, img_size: Sequence[int], drop_path_rate: float = 0.0
+def dense_backbone(adapter, *, img_size: Optional[Sequence[int]], drop_path_rate: float = 0.0
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """``(backbone, info)``: a trainable network with ``forward_intermediates`` that takes
-    ``img_size`` inputs (normalised with ``adapter.mean``/``adapter.std``), and what it is
+    ``img_size`` inputs (normalised with ``adapter.mean``/``adapter.std``; None: left at its own
+    size, for a detector body that resizes its position embeddings itself), and what it is
     (``kind``: ``beit`` | ``timm`` | ``adapter``)."""
     from ..eval.classifier import build_classifier
 
-    size = (int(img_size[0]), int(img_size[1]))
     model, spec = build_classifier(adapter, 0, global_pool="avg", drop_path_rate=drop_path_rate)
     net = model.backbone if spec["kind"] == "adapter" else model
     inner = _module(net)
@@ -53,6 +53,12 @@ def dense_backbone(adapter, *, img_size: Sequence[int], drop_path_rate: float = 
         raise DenseError(f"{adapter.name}: {type(inner).__name__} has no forward_intermediates (timm's contract "
                          "for intermediate feature maps), so no dense head can be put on it; use a timm, open_clip "
                          "or fdistill student backbone, or give a python: model that implements it")
+    if img_size is None:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return net.train(), {"kind": spec["kind"], "img_size": None, "mean": list(adapter.mean),
+                             "std": list(adapter.std)}
+    size = (int(img_size[0]), int(img_size[1]))
     _grid_ok(inner, size)
     dynamic = bool(getattr(getattr(inner, "patch_embed", None), "dynamic_img_pad", False)) or bool(
         getattr(inner, "dynamic_img_size", False))

@@ -1,4 +1,4 @@
-"""The dense fine-tuning commands as library functions (``fdistill segment | depth | detect`` call
+"""The dense fine-tuning commands as library functions (``fdistill segment | depth`` call
 these): a spec and a recipe in, ``metrics.json`` out; ``--compare`` goes through
 :func:`fdistill.eval.commands.compare` like the classification commands, one recipe for every model.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional
 
-__all__ = ["run_segment"]
+__all__ = ["run_segment", "run_depth"]
 
 
 def _setup(cfg, model: str, model_kwargs):
@@ -51,3 +51,31 @@ def run_segment(cfg, *, model: str, model_kwargs=None, train: str, val: Optional
     if not env.is_main:
         return metrics
     return _finish(metrics, output, ["miou", "aacc", "macc", "steps"], echo)
+
+
+def run_depth(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None, output: str,
+              resume: Optional[str] = "auto", echo: bool = True) -> Dict[str, Any]:
+    """``fdistill depth``: DPT depth fine-tuning of ``model`` on ``train`` (a NYUv2-layout folder
+    with split files, or ``synthetic[:N]``), scored on ``val`` (default: the test split of
+    ``train``); see :mod:`fdistill.dense.depth`."""
+    from ..data.depth import build_depth_dataset
+    from ..engine.distributed import shutdown
+    from ..eval.commands import _finish, _record
+    from .depth import finetune_depth
+
+    t0 = time.time()
+    val = val or train
+    d = cfg.data
+    env, adapter = _setup(cfg, model, model_kwargs)
+    try:
+        common = dict(max_depth=d.max_depth, seed=cfg.seed)
+        train_ds = build_depth_dataset(train, "train", d.crop_size, train=True, flip=d.flip, **common)
+        val_ds = build_depth_dataset(val, "val", d.crop_size, train=False, **common)
+        res = finetune_depth(adapter, train_ds, val_ds, cfg, output_dir=output, resume=resume, env=env,
+                             source={"spec": str(model), "kwargs": dict(model_kwargs or {})})
+    finally:
+        shutdown(env)
+    metrics = _record("depth", model, model_kwargs, train, val, cfg, env.device, t0, **res)
+    if not env.is_main:
+        return metrics
+    return _finish(metrics, output, ["rmse", "abs_rel", "log10", "d1"], echo)

@@ -358,15 +358,23 @@ def run_segment(cfg, **kwargs) -> Dict[str, Any]:
     return run(cfg, **kwargs)
 
 
+def run_depth(cfg, **kwargs) -> Dict[str, Any]:
+    """``fdistill depth``: :func:`fdistill.dense.commands.run_depth` (DPT depth fine-tuning)."""
+    from ..dense.commands import run_depth as run
+
+    return run(cfg, **kwargs)
+
+
 COMMANDS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "finetune": run_finetune, "linprobe": run_linprobe, "knn": run_knn, "zeroshot": run_zeroshot,
-    "segprobe": run_segprobe, "segment": run_segment,
+    "segprobe": run_segprobe, "segment": run_segment, "depth": run_depth,
 }
 #: commands that train into an output folder (``--compare`` gives each model a sub-folder)
-TRAINING_COMMANDS = ("finetune", "segment")
+TRAINING_COMMANDS = ("finetune", "segment", "depth")
 _COLUMNS = {"finetune": ["top1", "top5", "best_epoch"], "linprobe": ["top1", "top5", "feature"],
             "knn": ["top1", "top5", "k"], "zeroshot": ["top1", "top5", "teacher_top1", "teacher_top5"],
-            "segprobe": ["miou", "aacc", "macc"], "segment": ["miou", "aacc", "macc", "best_epoch"]}
+            "segprobe": ["miou", "aacc", "macc"], "segment": ["miou", "aacc", "macc", "best_epoch"],
+            "depth": ["rmse", "abs_rel", "log10", "d1", "best_epoch"]}
 
 
 def _slug(spec: str, i: int) -> str:
