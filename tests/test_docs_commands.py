@@ -47,6 +47,12 @@ BENCH_GPU = "a GPU benchmark config (CUDA); benchmarks/gpu_check.sh runs it on a
 #: ``long``: seconds on one busy core (measured 2026-12-01) -- these run only with
 #: FDISTILL_DOCS_LONG=1, to keep this test near 4 minutes (all of them passed then)
 RUN: Dict[str, dict] = {
+    # docs/evaluate.md, dense fine-tuning on CPU (measured 2026-12-02 on 2 busy cores: ~70 s and ~150 s)
+    "fdistill segment --config tiny_cpu --model open_clip:local-dir:fdistill/assets/clip_mini --train synthetic:400 "
+    "--output eval/segment data.crop_size=32 data.img_scale=[32,128] data.slide_stride=32 epochs=6 optim.lr=2e-3":
+        {"stdout": "miou", "long": 80},
+    "fdistill depth --config tiny_cpu --model open_clip:local-dir:fdistill/assets/clip_mini --train synthetic:400 "
+    "--output eval/depth": {"stdout": "rmse", "long": 150},
     # README.md, "Runnable here"
     "fdistill recipes distill": {"stdout": "distill/clip_vit_base_300ep"},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu": {},
@@ -112,6 +118,13 @@ RUN: Dict[str, dict] = {
 
 #: commands not run here -> why
 SKIP: Dict[str, str] = {
+    # docs/evaluate.md, dense fine-tuning: the full-size recipes, and the CPU examples that
+    # tests/test_dense_segment.py and tests/test_dense_depth.py run in their own form
+    "torchrun --nproc_per_node=8 -m fdistill.cli.main segment --config ade20k_upernet_vit_base --train "
+    "/data/ADEChallengeData2016 --output runs/ade20k --compare timm:vit_base_patch16_clip_quickgelu_224.openai "
+    "runs/fd_clip_vitb": MULTI_GPU,
+    "torchrun --nproc_per_node=8 -m fdistill.cli.main depth --config nyuv2_vit_base --train /data/nyu --output "
+    "runs/nyuv2 --compare timm:vit_base_patch16_clip_quickgelu_224.openai runs/fd_clip_vitb": MULTI_GPU,
     "make demo": "the whole demo (~9 min); tests/test_demo.py runs it (slow) and CI runs `make demo QUICK=1`",
     "make test": "the whole test suite, this test included",
     # docs/distill.md, the SLURM script (its signal handling is tested by tests/test_preemption_torchrun.py)
