@@ -57,10 +57,10 @@ def test_beit_kwargs_rebuild_the_network():
 
 
 def _save(model, spec, classes, out: Path):
-    from fdistill.eval.finetune import _save_weights
+    from fdistill.weights import save_model_weights
 
     save_classifier_spec(spec, classes, out)
-    _save_weights(model, out / "model_best.safetensors")
+    save_model_weights(model, out / "model_best.safetensors")
 
 
 def test_load_classifier_round_trip_student_and_timm(tmp_path, tiny_vit_teacher):
