@@ -160,3 +160,107 @@ def test_colour_statistics_do_not_predict_the_class():
     val_acc = ((xva @ w).argmax(1) == yva).mean()
     assert val_acc < 0.17, val_acc
     assert train_acc < 0.3  # not even memorisable from colour
+
+
+# ----------------------------------------------------------------------------- depth (added with the depth benchmark)
+
+#: sha256 of image + mask bytes + repr((boxes, box_labels, caption, label)), recorded with the renderer
+#: as it was *before* depth was added: adding depth must not move a single pixel, box or word
+_GOLDEN = {
+    (32, 0, "train", 0): "6e411fe2724499f13539b13d5ae4fe73202763fbb58655e0231df76d0bb8be5c",
+    (32, 0, "train", 7): "f005c4775e3369878f617593e80b36f77e69f199d65844f82429047a9018fb0c",
+    (32, 0, "train", 13): "0abbd98e4f46d3b8caace47cb608ae93d7e2d21e08517eb350204059bd2b73b4",
+    (64, 3, "val", 0): "0ba5f1a1f6cae70c91be7a6ce9bf4b46f247c0b5efa7496926dcc99645a39e92",
+    (64, 3, "val", 7): "6e42b98d825d1e07d779da88340b6ee66bfb8b50c684c13145f8416b2ab85ea1",
+    (64, 3, "val", 13): "092282d67958c218cbe847b9bead2568c5bf0b5b84b0f0949e52dd44376b217e",
+}
+
+
+def test_existing_outputs_unchanged_by_depth():
+    import hashlib
+
+    for (size, seed, split, i), want in _GOLDEN.items():
+        s = SyntheticShapes(20, size, seed=seed, split=split).sample(i)
+        blob = (np.asarray(s["image"]).tobytes() + s["mask"].tobytes()
+                + repr((s["boxes"], s["box_labels"], s["caption"], s["label"])).encode())
+        assert hashlib.sha256(blob).hexdigest() == want, (size, seed, split, i)
+
+
+def test_depth_deterministic_and_in_range():
+    a, b = SyntheticShapes(30, 32, seed=5), SyntheticShapes(30, 32, seed=5)
+    for i in (0, 11, 29):
+        d = a.sample(i)["depth"]
+        assert d.dtype == np.float32 and d.shape == (32, 32)
+        assert np.array_equal(d, b.depth(i)) and np.array_equal(d, a.depth(i))
+        assert 1.3 < d.min() and d.max() <= 8.0
+    c = SyntheticShapes(30, 32, seed=6)
+    assert not np.array_equal(a.depth(3), c.depth(3))
+
+
+def test_ground_plane_golden():
+    """Inverse depth linear in the row: 8 m (1/8) at the top, 2 m (1/2) at the bottom. With 17 rows
+    the middle row (t = 1/2) has inverse depth 1/8 + (1/2)(3/8) = 5/16, i.e. 3.2 m."""
+    g = SyntheticShapes(1, 17).ground_depth()
+    assert g.dtype == np.float32 and g[0] == 8.0 and g[16] == 2.0 and g[8] == np.float32(3.2)
+    assert (np.diff(g) < 0).all()  # strictly nearer row by row going down
+
+
+def test_object_depths_golden():
+    """A hand-built scene: a distractor (cy 26, r 3) drawn first, the main object (cy 10, r 4) last.
+    On 32 rows the ground at row y is 31 / (0.125 * 31 + 0.375 y). The main object's row below is
+    int(10 + 4) + 1 = 15: ground 31 / 9.5, x 0.95 = 3.1 m; the distractor's row 30: 31 / 15.125 x 0.95.
+    The main object is drawn later, so it is pulled to 0.9 x the distractor's depth."""
+    ds = SyntheticShapes(1, 32)
+    mk = lambda cx, cy, r: ObjectSpec("square", cx, cy, r, 0.0, "red", COLOURS["red"], "solid", 3.0, 0.0)
+    alone = SceneSpec(32, 1, mk(16.0, 10.0, 4.0), [], "plain", ((0, 0, 0), (0, 0, 0)), 0.0, 4.0, 0, template=0)
+    assert ds.object_depths(alone) == pytest.approx([3.1], rel=1e-6)
+    dist = 0.95 * 31 / 15.125
+    sc = SceneSpec(32, 1, mk(16.0, 10.0, 4.0), [mk(8.0, 26.0, 3.0)], "plain", ((0, 0, 0), (0, 0, 0)), 0.0, 4.0, 0,
+                   template=0)
+    assert ds.object_depths(sc) == pytest.approx([0.9 * dist, dist], rel=1e-6)
+    _, mask = ds.render(sc)
+    depth = ds.render_depth(sc, mask)
+    assert np.allclose(depth[mask == 1], 0.9 * dist) and np.allclose(depth[mask == 2], dist)
+    rows = np.nonzero(mask == 0)[0]
+    assert np.array_equal(depth[mask == 0], ds.ground_depth()[rows])
+
+
+def _dilate(mask):
+    p = np.pad(mask, 1, constant_values=False)
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out |= p[dy:dy + h, dx:dx + w]
+    return out
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_depth_follows_mask_and_drawing_order(size):
+    ds = SyntheticShapes(80, size, seed=2)
+    multi = 0
+    for i in range(80):
+        s = ds.sample(i)
+        d, mask = s["depth"], s["mask"]
+        ground = ds.ground_depth()
+        bg = mask == 0
+        ys = np.nonzero(bg)[0]
+        assert np.array_equal(d[bg], ground[ys])  # background = the ground plane, row by row
+        n = 1 + len(s["attributes"]["distractors"])
+        per_object = []
+        for k in range(1, n + 1):
+            obj = mask == k
+            vals = np.unique(d[obj])
+            assert len(vals) == 1  # one depth per object
+            per_object.append(float(vals[0]))
+            # nearer than the ground it covers and than every background pixel around it
+            rows = np.nonzero(obj)[0]
+            assert (vals[0] < ground[rows]).all()
+            ring = _dilate(obj) & bg
+            assert (vals[0] < d[ring]).all()
+        # drawing order: distractors 2, 3, ... first, then the main object (1): each later one nearer
+        drawn = per_object[1:] + per_object[:1]
+        assert all(later < earlier for j, later in enumerate(drawn) for earlier in drawn[:j])
+        assert per_object[0] == min(per_object)
+        multi += n > 1
+    assert multi > 10

@@ -1,28 +1,36 @@
-"""Monocular depth datasets for ``fdistill depth`` (the paper's NYUv2 benchmark).
+"""Monocular depth datasets for ``fdistill depth`` (the paper's NYUv2 depth benchmark).
 
-``build_depth_dataset(spec, split, crop_size, train=...)`` gives ``(image uint8 (3, H, W), depth
-float32 (1, H, W) metres)`` from:
+``build_depth_dataset(spec, split, size, train=...)`` gives a dataset of
+``(image uint8 (3, H, W), depth float32 (1, H, W) metres)`` from:
 
-- a **NYUv2 folder in the BTS / GLPDepth / Depth-Anything layout**: a split file of
-  ``rgb_path depth_path [focal]`` lines relative to the folder (a leading ``/`` is dropped), depth
-  maps as 16-bit PNGs in millimetres (``depth_scale`` 1000), 0 = no measurement. The split file is
-  ``nyu_train.txt`` / ``nyu_test.txt`` (BTS's names) or ``train.txt`` / ``test.txt``; split ``val``
-  reads the test file.
-- ``synthetic[:N]``: the built-in shapes (:class:`~fdistill.data.SyntheticShapes`) with a depth map
-  made from each scene: a ground plane receding from 2 m (bottom row) to 8 m (top row) and every
-  object upright at one depth in front of it, later-drawn objects nearer (the renderer draws the
-  distractors first and the main object last, on top), so occlusion and depth agree.
+- a folder in the layout BTS, GLPDepth and Depth-Anything use for NYUv2: a split text file with
+  one sample per line, ``rgb_path depth_path [focal]``, both paths relative to ``root`` (a leading
+  ``/``, as in BTS's ``nyudepthv2_train_files_with_gt.txt``, is stripped). Depth maps are 16-bit
+  PNGs in millimetres (``value / depth_scale`` = metres, ``depth_scale`` 1000). The split file of
+  ``root`` is ``train.txt`` / ``test.txt`` (BTS's ``nyu_train.txt`` / ``nyu_test.txt`` too), or
+  an explicit split file path is given (``val`` reads the test file: NYUv2 has no other).
+- ``synthetic[:N]``: the built-in shapes (:class:`~fdistill.data.SyntheticShapes`) with their
+  procedural depth maps (a receding ground plane with objects in front, see
+  :mod:`fdistill.data.synthetic`), N training images and ``max(10, N // 5)`` validation ones.
 
-Pixels with depth 0 or beyond ``max_depth`` stay in the map; the loss and the metrics leave them out.
-Training takes a random ``crop_size`` square crop and a horizontal flip of image and depth together
-(torchvision ``transforms.v2``; depth as a ``Mask``, so it is never interpolated); evaluation keeps
-the whole image.
+**Invalid pixels are 0.** A 0 in the PNG (no sensor return) stays 0 metres, and so does anything
+beyond ``max_depth`` (set to 0): the loss and the metrics
+(:mod:`fdistill.dense.depth_loss`, :mod:`fdistill.dense.depth_metrics`) count only
+``depth > min_depth`` (1e-3), so one value marks every pixel to ignore. Depth is transformed
+together with its image and only ever resized with nearest-neighbour, so an invalid 0 is never
+blended with its valid neighbours into a fake depth.
+
+Broken data is refused with one :class:`~fdistill.data.DataError` naming the problem: at
+construction a missing or empty split file, a malformed line, missing image or depth files (all
+checked, a few named); at load a depth PNG that is not 16-bit (e.g. an 8-bit PNG: metres would
+be off by orders of magnitude) or a depth map whose size differs from its image.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,137 +40,253 @@ from torch.utils.data import Dataset
 from .errors import DataError
 from .synthetic import SyntheticShapes
 
-__all__ = ["DepthFolder", "SyntheticDepth", "DepthTransform", "build_depth_dataset", "synthetic_depth_map"]
+__all__ = ["DepthFolder", "SyntheticDepth", "DepthTransform", "build_depth_dataset", "synthetic_depth_map",
+           "SPLIT_FILES", "DEFAULT_SYNTHETIC_TRAIN"]
 
-SPLIT_FILES = {"train": ("nyu_train.txt", "train.txt"), "val": ("nyu_test.txt", "test.txt"),
-               "test": ("nyu_test.txt", "test.txt")}
+#: a root folder's split files, tried in order
+SPLIT_FILES = {"train": ("nyu_train.txt", "train.txt"),
+               "val": ("nyu_test.txt", "test.txt", "val.txt"),
+               "test": ("nyu_test.txt", "test.txt", "val.txt")}
 DEFAULT_SYNTHETIC_TRAIN = 2000
+#: the PIL modes of a 16-bit (or wider integer) single-channel PNG
+DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")
 
+
+def _image_tensor(img) -> torch.Tensor:
+    """PIL image or (3, H, W) tensor -> uint8 (3, H, W)."""
+    if isinstance(img, Image.Image):
+        return torch.from_numpy(np.array(img.convert("RGB"), np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.as_tensor(img)
+
+
+def _depth_tensor(depth) -> torch.Tensor:
+    """(H, W) or (1, H, W) array / tensor -> float32 (1, H, W)."""
+    d = torch.as_tensor(np.ascontiguousarray(depth) if isinstance(depth, np.ndarray) else depth, dtype=torch.float32)
+    return d.unsqueeze(0) if d.ndim == 2 else d
+
+
+def _invalidate(depth: np.ndarray, max_depth: Optional[float]) -> np.ndarray:
+    """Beyond ``max_depth`` -> 0 (invalid, module doc)."""
+    if max_depth is not None:
+        depth[depth > max_depth] = 0.0
+    return depth
+
+
+# ----------------------------------------------------------------------------- transforms
 
 class DepthTransform:
-    """(image uint8 (3, H, W), depth (1, H, W)) -> the same, cropped and flipped together (training)."""
+    """(image, depth) -> (uint8 (3, h, w), float32 (1, h, w)), transformed together with
+    torchvision ``transforms.v2`` (depth wrapped as a ``Mask``: nearest-neighbour only).
 
-    def __init__(self, crop_size: int, *, train: bool, flip: bool = True):
+    Training: an image smaller than ``size`` is first resized up keeping its aspect ratio until it
+    holds a ``size`` crop, then a random ``size`` crop, a horizontal flip (``flip``) and, only if
+    ``jitter``, brightness / contrast / saturation jitter of the image. Evaluation: the full image,
+    untouched, or with ``multiple > 1`` resized so both sides are (the nearest) multiples of it
+    (e.g. a patch size). ``size``: an int (square) or ``(h, w)``, e.g. BTS's 416 x 544 NYUv2 crop.
+    Randomness is torch's (seeded per loader worker). A class, not a closure: workers pickle it.
+    """
+
+    def __init__(self, size: int | Tuple[int, int], train: bool, *, multiple: int = 1, flip: bool = True,
+                 jitter: bool = False):
         from torchvision.transforms import v2
 
-        ops = [v2.RandomCrop(int(crop_size), pad_if_needed=True, fill=0)]
-        if flip:
-            ops.append(v2.RandomHorizontalFlip())
-        self.tf = v2.Compose(ops) if train else None
+        self.size = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise DataError(f"depth crop size must be a positive int or (h, w), got {size!r}")
+        if int(multiple) < 1:
+            raise DataError(f"multiple must be >= 1, got {multiple}")
+        self.train, self.multiple, self.flip, self.jitter = bool(train), int(multiple), bool(flip), bool(jitter)
+        ops = []
+        if self.train:
+            ops.append(v2.RandomCrop(self.size))
+            if self.flip:
+                ops.append(v2.RandomHorizontalFlip())
+            if self.jitter:  # image only: v2 colour transforms pass masks through
+                ops.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
+        self.tf = v2.Compose(ops) if ops else None
 
-    def __call__(self, image: torch.Tensor, depth: torch.Tensor):
-        if self.tf is None:
-            return image, depth
+    def _target_size(self, H: int, W: int) -> Optional[Tuple[int, int]]:
+        """The size to resize to before the crop / for evaluation, or None to keep (H, W)."""
+        if self.train:
+            f = max(self.size[0] / H, self.size[1] / W)
+            return None if f <= 1 else (max(self.size[0], math.ceil(H * f)), max(self.size[1], math.ceil(W * f)))
+        if self.multiple == 1:
+            return None
+        m = self.multiple
+        out = (max(m, int(H / m + 0.5) * m), max(m, int(W / m + 0.5) * m))  # nearest multiple, halves up
+        return None if out == (H, W) else out
+
+    def __call__(self, image, depth):
         from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as TF
 
-        img, d = self.tf(tv_tensors.Image(image), tv_tensors.Mask(depth))
+        img = tv_tensors.Image(_image_tensor(image))  # (3, H, W) uint8
+        d = tv_tensors.Mask(_depth_tensor(depth))  # (1, H, W) float32 metres
+        if tuple(img.shape[-2:]) != tuple(d.shape[-2:]):
+            raise DataError(f"depth map is {tuple(d.shape[-2:])} but its image is {tuple(img.shape[-2:])}")
+        size = self._target_size(int(img.shape[-2]), int(img.shape[-1]))
+        if size is not None:
+            img = TF.resize(img, list(size), antialias=True)  # bilinear
+            d = TF.resize(d, list(size))  # a Mask: nearest, invalid zeros stay zeros
+        if self.tf is not None:
+            img, d = self.tf(img, d)
         return img.as_subclass(torch.Tensor), d.as_subclass(torch.Tensor)
 
-
-def synthetic_depth_map(sample: dict, size: int) -> np.ndarray:
-    """The depth (metres, float32 (S, S)) of a :meth:`SyntheticShapes.sample` (module docstring):
-    object ``k`` (mask id, 1 = main, 2.. = distractors in drawing order) stands where its box's
-    bottom edge meets the ground, moved nearer the later it is drawn."""
-    rows = np.arange(size, dtype=np.float32)
-    ground = 8.0 - 6.0 * rows / max(size - 1, 1)  # (S,) 8 m at the top row, 2 m at the bottom
-    depth = np.repeat(ground[:, None], size, axis=1)
-    mask = sample["mask"]
-    n = len(sample["boxes"])
-    for k in range(1, n + 1):
-        sel = mask == k
-        if not sel.any():
-            continue
-        y1 = sample["boxes"][k - 1][3] - 1  # where the object meets the ground
-        order = n - k if k > 1 else n  # drawing order: distractors 2..n first, the main object last
-        depth[sel] = max(ground[min(max(y1, 0), size - 1)] - 0.3 * (1 + order), 0.5)
-    return depth.astype(np.float32)
+    def __repr__(self) -> str:
+        return (f"DepthTransform(size={self.size}, train={self.train}, multiple={self.multiple}, flip={self.flip}, "
+                f"jitter={self.jitter})")
 
 
-class SyntheticDepth(Dataset):
-    """:class:`SyntheticShapes` images with :func:`synthetic_depth_map` depth."""
+# ----------------------------------------------------------------------------- datasets
 
-    def __init__(self, shapes: SyntheticShapes, transform: Optional[DepthTransform] = None):
-        self.shapes, self.transform = shapes, transform
+class _DepthDataset(Dataset):
+    transform = None
+
+    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        img, depth = self.load(index)
+        if self.transform is not None:
+            return self.transform(img, depth)
+        return _image_tensor(img), _depth_tensor(depth)
+
+
+def synthetic_depth_map(sample: dict, size: Optional[int] = None) -> np.ndarray:
+    """The depth (float32 (S, S) metres) of a :meth:`SyntheticShapes.sample` dict: its ``depth``,
+    which :class:`SyntheticShapes` renders itself (:mod:`fdistill.data.synthetic`)."""
+    depth = sample["depth"]
+    if size is not None and depth.shape != (size, size):
+        raise DataError(f"synthetic depth map is {depth.shape}, not ({size}, {size})")
+    return depth
+
+
+class SyntheticDepth(_DepthDataset):
+    """:class:`SyntheticShapes` images with their ``depth`` maps (metres, all within (1.3, 8])."""
+
+    def __init__(self, shapes: SyntheticShapes, transform=None, *, max_depth: Optional[float] = 10.0):
+        self.shapes, self.transform, self.max_depth = shapes, transform, max_depth
 
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def __getitem__(self, index: int):
+    def __repr__(self) -> str:
+        return f"SyntheticDepth({self.shapes!r})"
+
+    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
         s = self.shapes.sample(index)
-        img = torch.from_numpy(np.asarray(s["image"], dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
-        depth = torch.from_numpy(synthetic_depth_map(s, self.shapes.img_size))[None]  # (1, S, S)
-        return self.transform(img, depth) if self.transform else (img, depth)
+        return s["image"], _invalidate(s["depth"], self.max_depth)  # (H, W) float32 metres
 
 
-class DepthFolder(Dataset):
-    """A NYUv2-layout folder (module docstring); every listed file is checked at construction."""
+class DepthFolder(_DepthDataset):
+    """``rgb_path depth_path [focal]`` lines under ``root`` (see module doc).
+
+    Attributes: ``samples`` (list of ``(rgb Path, depth Path)``), ``focals`` (float or None each).
+    """
 
     def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, transform=None, *,
-                 depth_scale: float = 1000.0):
+                 max_depth: Optional[float] = 10.0, depth_scale: float = 1000.0):
         self.root = Path(root).expanduser()
-        sf = Path(split_file)
-        if not sf.is_file():
-            raise DataError(f"{sf}: no such split file")
-        self.items: List[Tuple[Path, Path]] = []
-        for n, line in enumerate(sf.read_text().splitlines(), 1):
-            parts = line.split()
-            if not parts:
+        split = Path(split_file).expanduser()
+        if not split.is_file() and not split.is_absolute() and (self.root / split).is_file():
+            split = self.root / split
+        if not split.is_file():
+            raise DataError(f"depth split file {split} does not exist (expected lines 'rgb_path depth_path [focal]')")
+        if not float(depth_scale) > 0:
+            raise DataError(f"depth_scale must be > 0 (PNG units per metre), got {depth_scale}")
+        self.split_file, self.transform = split, transform
+        self.max_depth, self.depth_scale = max_depth, float(depth_scale)
+        self.samples: List[Tuple[Path, Path]] = []
+        self.focals: List[Optional[float]] = []
+        for n, line in enumerate(split.read_text().splitlines(), 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
                 continue
-            if len(parts) < 2:
-                raise DataError(f"{sf}:{n}: expected 'rgb_path depth_path [focal]', got {line!r}")
-            self.items.append((self.root / parts[0].lstrip("/"), self.root / parts[1].lstrip("/")))
-        if not self.items:
-            raise DataError(f"{sf}: lists no images")
-        missing = [str(p) for pair in self.items for p in pair if not p.is_file()]
+            focal: Optional[float] = None
+            if len(fields) == 3:
+                try:
+                    focal = float(fields[2])
+                except ValueError:
+                    fields = []
+            if len(fields) not in (2, 3):
+                raise DataError(f"{split}:{n}: malformed line {line.strip()!r} "
+                                "(expected 'rgb_path depth_path [focal]')")
+            self.samples.append((self.root / fields[0].lstrip("/"), self.root / fields[1].lstrip("/")))
+            self.focals.append(focal)
+        if not self.samples:
+            raise DataError(f"depth split file {split} lists no images")
+        missing = [str(p.relative_to(self.root)) for pair in self.samples for p in pair if not p.is_file()]
         if missing:
-            raise DataError(f"{sf}: {len(missing)} listed file(s) missing, e.g. {missing[:3]}")
-        self.transform, self.depth_scale, self.split_file = transform, float(depth_scale), sf
+            raise DataError(f"{self.root}: {len(missing)} file(s) listed in {split.name} are missing, "
+                            f"e.g. {missing[:3]}")
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.samples)
 
-    def __getitem__(self, index: int):
-        ip, dp = self.items[index]
+    @property
+    def items(self) -> List[Tuple[Path, Path]]:
+        """The ``(rgb, depth)`` paths (the name of the first version of this class)."""
+        return self.samples
+
+    def __repr__(self) -> str:
+        return f"DepthFolder({str(self.root)!r}, {self.split_file.name!r}, {len(self)} images)"
+
+    def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
+        ip, dp = self.samples[index]
         try:
             with Image.open(ip) as im:
-                img = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                img = im.convert("RGB")
             with Image.open(dp) as dm:
-                if dm.mode not in ("I;16", "I;16B", "I"):
-                    raise DataError(f"{dp}: a depth map must be a 16-bit PNG in millimetres, got mode {dm.mode}")
-                depth = np.asarray(dm, dtype=np.float32) / self.depth_scale
+                if dm.mode not in DEPTH_MODES:
+                    raise DataError(f"{dp}: a depth map must be a 16-bit single-channel PNG (mode I;16), got "
+                                    f"mode {dm.mode} (an 8-bit PNG cannot hold millimetres)")
+                raw = np.array(dm)  # (H, W) integer units, 0 = invalid
         except DataError:
             raise
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {ip.name} / {dp.name}: {e}") from e
-        if depth.shape != img.shape[:2]:
-            raise DataError(f"{dp}: depth map is {depth.shape[1]}x{depth.shape[0]} but its image is "
-                            f"{img.shape[1]}x{img.shape[0]}")
-        x = torch.from_numpy(img.copy()).permute(2, 0, 1)  # (3, H, W)
-        d = torch.from_numpy(depth.copy())[None]  # (1, H, W)
-        return self.transform(x, d) if self.transform else (x, d)
+        if raw.shape != (img.height, img.width):
+            raise DataError(f"{dp}: depth map is {raw.shape[1]}x{raw.shape[0]} but its image is "
+                            f"{img.width}x{img.height} ({ip.name})")
+        depth = (raw.astype(np.float64) / self.depth_scale).astype(np.float32)  # (H, W) metres
+        return img, _invalidate(depth, self.max_depth)
 
 
-def build_depth_dataset(spec: str, split: str, crop_size: int, *, train: bool, flip: bool = True,
-                        max_depth: float = 10.0, seed: int = 0, img_size: int = 32) -> Dataset:
-    """The dataset ``spec`` names (module docstring), cropped for training or whole for evaluation.
-    ``max_depth`` is the recipe's (the loss and metrics mask deeper pixels)."""
+# ----------------------------------------------------------------------------- spec
+
+def _split_file(root: Path, split: str) -> Path:
+    for name in SPLIT_FILES[split]:
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: no split file for {split!r} (looked for {', '.join(SPLIT_FILES[split])}; "
+                    "or give the split file's path)")
+
+
+def build_depth_dataset(spec: str, split: str, size: int | Tuple[int, int], *, train: bool, flip: bool = True,
+                        max_depth: float = 10.0, seed: int = 0, img_size: int = 32, multiple: int = 1,
+                        depth_scale: float = 1000.0, transform=None) -> Dataset:
+    """The dataset ``spec`` names (module doc), with a :class:`DepthTransform` (``size`` the
+    training crop, ``flip`` its flip, ``multiple`` the evaluation rounding) unless ``transform`` is given.
+    ``split``: ``train``, ``val`` or ``test`` (``val`` and ``test`` are the same held-out split).
+    ``img_size``: the side of synthetic images (32, as the segmentation benchmark's)."""
     if split not in SPLIT_FILES:
         raise DataError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
-    tf = DepthTransform(crop_size, train=train, flip=flip)
+    tf = transform or DepthTransform(size, train=train, multiple=multiple, flip=flip)
     name, _, arg = str(spec).partition(":")
     if name == "synthetic" and not Path(str(spec)).exists():
         try:
             n_train = int(arg) if arg else DEFAULT_SYNTHETIC_TRAIN
         except ValueError:
             raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
+        if n_train < 1:
+            raise DataError(f"bad dataset {spec!r}: N must be positive")
         n = n_train if split == "train" else max(10, n_train // 5)
-        return SyntheticDepth(SyntheticShapes(n, img_size, seed=seed, split="train" if split == "train" else "val"), tf)
-    p = Path(str(spec)).expanduser()
-    if p.is_file():
-        return DepthFolder(p.parent, p, tf)
-    if not p.is_dir():
-        raise DataError(f"depth data {spec!r}: not a folder (NYUv2 layout), a split file, nor 'synthetic[:N]'")
-    for f in SPLIT_FILES[split]:
-        if (p / f).is_file():
-            return DepthFolder(p, p / f, tf)
-    raise DataError(f"{p}: no split file for {split!r} (expected one of {', '.join(SPLIT_FILES[split])})")
+        shapes = SyntheticShapes(n, img_size, seed=seed, split="train" if split == "train" else "val")
+        return SyntheticDepth(shapes, tf, max_depth=max_depth)
+    path = Path(str(spec)).expanduser()
+    if path.is_dir():
+        return DepthFolder(path, _split_file(path, split), tf, max_depth=max_depth, depth_scale=depth_scale)
+    if path.is_file():  # an explicit split file: paths relative to its folder
+        return DepthFolder(path.parent, path, tf, max_depth=max_depth, depth_scale=depth_scale)
+    raise DataError(f"depth data {spec!r}: not a folder (root with train.txt / test.txt), a split file, "
+                    "nor 'synthetic[:N]'")

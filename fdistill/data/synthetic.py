@@ -11,6 +11,19 @@ Every sample also has a text caption built from its attributes ("a small red str
 triangle in the top left on a noisy background"), a per-pixel object-id mask and boxes,
 which is what the demo (CLIP-style teachers, segmentation probes) and the tests need.
 
+Each sample also has a metric ``depth`` map (float32 (H, W), metres; :meth:`SyntheticShapes.depth`)
+for the depth-estimation benchmark, a pure function of the scene (no random draws, so adding it
+changed no existing pixel): the background is a ground plane receding from ``DEPTH_NEAR`` (2 m)
+at the bottom row to ``DEPTH_FAR`` (8 m) at the top row, with inverse depth linear in the row (as
+a pinhole camera sees a plane), so depth grows monotonically up the image. Every object is a
+fronto-parallel cut-out at one constant depth, standing ``OBJECT_FRONT`` (5%) in front of the
+ground one row below its lowest pixel, so it is nearer than all the ground it covers and borders.
+Objects drawn later (distractors ``k = 2, 3, ...`` first, the main object ``1`` last, on top) are
+also made nearer than every object drawn before them, by at least ``OCCLUSION_STEP``: the main
+object is the nearest thing in the scene and depth agrees with the drawing order wherever objects
+would overlap. Pixels follow the object-id ``mask`` (coverage >= 1/2), never the anti-aliased
+colours. All depths lie in (1.3, 8] m, inside NYUv2's 10 m range.
+
 Rendering is numpy only (anti-aliased by 2x2 super-sampling inside each object's window),
 thousands of 32 px images per second on one core, and a pure function of
 ``(seed, split, index)``: the same arguments give the same pixels on any machine, and the
@@ -55,6 +68,11 @@ BG_SPREAD = 70
 #: how far a texture's second tone is from the object's colour (fraction towards black / white)
 TEXTURE_CONTRAST = 0.4
 SUPERSAMPLE = 2
+#: depth (metres, module doc): the ground plane at the bottom and top rows; how far in front of the
+#: ground below it an object stands (factor); how much nearer each object is than all drawn before it
+DEPTH_NEAR, DEPTH_FAR = 2.0, 8.0
+OBJECT_FRONT = 0.95
+OCCLUSION_STEP = 0.9
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -410,6 +428,49 @@ class SyntheticShapes(Dataset):
         self._draw(img, mask, sc.main, 1)
         return np.clip(img + 0.5, 0, 255).astype(np.uint8), mask
 
+    # ------------------------------------------------------------------ depth
+    def ground_depth(self) -> np.ndarray:
+        """(S,) float32 depth of the ground plane per row: ``DEPTH_FAR`` at row 0 (top) to
+        ``DEPTH_NEAR`` at row S-1 (bottom), inverse depth linear in the row."""
+        t = np.arange(self.img_size, dtype=np.float64) / (self.img_size - 1)  # 0 top .. 1 bottom
+        inv = 1.0 / DEPTH_FAR + t * (1.0 / DEPTH_NEAR - 1.0 / DEPTH_FAR)
+        return (1.0 / inv).astype(np.float32)
+
+    def object_depths(self, sc: SceneSpec) -> List[float]:
+        """The depth (metres) of each object, in object-id order (main = id 1, then distractors):
+        ``OBJECT_FRONT`` x the ground one row below the object's lowest possible pixel, then, in
+        drawing order, at most ``OCCLUSION_STEP`` x the nearest object drawn before it."""
+        ground = self.ground_depth().astype(np.float64)
+        S = self.img_size
+
+        def natural(obj: ObjectSpec) -> float:
+            # a pixel row y is in the mask only if a sub-sample at y + 1/4 is inside the disk of
+            # radius r, so y <= cy + r - 1/4 < int(cy + r) + 1: the row below is int(cy + r) + 1
+            below = min(S - 1, int(obj.cy + obj.radius) + 1)
+            return OBJECT_FRONT * float(ground[below])
+
+        drawn: List[float] = []  # drawing order: distractors, then the main object
+        for obj in sc.distractors + [sc.main]:
+            d = natural(obj)
+            if drawn:
+                d = min(d, OCCLUSION_STEP * min(drawn))
+            drawn.append(d)
+        return [drawn[-1]] + drawn[:-1]
+
+    def render_depth(self, sc: SceneSpec, mask: np.ndarray) -> np.ndarray:
+        """(S, S) float32 metres: the ground plane, each object's depth where ``mask`` holds its id."""
+        S = self.img_size
+        depth = np.broadcast_to(self.ground_depth()[:, None], (S, S)).copy()
+        for k, d in enumerate(self.object_depths(sc)):
+            depth[mask == k + 1] = np.float32(d)
+        return depth
+
+    def depth(self, index: int) -> np.ndarray:
+        """The depth map of sample ``index`` (float32 (S, S), metres; see the module doc)."""
+        sc = self.scene(index)
+        _, mask = self.render(sc)
+        return self.render_depth(sc, mask)
+
     # ------------------------------------------------------------------ API
     def sample(self, index: int) -> dict:
         """Everything about sample ``index``:
@@ -418,6 +479,7 @@ class SyntheticShapes(Dataset):
         - ``mask``: uint8 (H, W) object ids (0 background, 1 main object, 2.. distractors);
         - ``boxes``: ``[x0, y0, x1, y1]`` per object id 1, 2, ... (pixels, x1/y1 exclusive, so
           ``mask[y0:y1, x0:x1]`` holds the whole object), ``box_labels``: their classes;
+        - ``depth``: float32 (H, W) metres (ground plane + objects, module doc);
         - ``attributes``: the main object's shape, colour (name and RGB), size word and radius,
           position word and centre, rotation, texture, background, distractor shapes.
         """
@@ -439,7 +501,7 @@ class SyntheticShapes(Dataset):
             texture=m.texture, background=sc.background, distractors=[d.shape for d in sc.distractors],
         )
         return dict(image=Image.fromarray(arr), label=sc.label, caption=self._caption(sc), mask=mask,
-                    boxes=boxes, box_labels=box_labels, attributes=attributes)
+                    boxes=boxes, box_labels=box_labels, attributes=attributes, depth=self.render_depth(sc, mask))
 
     def load(self, index: int):
         """``(PIL image, label, 0)``: the loader protocol (procedural images are never bad)."""
