@@ -146,3 +146,24 @@ def test_fine_tuning_learns_depth_on_the_synthetic_scenes(tmp_path):
     gts = gts[(gts > cfg.data.min_depth) & (gts <= cfg.data.max_depth)]
     constant = float(((gts - gts.mean()) ** 2).mean().sqrt())
     assert res["rmse"] < 0.6 * constant, (res["rmse"], constant)
+
+
+def test_bad_depth_maps_fail_before_the_first_step(tmp_path):
+    """An 8-bit or wrongly sized depth map anywhere in the split files is found by the check
+    before training (headers only), not when the loader reaches it."""
+    from fdistill.data import DataError
+    from fdistill.data.depth import build_depth_dataset
+    from fdistill.dense.depth import finetune_depth
+
+    root = _nyu_folder(tmp_path / "nyu", n_train=8, n_test=2)
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(root / "train" / "sync_depth_0006.png")  # 8-bit, near the end
+    cfg = _cfg("data.crop_size=24", "data.batch_size=4")
+    tr = build_depth_dataset(str(root), "train", 24, train=True)
+    va = build_depth_dataset(str(root), "val", 24, train=False)
+    with pytest.raises(DataError, match="sync_depth_0006.png: a depth map must be a 16-bit"):
+        finetune_depth(_adapter(), tr, va, cfg, output_dir=tmp_path / "run", progress=False,
+                       on_step=lambda s: pytest.fail("training started"))
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    Image.fromarray(np.zeros((20, 32), np.uint16)).save(root / "test" / "sync_depth_0001.png")
+    with pytest.raises(DataError, match="depth map is 32x20 but its image is 32x24"):
+        va.check()

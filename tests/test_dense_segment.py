@@ -229,3 +229,23 @@ def test_pretrained_weights_beat_random_ones_by_a_wide_margin(tmp_path):
     scores = {pre: run_segment(cfg, model=spec, model_kwargs={"pretrained": pre}, train="synthetic:400",
                                output=str(tmp_path / str(pre)), echo=False)["miou"] for pre in (True, False)}
     assert scores[True] > scores[False] + 5.0, scores
+
+
+def test_labels_outside_the_classes_fail_before_the_first_step(tmp_path):
+    """A label map with a class id beyond classes.txt (here in the validation split) is found by
+    the check before training, naming the file and the values."""
+    from fdistill.data import DataError
+
+    root = _ade_folder(tmp_path / "ade", n_train=8, n_val=3)
+    bad = np.full((48, 40), 2, np.uint8)
+    bad[3, 3] = 9  # classes 1..3 (+ 0 "other")
+    Image.fromarray(bad, mode="L").save(root / "annotations" / "validation" / "ADE_0002.png")
+    cfg = _cfg("reduce_zero_label=true", "data.img_scale=[64,256]")
+    kw = dict(reduce_zero_label=True)
+    tr = build_segmentation_dataset(str(root), "train", 64, train=True,
+                                    transform=SegmentationCropTransform(64, img_scale=(64, 256)), **kw)
+    va = build_segmentation_dataset(str(root), "val", 64, train=False,
+                                    transform=SegmentationRescaleTransform((64, 256)), **kw)
+    with pytest.raises(DataError, match=r"ADE_0002.png: labels \[8\] outside 0..2"):
+        finetune_segmentation(_adapter(), tr, va, cfg, output_dir=tmp_path / "run", progress=False,
+                              on_step=lambda s: pytest.fail("training started"))

@@ -28,6 +28,9 @@ evaluation ground truth are pycocotools' (:attr:`CocoDetection.coco`); this modu
 - :func:`synthetic_coco`: writes :class:`~fdistill.data.SyntheticShapes` as a COCO dataset (PNG
   images + instances JSON, RLE masks of each object's visible pixels), for tests and the demo.
 - :func:`detection_collate`: batches stay lists (images differ in size).
+- :func:`build_detection_dataset`: what ``fdistill detect --train`` names: a COCO root
+  (``{train,val}2017/`` + ``annotations/instances_{train,val}2017.json``) or ``synthetic[:N]``
+  (the built-in scenes exported in that layout once, under ``cache_dir``).
 """
 from __future__ import annotations
 
@@ -46,10 +49,14 @@ from torch.utils.data import Dataset
 from .errors import DataError
 from .synthetic import SHAPES, SyntheticShapes
 
-__all__ = ["CocoDetection", "DetectionTransform", "detection_collate", "synthetic_coco", "TRAIN_MIN_SIZES"]
+__all__ = ["CocoDetection", "DetectionTransform", "detection_collate", "synthetic_coco", "build_detection_dataset",
+           "coco_split_paths", "TRAIN_MIN_SIZES", "DEFAULT_SYNTHETIC_TRAIN"]
 
 #: the Mask R-CNN multi-scale training sizes (shorter side): 480, 512, ..., 800
 TRAIN_MIN_SIZES = tuple(range(480, 801, 32))
+DEFAULT_SYNTHETIC_TRAIN = 1000
+#: a COCO root's split folders (COCO 2017's names)
+SPLIT_NAMES = {"train": "train2017", "val": "val2017", "test": "val2017"}
 
 
 def _quiet():
@@ -89,7 +96,10 @@ def synthetic_coco(shapes: SyntheticShapes, image_dir: str | os.PathLike, json_p
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(obj.sum()), "iscrowd": 0,
                                 "segmentation": rle})
     categories = [{"id": c + 1, "name": name, "supercategory": "shape"} for c, name in enumerate(SHAPES)]
-    json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    # atomic, and written last: a JSON on disk means every image is there (a reader can trust it)
+    from ..io import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return json_path
 
 
@@ -234,6 +244,24 @@ class CocoDetection(Dataset):
         }
         return img, target
 
+    def check(self, indices: Optional[Sequence[int]] = None, *, progress: bool = False) -> None:
+        """Open every image's header (or those of ``indices``; no pixel is decoded) and raise the
+        :class:`DataError` :meth:`load` would: a file PIL cannot open, or a size other than the
+        JSON's (the annotations would not fit it). The construction has checked the JSON itself."""
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self)) if indices is None else indices, desc="checking images", unit="image",
+                      disable=not progress, leave=False):
+            info = self.coco.imgs[self.ids[i]]
+            path = self.root / str(info["file_name"]).lstrip("/")
+            try:
+                with Image.open(path) as im:
+                    W, H = im.size
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read {path}: {e}") from e
+            if (H, W) != (int(info["height"]), int(info["width"])):
+                raise DataError(f"{path}: image is {W}x{H} but {self.ann_file.name} says {info['width']}x{info['height']}")
+
     @staticmethod
     def _box_mask(box: List[float], H: int, W: int) -> np.ndarray:
         """A box-shaped mask for an annotation without a segmentation (box-only datasets)."""
@@ -319,3 +347,47 @@ def detection_collate(batch):
         images.append(img)
         targets.append(t)
     return images, targets
+
+
+# ----------------------------------------------------------------------------- builder
+
+def coco_split_paths(root: str | os.PathLike, split: str) -> Tuple[Path, Path]:
+    """``(image folder, instances JSON)`` of ``split`` in a COCO root: ``val2017/`` and
+    ``annotations/instances_val2017.json`` (``test`` reads val: COCO's test-dev has no public labels)."""
+    if split not in SPLIT_NAMES:
+        raise DataError(f"split must be one of {sorted(SPLIT_NAMES)}, got {split!r}")
+    root, name = Path(root).expanduser(), SPLIT_NAMES[split]
+    return root / name, root / "annotations" / f"instances_{name}.json"
+
+
+def build_detection_dataset(spec: str, split: str, *, train: bool, flip: bool = True, seed: int = 0,
+                            cache_dir: Optional[str | os.PathLike] = None, transform=None) -> CocoDetection:
+    """The detection dataset ``spec`` names (module doc), flip-augmented for training (the detector
+    resizes its inputs itself). ``synthetic[:N]``: N training scenes and ``max(10, N // 5)``
+    validation ones of seed ``seed`` (32 px), written once as a COCO root under ``cache_dir``
+    (reused when already there). Training drops images without a usable object, evaluation keeps
+    every image."""
+    name, _, arg = str(spec).partition(":")
+    if name == "synthetic" and not Path(str(spec)).exists():
+        try:
+            n_train = int(arg) if arg else DEFAULT_SYNTHETIC_TRAIN
+        except ValueError:
+            raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
+        if n_train < 1:
+            raise DataError(f"bad dataset {spec!r}: N must be >= 1")
+        if cache_dir is None:
+            raise DataError("synthetic detection data is written as a COCO folder first: give cache_dir")
+        n = n_train if split == "train" else max(len(SHAPES), n_train // 5)
+        root = Path(cache_dir) / f"synthetic_coco_{n_train}_seed{seed}"
+        images, ann = coco_split_paths(root, split)
+        if not ann.is_file():
+            synthetic_coco(SyntheticShapes(n, 32, seed=seed, split="train" if split == "train" else "val"), images, ann)
+        spec = str(root)
+    elif not Path(str(spec)).expanduser().is_dir():
+        raise DataError(f"detection data {spec!r}: not a folder (COCO layout) nor 'synthetic[:N]'")
+    images, ann = coco_split_paths(spec, split)
+    if not ann.is_file():
+        raise DataError(f"{spec}: no {ann.relative_to(Path(spec).expanduser())} (a COCO root holds "
+                        f"{SPLIT_NAMES[split]}/ and annotations/instances_{SPLIT_NAMES[split]}.json)")
+    tf = transform if transform is not None else DetectionTransform(train, min_size=None, flip=flip)
+    return CocoDetection(images, ann, tf, skip_empty=train)

@@ -231,6 +231,28 @@ class DepthFolder(_DepthDataset):
     def __repr__(self) -> str:
         return f"DepthFolder({str(self.root)!r}, {self.split_file.name!r}, {len(self)} images)"
 
+    def check(self, indices: Optional[Sequence[int]] = None, *, progress: bool = False) -> None:
+        """Read the headers of every listed image and depth map (or of ``indices``; no pixel is
+        decoded) and raise the :class:`DataError` :meth:`load` would: a depth map that is not
+        16-bit, or of another size than its image, or a file PIL cannot open. The fine-tuning
+        commands run this before training, so bad data fails in seconds, not hours in."""
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self)) if indices is None else indices, desc="checking depth maps", unit="file",
+                      disable=not progress, leave=False):
+            ip, dp = self.samples[i]
+            try:
+                with Image.open(ip) as im, Image.open(dp) as dm:
+                    mode, dsize, isize = dm.mode, dm.size, im.size
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read {ip.name} / {dp.name}: {e}") from e
+            if mode not in DEPTH_MODES:
+                raise DataError(f"{dp}: a depth map must be a 16-bit single-channel PNG (mode I;16), got "
+                                f"mode {mode} (an 8-bit PNG cannot hold millimetres)")
+            if dsize != isize:
+                raise DataError(f"{dp}: depth map is {dsize[0]}x{dsize[1]} but its image is {isize[0]}x{isize[1]} "
+                                f"({ip.name})")
+
     def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
         ip, dp = self.samples[index]
         try:

@@ -243,13 +243,42 @@ class SegmentationFolder(Dataset):
         if mask.shape != (img.height, img.width):
             raise DataError(f"{mp}: label map is {mask.shape[1]}x{mask.shape[0]} but its image is "
                             f"{img.width}x{img.height}")
+        return img, self._labels(mask, mp)
+
+    def _labels(self, mask: np.ndarray, mp: Path) -> np.ndarray:
+        """Stored values -> training labels (``reduce_zero_label``), or a DataError naming the
+        values outside the classes."""
         if self.reduce_zero_label:  # 0 ("other") -> ignored, 1..K -> 0..K-1
             mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
         bad = (mask != IGNORE_INDEX) & ((mask < 0) | (mask >= len(self.classes)))
         if bad.any():
             raise DataError(f"{mp}: labels {sorted(set(mask[bad].tolist()))[:5]} outside 0..{len(self.classes) - 1}"
                             + ("" if self.reduce_zero_label else " (ADE20K label maps need reduce_zero_label=true)"))
-        return img, mask
+        return mask
+
+    def check(self, indices: Optional[Sequence[int]] = None, *, progress: bool = False) -> None:
+        """Decode every label map (or those of ``indices``; images only by their headers) and raise
+        the :class:`DataError` :meth:`load` would: a label outside the classes, a map that is not
+        single-channel or of another size than its image, a file PIL cannot open. The fine-tuning
+        command runs this before training (ADE20K's 20k maps: seconds), so bad labels fail before
+        the first step, not at the image that has them."""
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self)) if indices is None else indices, desc="checking label maps", unit="map",
+                      disable=not progress, leave=False):
+            ip, mp = self.images[i], self.masks[i]
+            try:
+                with Image.open(ip) as im, Image.open(mp) as m:
+                    size, mode = im.size, m.mode
+                    mask = np.array(m, dtype=np.int64)
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read {ip.name} / {mp.name}: {e}") from e
+            if mode not in ("L", "P", "I;16", "I"):
+                raise DataError(f"{mp}: a label map must be a single-channel PNG (mode L or P), got {mode}")
+            if mask.shape != (size[1], size[0]):
+                raise DataError(f"{mp}: label map is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                                f"{size[0]}x{size[1]}")
+            self._labels(mask, mp)
 
     def __getitem__(self, index: int):
         img, mask = self.load(index)

@@ -95,6 +95,30 @@ class BestTracker:
         self.best = state.get("best")
 
 
+def check_datasets(datasets: Sequence[Any], env, *, progress: bool = True) -> None:
+    """Run each dataset's ``check(indices)`` (the folder datasets': label ranges, bit depths,
+    sizes; see :mod:`fdistill.data.segmentation`, :mod:`~fdistill.data.depth`,
+    :mod:`~fdistill.data.coco`) before training, each rank over its share of the files; the
+    first problem any rank finds is raised on every rank as one :class:`~fdistill.data.DataError`."""
+    from ..data import DataError
+    from ..engine.distributed import gather_objects
+
+    problem = None
+    for ds in datasets:
+        check = getattr(ds, "check", None)
+        if check is None:
+            continue
+        try:
+            check(range(env.rank, len(ds), env.world_size), progress=progress and env.is_main)
+        except DataError as e:
+            problem = str(e)
+            break
+    problems = gather_objects(problem, env) if env.distributed else [problem]
+    first = next((p for p in problems if p), None)
+    if first:
+        raise DataError(first)
+
+
 def train_dense(task, cfg, *, optimizer_model: nn.Module, train_ds, output_dir: Path, recipe: Dict[str, Any],
                 env, resume: Optional[str], collate_fn: Optional[Callable] = None,
                 on_step: Optional[Callable[[int], bool]] = None, progress: bool = True):
