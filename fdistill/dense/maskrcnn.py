@@ -62,7 +62,8 @@ def build_maskrcnn(backbone: nn.Module, num_classes: int, *, window_size: int = 
                    global_blocks: Iterable[int] = (), add_global_block: bool = True,
                    min_size: int = 1024, max_size: int = 1024, img_size: Optional[Sequence[int]] = None,
                    out_channels: int = 256, final_norm: bool = False, grad_checkpointing: bool = False,
-                   train_backbone: bool = True, **kwargs) -> "ViTDetMaskRCNN":
+                   train_backbone: bool = True, anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+                   **kwargs) -> "ViTDetMaskRCNN":
     """Mask R-CNN (torchvision) on a ViTDet-style plain-ViT backbone.
 
     Args:
@@ -79,6 +80,8 @@ def build_maskrcnn(backbone: nn.Module, num_classes: int, *, window_size: int = 
         img_size: (H, W) of the largest padded input, sizing the global blocks' relative position
             tables (default ``max_size`` rounded up to 32, square).
         out_channels: the pyramid's and the heads' convolution width (256, ViTDet's).
+        anchor_sizes: one anchor size (pixels of the resized image) per level, strides 4 ... 64
+            (ViTDet's 32 ... 512 for COCO; smaller for small images).
         train_backbone: make every backbone parameter trainable (the paper fine-tunes it end to
             end; an adapter from ``load_model`` comes frozen); False leaves them as they are.
         **kwargs: any further ``torchvision.models.detection.MaskRCNN`` argument (e.g.
@@ -102,13 +105,19 @@ def build_maskrcnn(backbone: nn.Module, num_classes: int, *, window_size: int = 
                        grad_checkpointing=grad_checkpointing)
     if train_backbone:
         body.requires_grad_(True)
-    if body.patch_size != (16, 16):
-        raise DenseError(f"the simple pyramid's strides 4 ... 64 need patch size 16; this ViT's is {body.patch_size}")
-    fpn = SimpleFeaturePyramid(body.out_channels, out_channels, top_block=True)
+    patch = body.patch_size[0]
+    if body.patch_size[0] != body.patch_size[1] or patch not in (4, 8, 16):
+        raise DenseError(f"the simple pyramid's strides 4 ... 64 need a square patch of 4, 8 or 16 pixels; "
+                         f"this ViT's is {body.patch_size}")
+    # strides 4, 8, 16, 32 from the stride-``patch`` map: ViTDet's (4, 2, 1, 0.5) for patch 16
+    fpn = SimpleFeaturePyramid(body.out_channels, out_channels, scales=tuple(patch / s for s in (4, 8, 16, 32)),
+                               top_block=True)
     net = ViTDetBackbone(body, fpn)
     mean, std = backbone_mean_std(backbone)
     levels = ["0", "1", "2", "3"]
-    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    if len(anchor_sizes) != 5:
+        raise DenseError(f"anchor_sizes needs one size per pyramid level (5: strides 4 ... 64), got {anchor_sizes}")
+    anchors = AnchorGenerator(sizes=tuple((int(a),) for a in anchor_sizes), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     defaults = dict(
         min_size=min_size, max_size=max_size, image_mean=list(mean), image_std=list(std),
         rpn_anchor_generator=anchors,

@@ -166,7 +166,13 @@ def _plain_vit(backbone: nn.Module) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     candidates = [_module(backbone)] + [getattr(backbone, n, None) for n in ("model", "student")]
+    candidates += [getattr(c, "trunk", None) for c in candidates[1:]]  # an open_clip tower on a timm trunk
     for net in candidates:
+        if type(net).__name__ == "VisionTransformer" and type(net).__module__.startswith("open_clip"):
+            # open_clip's own ViT tower: the same weights as a timm ViT, whose blocks can be windowed
+            from ..teachers.open_clip_teacher import timm_vit_from_open_clip
+
+            net = timm_vit_from_open_clip(net)
         if isinstance(net, (VisionTransformer, Beit)):
             pe = getattr(net, "patch_embed", None)
             if not isinstance(getattr(pe, "proj", None), nn.Conv2d) or hasattr(pe, "backbone"):
@@ -179,10 +185,10 @@ def _plain_vit(backbone: nn.Module) -> nn.Module:
     if "Eva" in kind:
         hint = " (EVA's rotary position embedding is not supported by WindowedViT)"
     elif not hasattr(net, "blocks"):
-        hint = (" (hierarchical backbones such as Swin, CNNs, open_clip / HF towers and python: models "
-                "give no plain-ViT token map)")
+        hint = (" (hierarchical backbones such as Swin, CNNs, HF towers and python: models give no plain-ViT "
+                "token map)")
     raise DenseError(f"{kind} is not a plain ViT: ViTDet's windowed backbone takes a timm VisionTransformer "
-                     f"(incl. CLIP-style) or Beit (incl. the FD student){hint}")
+                     f"(incl. CLIP-style), an open_clip ViT tower or Beit (incl. the FD student){hint}")
 
 
 def _child(net: nn.Module, name: str) -> nn.Module:
@@ -397,7 +403,7 @@ def _ln(c: int) -> nn.Module:
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid (its Sec. 3, ``SimpleFeaturePyramid`` in detectron2): from
     the last stride-16 map, scale 4 = deconv 2x2/2 + LN + GELU + deconv 2x2/2 (C -> C/2 -> C/4),
-    2 = deconv (C -> C/2), 1 = the map, 0.5 = 2x2 max-pool; each then 1x1 conv + LN + 3x3 conv + LN
+    2 = deconv (C -> C/2), 1 = the map, 0.5 = 2x2 max-pool (0.25, 0.125: 4x4, 8x8, for patch 4 / 8); each then 1x1 conv + LN + 3x3 conv + LN
     to ``out_channels`` (convs without bias, as with a norm). ``top_block``: a stride-64 ``pool``
     level by stride-2 subsampling of the last level (torchvision's / detectron2's ``LastLevelMaxPool``).
 
@@ -421,10 +427,13 @@ class SimpleFeaturePyramid(nn.Module):
                 layers, c = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
             elif s == 1.0:
                 layers, c = [], dim
-            elif s == 0.5:
-                layers, c = [nn.MaxPool2d(kernel_size=2, stride=2)], dim
+            elif s in (0.5, 0.25, 0.125):
+                # 0.25 / 0.125 are not ViTDet's: they give a patch-4 / patch-8 ViT (the CPU-sized
+                # models) the same strides 4 ... 32, by a wider max-pool as ViTDet's 0.5 does
+                k = int(round(1 / s))
+                layers, c = [nn.MaxPool2d(kernel_size=k, stride=k)], dim
             else:
-                raise DenseError(f"SimpleFeaturePyramid scale {s} is not one of ViTDet's 4, 2, 1, 0.5")
+                raise DenseError(f"SimpleFeaturePyramid scale {s} is not one of 4, 2, 1, 0.5, 0.25, 0.125")
             layers += [nn.Conv2d(c, out_channels, 1, bias=False), _ln(out_channels),
                        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), _ln(out_channels)]
             towers.append(nn.Sequential(*layers))

@@ -478,3 +478,36 @@ def open_clip_provenance(spec: str, arch: str, tag: Optional[str], weights: Opti
                 return make_provenance(spec, weights=name, license=lic,
                                        license_source="fdistill's table of open_clip tags (OPEN_CLIP_TAG_LICENSES)")
     return make_provenance(spec, weights=name)
+
+
+def timm_vit_from_open_clip(visual: nn.Module) -> nn.Module:
+    """The same network as open_clip's ``VisionTransformer`` tower ``visual``, as a timm
+    ``VisionTransformer`` (pre-norm, [CLS], QuickGELU when the tower uses it), its weights renamed
+    by timm's own OpenAI-CLIP converter (``vision_transformer._convert_openai_clip``); the output
+    projection is left out (``num_classes=0``). For what needs timm's block structure (ViTDet's
+    windowed attention, :mod:`fdistill.dense.vitdet`); token maps equal the tower's (tested)."""
+    from functools import partial
+
+    from open_clip.transformer import VisionTransformer as OpenClipViT
+    from timm.layers import QuickGELU
+    from timm.models.vision_transformer import VisionTransformer, _convert_openai_clip
+
+    if not isinstance(visual, OpenClipViT):
+        raise TeacherError(f"{type(visual).__name__} is not an open_clip VisionTransformer tower")
+    t = visual.transformer
+    blk = t.resblocks[0]
+    if visual.attn_pool is not None or not isinstance(blk.ls_1, nn.Identity) or \
+            not isinstance(blk.attn, nn.MultiheadAttention):
+        raise TeacherError("this open_clip tower (attention pooling, layer scale or custom attention) has no "
+                           "plain timm ViT equivalent")
+    act = QuickGELU if type(blk.mlp.gelu).__name__ == "QuickGELU" else nn.GELU
+    heads = blk.attn.num_heads
+    mlp_ratio = blk.mlp.c_fc.out_features / t.width
+    eps = visual.ln_pre.eps
+    net = VisionTransformer(img_size=tuple(visual.image_size), patch_size=tuple(visual.patch_size), embed_dim=t.width,
+                            depth=t.layers, num_heads=heads, mlp_ratio=mlp_ratio, pre_norm=True, num_classes=0,
+                            global_pool="token", norm_layer=partial(nn.LayerNorm, eps=eps), act_layer=act)
+    sd = _convert_openai_clip({f"visual.{k}": v for k, v in visual.state_dict().items()}, net)
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # the projection: not part of the token map
+    net.load_state_dict(sd, strict=True)
+    return net
