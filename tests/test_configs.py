@@ -39,7 +39,7 @@ def test_a_recipe_elsewhere_is_recognised_by_the_one_schema_it_fits(tmp_path):
     assert kind == "segprobe" and cfg.epochs == 3 and cfg.num_classes == 150
     both = tmp_path / "data_only.yaml"
     both.write_text("data:\n  batch_size: 8\n")  # every schema has a data section
-    with pytest.raises(ConfigError, match="valid distill, finetune, linprobe, knn, zeroshot, segprobe, segment, depth recipe; say which"):
+    with pytest.raises(ConfigError, match="valid distill, finetune, linprobe, knn, zeroshot, segprobe, segment, depth, detect recipe; say which"):
         infer_schema(both)
     assert build_any_config(both, schema="knn")[1].data.batch_size == 8
     none = tmp_path / "nothing.yaml"

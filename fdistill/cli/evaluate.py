@@ -1,4 +1,4 @@
-"""``fdistill finetune | linprobe | knn | zeroshot | segprobe | segment | depth``: argument parsing only; the work is in
+"""``fdistill finetune | linprobe | knn | zeroshot | segprobe | segment | depth | detect``: argument parsing only; the work is in
 :mod:`fdistill.eval.commands` (configs: :mod:`fdistill.config.finetune`)."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _config(args):
 
 
 def _run(args) -> int:
-    from ..eval.commands import COMMANDS, compare
+    from ..eval.commands import COMMANDS, TRAINING_COMMANDS, compare
 
     cfg = _config(args)
     models = args.compare if args.compare else ([args.model] if args.model else [])
@@ -72,7 +72,7 @@ def _run(args) -> int:
         if not args.train:
             raise UsageError(f"{args.command}: give the training images with --train PATH")
         data["train"] = args.train
-    if args.command in ("finetune", "segment", "depth"):
+    if args.command in TRAINING_COMMANDS:
         if not args.output:
             raise UsageError(f"{args.command}: give an output folder with --output DIR")
         data["resume"] = None if args.resume in ("none", "None", "") else args.resume
@@ -205,5 +205,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p, download=False, train_help="a NYUv2-layout folder (a split file of 'rgb depth [focal]' lines, 16-bit "
                                           "depth PNGs in millimetres: nyu_train.txt / nyu_test.txt or train.txt / "
                                           "test.txt) or 'synthetic[:N]' (the built-in scenes' depth maps)")
+    _resume(p)
+    p.set_defaults(_flag_keys=())
+
+    p = sub.add_parser(
+        "detect", help="fine-tune a model inside Mask R-CNN for detection + instance segmentation (COCO; AP)",
+        description="The paper's COCO benchmark (Sec. 5): every block with window-14 attention plus one added "
+                    "global block, ViTDet's simple feature pyramid, torchvision's Mask R-CNN; 1x schedule (12 "
+                    "epochs, lr x0.1 after 8 and 11), multi-scale training (shorter side 480-800, longer <= 1333), "
+                    "single-scale test; AdamW with layer-wise lr decay; AP box / AP mask (+ AP50/75/S/M/L) by the "
+                    "COCO API; best (AP box) and last weights; resumable. Default recipe: "
+                    "configs/detect/coco_maskrcnn_vit_base.yaml. Several GPUs: torchrun --nproc_per_node=N -m "
+                    "fdistill.cli.main detect ...")
+    _common(p, download=False, train_help="a COCO root (train2017/, val2017/, annotations/instances_train2017.json "
+                                          "and instances_val2017.json) or 'synthetic[:N]' (the built-in scenes "
+                                          "exported as one under OUTPUT/data)")
     _resume(p)
     p.set_defaults(_flag_keys=())

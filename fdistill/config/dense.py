@@ -213,8 +213,9 @@ class DetectDataConfig:
     size_step: int = 32
     test_size: int = 800
     max_size: int = 1333
-    #: the backbone's input grid is padded to a multiple of this (ViTDet's 1024 / 16 = 64 tokens)
-    crop_size: int = 1024
+    #: the largest input (resized, then padded to a multiple of 32) the global blocks' relative
+    #: position tables are sized for: max_size rounded up to 32 (larger inputs clamp the offsets)
+    crop_size: int = 1344
     flip: bool = True
 
     def __post_init__(self):
@@ -234,10 +235,28 @@ class DetectModelConfig:
     global_blocks: List[int] = field(default_factory=list)
     #: width of the simple feature pyramid (ViTDet: 256)
     fpn_channels: int = 256
+    #: one anchor size per pyramid level, strides 4 ... 64, in resized-image pixels (ViTDet: 32 ... 512)
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    #: torchvision Mask R-CNN's sampling (its defaults): RPN proposals kept after NMS in training /
+    #: testing, RoIs per image for the box head's loss, detections kept per image
+    proposals_train: int = 2000
+    proposals_test: int = 1000
+    rois_per_image: int = 512
+    detections_per_image: int = 100
 
     def __post_init__(self):
         _check(0 <= self.drop_path < 1, f"model.drop_path must be in [0, 1), got {self.drop_path}")
         _check(self.window_size >= 1 and self.fpn_channels >= 1, "model.window_size and model.fpn_channels must be >= 1")
+        _check(len(self.anchor_sizes) == 5 and min(self.anchor_sizes) >= 1,
+               f"model.anchor_sizes must be 5 positive sizes (strides 4 ... 64), got {self.anchor_sizes}")
+        _check(min(self.proposals_train, self.proposals_test, self.rois_per_image, self.detections_per_image) >= 1,
+               "model.proposals_train, proposals_test, rois_per_image, detections_per_image must be >= 1")
+
+    def maskrcnn_kwargs(self) -> dict:
+        """The torchvision ``MaskRCNN`` arguments these fields set."""
+        return dict(rpn_pre_nms_top_n_train=self.proposals_train, rpn_post_nms_top_n_train=self.proposals_train,
+                    rpn_pre_nms_top_n_test=self.proposals_test, rpn_post_nms_top_n_test=self.proposals_test,
+                    box_batch_size_per_image=self.rois_per_image, box_detections_per_img=self.detections_per_image)
 
 
 def _detect_optim() -> DenseOptimConfig:

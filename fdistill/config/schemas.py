@@ -16,18 +16,18 @@ from .core import ConfigError, build_config
 __all__ = ["SCHEMA_NAMES", "schemas", "infer_schema", "build_any_config"]
 
 #: the kinds of recipe, as the command that reads each
-SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe", "segment", "depth")
+SCHEMA_NAMES = ("distill", "finetune", "linprobe", "knn", "zeroshot", "segprobe", "segment", "depth", "detect")
 
 
 def schemas() -> Dict[str, type]:
     """{kind: schema dataclass} for every kind in :data:`SCHEMA_NAMES`."""
-    from .dense import DepthConfig, SegmentConfig
+    from .dense import DepthConfig, DetectConfig, SegmentConfig
     from .distill import DistillConfig
     from .finetune import FinetuneConfig, KnnConfig, LinprobeConfig, SegprobeConfig, ZeroshotConfig
 
     return {"distill": DistillConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig,
             "zeroshot": ZeroshotConfig, "segprobe": SegprobeConfig, "segment": SegmentConfig,
-            "depth": DepthConfig}
+            "depth": DepthConfig, "detect": DetectConfig}
 
 
 def infer_schema(path: str | os.PathLike, overrides=()) -> str:

@@ -1,4 +1,4 @@
-"""The dense fine-tuning commands as library functions (``fdistill segment | depth`` call
+"""The dense fine-tuning commands as library functions (``fdistill segment | depth | detect`` call
 these): a spec and a recipe in, ``metrics.json`` out; ``--compare`` goes through
 :func:`fdistill.eval.commands.compare` like the classification commands, one recipe for every model.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional
 
-__all__ = ["run_segment", "run_depth"]
+__all__ = ["run_segment", "run_depth", "run_detect"]
 
 
 def _setup(cfg, model: str, model_kwargs):
@@ -79,3 +79,41 @@ def run_depth(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[s
     if not env.is_main:
         return metrics
     return _finish(metrics, output, ["rmse", "abs_rel", "log10", "d1"], echo)
+
+
+def run_detect(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None, output: str,
+               resume: Optional[str] = "auto", echo: bool = True) -> Dict[str, Any]:
+    """``fdistill detect``: Mask R-CNN fine-tuning of ``model`` on ``train`` (a COCO root:
+    ``train2017/``, ``val2017/``, ``annotations/instances_*2017.json``; or ``synthetic[:N]``,
+    exported as one under ``output/data``), scored by COCO AP on ``val`` (default: the val split
+    of ``train``); see :mod:`fdistill.dense.detect`."""
+    from pathlib import Path
+
+    from ..data.coco import build_detection_dataset
+    from ..engine.distributed import barrier, shutdown
+    from ..eval.commands import _finish, _record
+    from .detect import finetune_detection
+
+    t0 = time.time()
+    val = val or train
+    env, adapter = _setup(cfg, model, model_kwargs)
+    try:
+        common = dict(seed=cfg.seed, cache_dir=Path(output) / "data")
+
+        def build():
+            return (build_detection_dataset(train, "train", train=True, flip=cfg.data.flip, **common),
+                    build_detection_dataset(val, "val", train=False, **common))
+
+        if env.is_main:  # rank 0 writes a synthetic export once; the others read it after
+            train_ds, val_ds = build()
+        barrier(env)
+        if not env.is_main:
+            train_ds, val_ds = build()
+        res = finetune_detection(adapter, train_ds, val_ds, cfg, output_dir=output, resume=resume, env=env,
+                                 source={"spec": str(model), "kwargs": dict(model_kwargs or {})})
+    finally:
+        shutdown(env)
+    metrics = _record("detect", model, model_kwargs, train, val, cfg, env.device, t0, **res)
+    if not env.is_main:
+        return metrics
+    return _finish(metrics, output, ["ap_box", "ap_mask", "steps"], echo)

@@ -20,13 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..eval.data import autocast, model_inputs
-from .common import BestTracker, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
+from .common import BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
 from .depth_metrics import DepthMetrics
 from .sliding import sliding_window
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_depth", "DepthTask", "finetune_depth", "plot_depth_examples"]
+__all__ = ["build_depth_estimator", "evaluate_depth", "DepthTask", "finetune_depth", "plot_depth_examples"]
 
 
 @torch.no_grad()
@@ -115,6 +115,21 @@ class DepthTask:
         self.tracker.load_state_dict(state)
 
 
+def build_depth_estimator(adapter, cfg):
+    """``(model, criterion, info)``: the trainable DPT depth model of the recipe ``cfg`` on
+    ``adapter``'s network at the crop size, its SiLog loss and what the backbone is."""
+    from .backbone import dense_backbone
+    from .depth_head import DepthEstimator
+    from .depth_loss import SiLogLoss
+
+    d, m = cfg.data, cfg.model
+    crop = d.crop_size
+    backbone, info = dense_backbone(adapter, img_size=(crop, crop), drop_path_rate=m.drop_path)
+    model = DepthEstimator(backbone, max_depth=d.max_depth, img_size=(crop, crop), indices=m.indices,
+                           features=m.features)
+    return model, SiLogLoss(m.silog_lambda, min_depth=d.min_depth, max_depth=d.max_depth), info
+
+
 def finetune_depth(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Optional[str] = "auto", env=None,
                    source: Optional[Dict[str, Any]] = None, on_step=None, progress: bool = True) -> Dict[str, Any]:
     """Fine-tune ``adapter`` inside :class:`~fdistill.dense.depth_head.DepthEstimator` on
@@ -124,21 +139,17 @@ def finetune_depth(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Option
     from ..engine.distributed import DistEnv
     from ..eval.data import make_loader
     from ..precision import resolve_precision
-    from .backbone import dense_backbone
-    from .depth_head import DepthEstimator
-    from .depth_loss import SiLogLoss
 
     env = env or DistEnv()
     device = env.device
     out = Path(output_dir)
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     crop = d.crop_size
     precision = resolve_precision(cfg.precision, device.type)
     with run_folder(out, env):
-        backbone, info = dense_backbone(adapter, img_size=(crop, crop), drop_path_rate=m.drop_path)
-        model = DepthEstimator(backbone, max_depth=d.max_depth, img_size=(crop, crop), indices=m.indices,
-                               features=m.features).to(device)
-        criterion = SiLogLoss(m.silog_lambda, min_depth=d.min_depth, max_depth=d.max_depth)
+        model, criterion, info = build_depth_estimator(adapter, cfg)
+        model.to(device)
+        check_datasets([train_ds, val_ds], env, progress=progress)  # bad files fail now, not mid-run
         recipe = dict(command="depth", model=(source or {}).get("spec") or adapter.name, config=recipe_config(cfg),
                       world_size=env.world_size, precision=precision, train_images=len(train_ds),
                       epochs=cfg.epochs, max_steps=cfg.max_steps, eval_interval=cfg.eval_interval,

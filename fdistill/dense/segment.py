@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from ..eval.data import autocast, model_inputs
 from ..eval.segmentation import confusion_matrix, segmentation_scores
 from .sliding import sliding_window
-from .common import BestTracker, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
+from .common import BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_segmenter", "SegmentTask", "finetune_segmentation", "segment_collate"]
+__all__ = ["build_segmenter", "evaluate_segmenter", "SegmentTask", "finetune_segmentation", "segment_collate"]
 
 
 def segment_collate(batch):
@@ -135,6 +135,21 @@ class SegmentTask:
         self.tracker.load_state_dict(state)
 
 
+def build_segmenter(adapter, cfg, num_classes: int):
+    """``(model, info)``: the trainable UPerNet of the recipe ``cfg`` on ``adapter``'s network at
+    the crop size (:func:`~fdistill.dense.backbone.dense_backbone` ->
+    :class:`~fdistill.dense.upernet.UperNetSegmenter`) and what the backbone is; its
+    ``load_state_dict`` takes the ``model_*.safetensors`` a run writes."""
+    from .backbone import dense_backbone
+    from .upernet import UperNetSegmenter
+
+    crop, m = cfg.data.crop_size, cfg.model
+    backbone, info = dense_backbone(adapter, img_size=(crop, crop), drop_path_rate=m.drop_path)
+    model = UperNetSegmenter(backbone, num_classes, img_size=(crop, crop), indices=m.indices,
+                             channels=m.channels, aux_channels=m.aux_channels, aux=m.aux_weight > 0)
+    return model, info
+
+
 def finetune_segmentation(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Optional[str] = "auto",
                           env=None, source: Optional[Dict[str, Any]] = None, on_step=None,
                           progress: bool = True) -> Dict[str, Any]:
@@ -151,8 +166,6 @@ def finetune_segmentation(adapter, train_ds, val_ds, cfg, *, output_dir, resume:
     from ..engine.distributed import DistEnv
     from ..eval.data import make_loader
     from ..precision import resolve_precision
-    from .backbone import dense_backbone
-    from .upernet import UperNetSegmenter
 
     env = env or DistEnv()
     device = env.device
@@ -166,10 +179,10 @@ def finetune_segmentation(adapter, train_ds, val_ds, cfg, *, output_dir, resume:
     with run_folder(out, env):
         # the model first: a backbone that cannot give the maps, or a crop it cannot take, is said
         # before any image is read
-        backbone, info = dense_backbone(adapter, img_size=(crop, crop), drop_path_rate=cfg.model.drop_path)
+        model, info = build_segmenter(adapter, cfg, len(classes))
+        model.to(device)
+        check_datasets([train_ds, val_ds], env, progress=progress)  # bad files fail now, not mid-run
         m = cfg.model
-        model = UperNetSegmenter(backbone, len(classes), img_size=(crop, crop), indices=m.indices,
-                                 channels=m.channels, aux_channels=m.aux_channels, aux=m.aux_weight > 0).to(device)
         recipe = dict(command="segment", model=(source or {}).get("spec") or adapter.name, config=recipe_config(cfg),
                       world_size=env.world_size, precision=precision, train_images=len(train_ds),
                       num_classes=len(classes), epochs=cfg.epochs, max_steps=cfg.max_steps,

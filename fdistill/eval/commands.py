@@ -365,16 +365,24 @@ def run_depth(cfg, **kwargs) -> Dict[str, Any]:
     return run(cfg, **kwargs)
 
 
+def run_detect(cfg, **kwargs) -> Dict[str, Any]:
+    """``fdistill detect``: :func:`fdistill.dense.commands.run_detect` (Mask R-CNN fine-tuning)."""
+    from ..dense.commands import run_detect as run
+
+    return run(cfg, **kwargs)
+
+
 COMMANDS: Dict[str, Callable[..., Dict[str, Any]]] = {
     "finetune": run_finetune, "linprobe": run_linprobe, "knn": run_knn, "zeroshot": run_zeroshot,
-    "segprobe": run_segprobe, "segment": run_segment, "depth": run_depth,
+    "segprobe": run_segprobe, "segment": run_segment, "depth": run_depth, "detect": run_detect,
 }
 #: commands that train into an output folder (``--compare`` gives each model a sub-folder)
-TRAINING_COMMANDS = ("finetune", "segment", "depth")
+TRAINING_COMMANDS = ("finetune", "segment", "depth", "detect")
 _COLUMNS = {"finetune": ["top1", "top5", "best_epoch"], "linprobe": ["top1", "top5", "feature"],
             "knn": ["top1", "top5", "k"], "zeroshot": ["top1", "top5", "teacher_top1", "teacher_top5"],
             "segprobe": ["miou", "aacc", "macc"], "segment": ["miou", "aacc", "macc", "best_epoch"],
-            "depth": ["rmse", "abs_rel", "log10", "d1", "best_epoch"]}
+            "depth": ["rmse", "abs_rel", "log10", "d1", "best_epoch"],
+            "detect": ["ap_box", "ap_mask", "ap50_box", "best_epoch"]}
 
 
 def _slug(spec: str, i: int) -> str:
