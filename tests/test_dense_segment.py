@@ -249,3 +249,18 @@ def test_labels_outside_the_classes_fail_before_the_first_step(tmp_path):
     with pytest.raises(DataError, match=r"ADE_0002.png: labels \[8\] outside 0..2"):
         finetune_segmentation(_adapter(), tr, va, cfg, output_dir=tmp_path / "run", progress=False,
                               on_step=lambda s: pytest.fail("training started"))
+
+
+def test_one_image_per_process_is_refused_before_any_data(tmp_path):
+    """UPerNet's pyramid pooling has batch norm over 1x1 maps: batch 1 cannot train (torch's error
+    would come from deep inside the first forward)."""
+    from fdistill.data import DataError
+
+    class Exploding:
+        classes, ignore_index = ["a", "b"], 255
+
+        def __len__(self):
+            raise AssertionError("data was read")
+
+    with pytest.raises(DataError, match="at least 2 images per process"):
+        finetune_segmentation(_adapter(), Exploding(), Exploding(), _cfg("data.batch_size=1"), output_dir=tmp_path)

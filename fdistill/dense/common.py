@@ -95,6 +95,31 @@ class BestTracker:
         self.best = state.get("best")
 
 
+def sync_batch_norm(model: nn.Module, env) -> nn.Module:
+    """Under DDP on GPUs, the dense heads' BatchNorm layers (BEiT's pyramid neck, UPerNet's
+    convolutions) become ``SyncBatchNorm``: statistics over the global batch, as mmseg's
+    ``SyncBN`` in the paper's setting (torch's SyncBatchNorm runs on GPUs only; on CPU each
+    process keeps its own statistics)."""
+    if env.distributed and env.device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def check_batch_norm_batch(model: nn.Module, batch_size: int, env, what: str) -> None:
+    """A BatchNorm over a 1 x 1 map (UPerNet's global pyramid pooling) cannot train on one
+    image: with fewer than 2 images per statistics group, one clear error before any data is read
+    (torch's own is a ValueError deep in the first forward)."""
+    from ..data import DataError
+
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    synced = any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    group = batch_size * (env.world_size if synced else 1)
+    if has_bn and group < 2:
+        raise DataError(f"{what} has batch norm (over 1x1 maps in the pyramid pooling), which needs at least 2 "
+                        f"images per process to train; data.batch_size={batch_size} (several GPUs pool their "
+                        "statistics with SyncBatchNorm)")
+
+
 def check_datasets(datasets: Sequence[Any], env, *, progress: bool = True) -> None:
     """Run each dataset's ``check(indices)`` (the folder datasets': label ranges, bit depths,
     sizes; see :mod:`fdistill.data.segmentation`, :mod:`~fdistill.data.depth`,

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..eval.data import autocast, model_inputs
-from .common import BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
+from .common import (BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder,
+                     sync_batch_norm, train_dense)
 from .depth_metrics import DepthMetrics
 from .sliding import sliding_window
 
@@ -148,7 +149,7 @@ def finetune_depth(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Option
     precision = resolve_precision(cfg.precision, device.type)
     with run_folder(out, env):
         model, criterion, info = build_depth_estimator(adapter, cfg)
-        model.to(device)
+        model = sync_batch_norm(model, env).to(device)
         check_datasets([train_ds, val_ds], env, progress=progress)  # bad files fail now, not mid-run
         recipe = dict(command="depth", model=(source or {}).get("spec") or adapter.name, config=recipe_config(cfg),
                       world_size=env.world_size, precision=precision, train_images=len(train_ds),

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from ..eval.data import autocast, model_inputs
 from ..eval.segmentation import confusion_matrix, segmentation_scores
 from .sliding import sliding_window
-from .common import BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
+from .common import (BestTracker, check_batch_norm_batch, check_datasets, peak_memory, plot_dense_curves,
+                     recipe_config, run_folder, sync_batch_norm, train_dense)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,8 @@ def finetune_segmentation(adapter, train_ds, val_ds, cfg, *, output_dir, resume:
         # the model first: a backbone that cannot give the maps, or a crop it cannot take, is said
         # before any image is read
         model, info = build_segmenter(adapter, cfg, len(classes))
-        model.to(device)
+        model = sync_batch_norm(model, env).to(device)
+        check_batch_norm_batch(model, cfg.data.batch_size, env, "UPerNet")
         check_datasets([train_ds, val_ds], env, progress=progress)  # bad files fail now, not mid-run
         m = cfg.model
         recipe = dict(command="segment", model=(source or {}).get("spec") or adapter.name, config=recipe_config(cfg),
