@@ -53,6 +53,8 @@ RUN: Dict[str, dict] = {
         {"stdout": "miou", "long": 80},
     "fdistill depth --config tiny_cpu --model open_clip:local-dir:fdistill/assets/clip_mini --train synthetic:400 "
     "--output eval/depth": {"stdout": "rmse", "long": 150},
+    "fdistill detect --config synthetic_clip_mini --model open_clip:local-dir:fdistill/assets/clip_mini "
+    "--train synthetic:400 --output eval/detect": {"stdout": "ap_box", "long": 450},
     # README.md, "Runnable here"
     "fdistill recipes distill": {"stdout": "distill/clip_vit_base_300ep"},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu": {},
@@ -125,6 +127,8 @@ SKIP: Dict[str, str] = {
     "runs/fd_clip_vitb": MULTI_GPU,
     "torchrun --nproc_per_node=8 -m fdistill.cli.main depth --config nyuv2_vit_base --train /data/nyu --output "
     "runs/nyuv2 --compare timm:vit_base_patch16_clip_quickgelu_224.openai runs/fd_clip_vitb": MULTI_GPU,
+    "torchrun --nproc_per_node=8 -m fdistill.cli.main detect --config coco_maskrcnn_vit_base --train /data/coco "
+    "--output runs/coco --compare timm:vit_base_patch16_clip_quickgelu_224.openai runs/fd_clip_vitb": MULTI_GPU,
     "make demo": "the whole demo (~9 min); tests/test_demo.py runs it (slow) and CI runs `make demo QUICK=1`",
     "make test": "the whole test suite, this test included",
     # docs/distill.md, the SLURM script (its signal handling is tested by tests/test_preemption_torchrun.py)
