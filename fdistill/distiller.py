@@ -50,82 +50,37 @@ class StudentBranch(nn.Module):
         return self.projector(tokens)  # (B, 1+N, Ct)
 
 
-class FeatureDistiller(nn.Module):
-    """Feature distillation of ``teacher`` into ``student``.
+class TeacherTargets(nn.Module):
+    """The teacher side of one FD step: a frozen teacher, how its grid is matched to the
+    student's, and its raw token map on the student grid (:meth:`forward`).
+
+    :class:`FeatureDistiller` holds one; :class:`fdistill.multi.MultiTeacherDistiller` one per
+    teacher (every teacher then sees the same augmented view, resized to its own input size).
 
     Args:
-        teacher: a frozen :class:`~fdistill.teachers.Teacher` (see ``create_teacher``).
-        student: a network with ``forward_tokens(images, mask=None)`` -> (B, 1+N, C), attributes
-            ``embed_dim``, ``grid_size``, ``img_size``, ``mean``, ``std`` (``create_student``).
-        norm: target normalisation: ``standardize`` (paper) | ``l2`` | ``none``.
-        beta: smooth-L1 beta (paper 2.0).
-        cls_weight: prefix-token weight in the token-weighted mean (paper 10; official code 1).
-        granularity: ``full`` | ``gap`` | ``cls`` (paper Table 4).
-        cls_target: what the student's [CLS] learns: ``auto`` (the teacher's first prefix token
-            if it has one, else nothing), ``teacher``, ``gap`` (the teacher's average patch token),
-            ``none`` (the [CLS] is left out of the loss).
-        mask_ratio, mask_type: student input masking (paper Table 5), ``random`` | ``block``.
-        mask_teacher: also hide the masked patches from the teacher (set to the mean colour).
-        drop_masked: drop masked patches from the student's encoder (MAE-style) instead of
-            replacing them by the mask token; the loss then covers [CLS] + visible patches.
-        align: how a teacher grid that differs from the student's is matched: ``resize`` the
-            teacher's input so the grids agree, ``interpolate`` the teacher's patch map,
-            ``auto`` (resize when the teacher takes other sizes, else interpolate), ``none``.
-        teacher_img_size: explicit teacher input size (overrides the automatic choice).
-
-    Speed (no effect on the values): the teacher runs under ``torch.inference_mode`` (set
-    ``teacher_inference_mode = False`` for plain ``no_grad``), and a teacher whose weights are
-    already bf16/fp16 runs outside autocast, in its own dtype (autocast would only add casts,
-    e.g. of every LayerNorm to fp32 and back). The mean/std tensors live on the device as
-    buffers, so normalising makes no host-to-device copy (and no sync) per step.
+        teacher: a :class:`~fdistill.teachers.Teacher` (frozen here).
+        student_grid, student_img_size: the student's token grid and input size.
+        cls_target: ``auto`` | ``teacher`` | ``gap`` | ``none`` (see :class:`FeatureDistiller`).
+        granularity: only checked (``cls`` needs a [CLS] target).
+        mask_teacher: hide the masked patches from the teacher too.
+        align, teacher_img_size: see :class:`FeatureDistiller`.
     """
 
     #: run the teacher under ``torch.inference_mode`` (else ``torch.no_grad``)
     teacher_inference_mode: bool = True
 
-    def __init__(
-        self,
-        teacher: Teacher,
-        student: nn.Module,
-        *,
-        norm: str = "standardize",
-        beta: float = 2.0,
-        cls_weight: float = 10.0,
-        granularity: str = "full",
-        cls_target: str = "auto",
-        mask_ratio: float = 0.0,
-        mask_type: str = "random",
-        mask_teacher: bool = False,
-        drop_masked: bool = False,
-        align: str = "auto",
-        teacher_img_size: Optional[int | Tuple[int, int]] = None,
-    ):
+    def __init__(self, teacher: Teacher, *, student_grid: Tuple[int, int], student_img_size,
+                 cls_target: str = "auto", granularity: str = "full", mask_teacher: bool = False,
+                 align: str = "auto", teacher_img_size: Optional[int | Tuple[int, int]] = None):
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if cls_target not in CLS_TARGETS:
             raise ValueError(f"cls_target must be one of {CLS_TARGETS}, got {cls_target!r}")
         if align not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
-        if mask_type not in MASK_TYPES:
-            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if not isinstance(teacher, Teacher):
             raise TypeError("teacher must be a fdistill Teacher (use fdistill.create_teacher)")
-        if drop_masked and mask_ratio <= 0:
-            raise ValueError("drop_masked needs mask_ratio > 0")
-        if mask_teacher and mask_ratio <= 0:
-            raise ValueError("mask_teacher needs mask_ratio > 0")
         self.teacher = teacher.freeze()
-        self.branch = StudentBranch(student, TokenProjector(student.embed_dim, teacher.embed_dim))
-        self.norm, self.beta, self.cls_weight, self.granularity = norm, float(beta), float(cls_weight), granularity
-        self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
-        self.mask_teacher, self.drop_masked = bool(mask_teacher), bool(drop_masked)
-
-        # [CLS] target
+        self.mask_teacher = bool(mask_teacher)
         P_t = teacher.num_prefix_tokens
         if cls_target == "auto":
             cls_target = "teacher" if P_t > 0 else "none"
@@ -135,35 +90,23 @@ class FeatureDistiller(nn.Module):
         if granularity == "cls" and cls_target == "none":
             raise ValueError("granularity='cls' needs a [CLS] target: the teacher has no prefix token; set cls_target='gap'")
         self.cls_target = cls_target
-
-        # grid alignment
-        self.student_grid = tuple(student.grid_size)
+        self.student_grid = tuple(student_grid)
+        self._student_img_size = to_2tuple(student_img_size)
         self.align, self.teacher_img_size = self._plan_alignment(align, teacher_img_size)
-        # per-network input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
-        for who, net in (("teacher", teacher), ("student", student)):
-            self.register_buffer(f"_{who}_mean", torch.tensor(net.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                                 persistent=False)
-            self.register_buffer(f"_{who}_std", torch.tensor(net.std, dtype=torch.float32).view(1, -1, 1, 1),
-                                 persistent=False)
-
-    # -- set-up -----------------------------------------------------------------------------------
-    @property
-    def student(self) -> nn.Module:
-        b = self.branch.module if hasattr(self.branch, "module") else self.branch  # DDP-wrapped or not
-        return b.student
+        # the teacher's input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
+        self.register_buffer("_mean", torch.tensor(teacher.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("_std", torch.tensor(teacher.std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
 
     @property
-    def projector(self) -> nn.Module:
-        b = self.branch.module if hasattr(self.branch, "module") else self.branch
-        return b.projector
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """Student + projector parameters (never the teacher's)."""
-        return (p for p in self.branch.parameters() if p.requires_grad)
+    def num_prefix_tokens(self) -> int:
+        """P of the target map: 1 when the student's [CLS] has a target, else 0."""
+        return 0 if self.cls_target == "none" else 1
 
     def _plan_alignment(self, align: str, teacher_img_size) -> Tuple[str, Tuple[int, int]]:
         t, sg = self.teacher, self.student_grid
-        s_img = to_2tuple(self.student.img_size)
+        s_img = self._student_img_size
         if teacher_img_size is not None:
             size = to_2tuple(teacher_img_size)
             if not t.accepts_size(size):
@@ -197,22 +140,9 @@ class FeatureDistiller(nn.Module):
         return (f"student {self.student_grid[0]}x{self.student_grid[1]} tokens; teacher input "
                 f"{self.teacher_img_size[0]}x{self.teacher_img_size[1]} -> {g[0]}x{g[1]} tokens ({how})")
 
-    # -- the step -------------------------------------------------------------------------------
-    def make_mask(self, batch: int, device) -> Optional[torch.Tensor]:
-        if self.mask_ratio <= 0:
-            return None
-        if self.mask_type == "block" and torch.device(device).type == "cuda":
-            # block masks are drawn by a Python loop on the host; a plain .to(cuda) of pageable
-            # memory would block until the GPU's queue drains: pinned + non_blocking does not
-            m = make_mask("block", batch, self.student_grid, self.mask_ratio)
-            return m.pin_memory().to(device, non_blocking=True)
-        return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
-
-    def _normalize(self, images: torch.Tensor, who: str) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` of ``who`` (teacher | student), in the
-        images' dtype; the same values as :func:`normalize_images`."""
-        mean, std = getattr(self, f"_{who}_mean"), getattr(self, f"_{who}_std")
-        if mean.device != images.device:  # a distiller not moved with its inputs: stay correct
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._mean, self._std
+        if mean.device != images.device:  # not moved with its inputs: stay correct
             mean, std = mean.to(images.device), std.to(images.device)
         return (images - mean.to(images.dtype)) / std.to(images.dtype)
 
@@ -238,13 +168,13 @@ class FeatureDistiller(nn.Module):
             return t.forward_tokens(x)
 
     @torch.no_grad()
-    def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,
-        P = 1 when the student's [CLS] has a target, else 0."""
+        P = :attr:`num_prefix_tokens`."""
         t = self.teacher
         p = next(t.parameters(), None)
         tdtype = p.dtype if p is not None and p.is_floating_point() else images.dtype
-        x = self._normalize(images.to(tdtype), "teacher")
+        x = self._normalize(images.to(tdtype))
         if mask is not None and self.mask_teacher:
             x = x * (1.0 - self._pixel_mask(mask, x))  # masked patches -> the mean colour
         if tuple(x.shape[-2:]) != self.teacher_img_size:
@@ -270,6 +200,160 @@ class FeatureDistiller(nn.Module):
         m = mask.view(B, 1, *self.student_grid).to(x.dtype)
         return F.interpolate(m, size=x.shape[-2:], mode="nearest")
 
+
+class FeatureDistiller(nn.Module):
+    """Feature distillation of ``teacher`` into ``student``.
+
+    Args:
+        teacher: a frozen :class:`~fdistill.teachers.Teacher` (see ``create_teacher``).
+        student: a network with ``forward_tokens(images, mask=None)`` -> (B, 1+N, C), attributes
+            ``embed_dim``, ``grid_size``, ``img_size``, ``mean``, ``std`` (``create_student``).
+        norm: target normalisation: ``standardize`` (paper) | ``l2`` | ``none``.
+        beta: smooth-L1 beta (paper 2.0).
+        cls_weight: prefix-token weight in the token-weighted mean (paper 10; official code 1).
+        granularity: ``full`` | ``gap`` | ``cls`` (paper Table 4).
+        cls_target: what the student's [CLS] learns: ``auto`` (the teacher's first prefix token
+            if it has one, else nothing), ``teacher``, ``gap`` (the teacher's average patch token),
+            ``none`` (the [CLS] is left out of the loss).
+        mask_ratio, mask_type: student input masking (paper Table 5), ``random`` | ``block``.
+        mask_teacher: also hide the masked patches from the teacher (set to the mean colour).
+        drop_masked: drop masked patches from the student's encoder (MAE-style) instead of
+            replacing them by the mask token; the loss then covers [CLS] + visible patches.
+        align: how a teacher grid that differs from the student's is matched: ``resize`` the
+            teacher's input so the grids agree, ``interpolate`` the teacher's patch map,
+            ``auto`` (resize when the teacher takes other sizes, else interpolate), ``none``.
+        teacher_img_size: explicit teacher input size (overrides the automatic choice).
+
+    Speed (no effect on the values): the teacher runs under ``torch.inference_mode`` (set
+    ``teacher_inference_mode = False`` for plain ``no_grad``), and a teacher whose weights are
+    already bf16/fp16 runs outside autocast, in its own dtype (autocast would only add casts,
+    e.g. of every LayerNorm to fp32 and back). The mean/std tensors live on the device as
+    buffers, so normalising makes no host-to-device copy (and no sync) per step.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: nn.Module,
+        *,
+        norm: str = "standardize",
+        beta: float = 2.0,
+        cls_weight: float = 10.0,
+        granularity: str = "full",
+        cls_target: str = "auto",
+        mask_ratio: float = 0.0,
+        mask_type: str = "random",
+        mask_teacher: bool = False,
+        drop_masked: bool = False,
+        align: str = "auto",
+        teacher_img_size: Optional[int | Tuple[int, int]] = None,
+    ):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if mask_type not in MASK_TYPES:
+            raise ValueError(f"mask_type must be one of {MASK_TYPES}, got {mask_type!r}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if drop_masked and mask_ratio <= 0:
+            raise ValueError("drop_masked needs mask_ratio > 0")
+        if mask_teacher and mask_ratio <= 0:
+            raise ValueError("mask_teacher needs mask_ratio > 0")
+        self.targets = TeacherTargets(teacher, student_grid=tuple(student.grid_size), student_img_size=student.img_size,
+                                      cls_target=cls_target, granularity=granularity, mask_teacher=mask_teacher,
+                                      align=align, teacher_img_size=teacher_img_size)
+        self.branch = StudentBranch(student, TokenProjector(student.embed_dim, teacher.embed_dim))
+        self.norm, self.beta, self.cls_weight, self.granularity = norm, float(beta), float(cls_weight), granularity
+        self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
+        self.mask_teacher, self.drop_masked = bool(mask_teacher), bool(drop_masked)
+        self.student_grid = tuple(student.grid_size)
+        # the student's input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
+        self.register_buffer("_student_mean", torch.tensor(student.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("_student_std", torch.tensor(student.std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+
+    # -- set-up -----------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> Teacher:
+        return self.targets.teacher
+
+    @property
+    def cls_target(self) -> str:
+        return self.targets.cls_target
+
+    @property
+    def align(self) -> str:
+        return self.targets.align
+
+    @property
+    def teacher_img_size(self) -> Tuple[int, int]:
+        return self.targets.teacher_img_size
+
+    @property
+    def teacher_inference_mode(self) -> bool:
+        """Run the teacher under ``torch.inference_mode`` (else ``torch.no_grad``)."""
+        return self.targets.teacher_inference_mode
+
+    @teacher_inference_mode.setter
+    def teacher_inference_mode(self, value: bool) -> None:
+        self.targets.teacher_inference_mode = bool(value)
+
+    def describe_alignment(self) -> str:
+        return self.targets.describe_alignment()
+
+    @property
+    def student(self) -> nn.Module:
+        b = self.branch.module if hasattr(self.branch, "module") else self.branch  # DDP-wrapped or not
+        return b.student
+
+    @property
+    def projector(self) -> nn.Module:
+        b = self.branch.module if hasattr(self.branch, "module") else self.branch
+        return b.projector
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Student + projector parameters (never the teacher's)."""
+        return (p for p in self.branch.parameters() if p.requires_grad)
+
+    # -- the step -------------------------------------------------------------------------------
+    def make_mask(self, batch: int, device) -> Optional[torch.Tensor]:
+        if self.mask_ratio <= 0:
+            return None
+        if self.mask_type == "block" and torch.device(device).type == "cuda":
+            # block masks are drawn by a Python loop on the host; a plain .to(cuda) of pageable
+            # memory would block until the GPU's queue drains: pinned + non_blocking does not
+            m = make_mask("block", batch, self.student_grid, self.mask_ratio)
+            return m.pin_memory().to(device, non_blocking=True)
+        return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
+
+    def _normalize(self, images: torch.Tensor, who: str = "student") -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` of the student (the teacher's is
+        :class:`TeacherTargets`'), in the images' dtype; the values of :func:`normalize_images`."""
+        if who == "teacher":
+            return self.targets._normalize(images)
+        mean, std = self._student_mean, self._student_std
+        if mean.device != images.device:  # a distiller not moved with its inputs: stay correct
+            mean, std = mean.to(images.device), std.to(images.device)
+        return (images - mean.to(images.dtype)) / std.to(images.dtype)
+
+    def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,
+        P = 1 when the student's [CLS] has a target, else 0 (:class:`TeacherTargets`)."""
+        return self.targets(images, mask)
+
+    def student_tokens(self, images: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[int]]:
+        """(B, 3, H, W) pixels -> the branch's output (B, 1+N(v), C) and, with ``drop_masked``,
+        the number of visible patches."""
+        xs = self._normalize(images, "student")
+        if self.drop_masked:  # every mask hides exactly num_masked patches: known without a sync
+            n = self.student_grid[0] * self.student_grid[1]
+            n_vis = n - num_masked(n, self.mask_ratio)
+            return self.branch(xs, mask, True, n_vis), n_vis
+        return self.branch(xs, mask), None
+
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One FD step's forward: (B, 3, H, W) pixels in [0, 1] (or uint8) -> ``loss`` and parts."""
         if images.dtype == torch.uint8:
@@ -277,15 +361,8 @@ class FeatureDistiller(nn.Module):
         B = images.shape[0]
         mask = self.make_mask(B, images.device)
         target = self.teacher_targets(images, mask)  # (B, P+N, Ct)
-        xs = self._normalize(images, "student")
-        n_vis = None
-        if self.drop_masked:  # every mask hides exactly num_masked patches: known without a sync
-            n = self.student_grid[0] * self.student_grid[1]
-            n_vis = n - num_masked(n, self.mask_ratio)
-            pred = self.branch(xs, mask, True, n_vis)
-        else:
-            pred = self.branch(xs, mask)
-        P = 0 if self.cls_target == "none" else 1
+        pred, n_vis = self.student_tokens(images, mask)
+        P = self.targets.num_prefix_tokens
         if P == 0:
             pred = pred[:, 1:]
         if self.drop_masked:

@@ -54,6 +54,8 @@ def feature_distill_loss_parts(
     num_prefix_tokens: int = 1,
     granularity: str = "full",
     token_weight: torch.Tensor | None = None,
+    per_sample: bool = False,
+    cosine_weight: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """Feature-distillation loss and its parts (prefix / patch terms), all 0-dim fp32 tensors.
 
@@ -69,6 +71,11 @@ def feature_distill_loss_parts(
             (normalised after pooling); ``cls`` the prefix tokens only (paper Table 4).
         token_weight: optional (B, P+N) extra per-token weight (e.g. 0 for tokens that a
             student did not compute); multiplies the prefix/patch weights.
+
+        cosine_weight: adds ``cosine_weight x (1 - cos(pred, target))`` per token (RADIO / UNIC's
+            cosine + smooth-L1 with 1; 0, FD: smooth-L1 alone).
+        per_sample: also return ``loss_per_sample`` (B,), each sample's weighted mean (not
+            detached; for per-sample balancing across teachers, :mod:`fdistill.multi`).
 
     Returns:
         ``loss`` (the weighted mean), ``loss_prefix`` and ``loss_patch`` (unweighted means of
@@ -99,6 +106,8 @@ def feature_distill_loss_parts(
 
     target = normalize_target(target, norm)
     per_token = F.smooth_l1_loss(pred, target, beta=beta, reduction="none").mean(dim=-1)  # (B, T)
+    if cosine_weight:
+        per_token = per_token + float(cosine_weight) * (1.0 - F.cosine_similarity(pred, target, dim=-1))
 
     w = torch.ones_like(per_token)
     w[:, :P] = float(cls_weight)
@@ -109,7 +118,10 @@ def feature_distill_loss_parts(
     zero = per_token.new_zeros(())
     loss_prefix = per_token[:, :P].mean() if P > 0 else zero
     loss_patch = per_token[:, P:].mean() if per_token.shape[1] > P else zero
-    return {"loss": loss, "loss_prefix": loss_prefix.detach(), "loss_patch": loss_patch.detach()}
+    out = {"loss": loss, "loss_prefix": loss_prefix.detach(), "loss_patch": loss_patch.detach()}
+    if per_sample:
+        out["loss_per_sample"] = (per_token * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)  # (B,)
+    return out
 
 
 def feature_distill_loss(
