@@ -167,3 +167,18 @@ def test_bad_depth_maps_fail_before_the_first_step(tmp_path):
     Image.fromarray(np.zeros((20, 32), np.uint16)).save(root / "test" / "sync_depth_0001.png")
     with pytest.raises(DataError, match="depth map is 32x20 but its image is 32x24"):
         va.check()
+
+
+@pytest.mark.slow
+def test_pretrained_weights_beat_random_ones(tmp_path):
+    """The project's CLIP (fdistill/assets/clip_mini) fine-tuned inside DPT against the same network
+    from random weights, one recipe (docs/evaluate.md's command). Measured 2026-12-02, seed 0: RMSE
+    0.31 m pre-trained vs 0.40 m random (abs rel 0.061 vs 0.082, delta1 0.946 vs 0.911)."""
+    from fdistill.assets import teacher_spec
+    from fdistill.dense.commands import run_depth
+
+    cfg = build_config(DepthConfig, "configs/depth/tiny_cpu.yaml", ["figure_images=0"])
+    rmse = {pre: run_depth(cfg, model=teacher_spec("clip_mini"), model_kwargs={"pretrained": pre},
+                           train="synthetic:400", output=str(tmp_path / str(pre)), echo=False)["rmse"]
+            for pre in (True, False)}
+    assert rmse[True] < 0.9 * rmse[False], rmse
