@@ -1,0 +1,1 @@
+"""Multi-teacher feature distillation (AM-RADIO / UNIC / Theia style)."""
