@@ -58,6 +58,8 @@ RUN: Dict[str, dict] = {
     # README.md, "Runnable here"
     "fdistill recipes distill": {"stdout": "distill/clip_vit_base_300ep"},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu": {},
+    # docs/distill.md, several teachers
+    "fdistill distill --config configs/distill/multi_tiny_cpu.yaml --output runs/multi_tiny": {"long": 40},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu train.epochs=3": {},
     "fdistill export runs/tiny_cpu --format timm": {},
     "fdistill knn --compare timm:vit_tiny_patch16_224 runs/tiny_cpu --train synthetic:2000 --output eval/knn "

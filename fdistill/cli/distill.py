@@ -55,7 +55,8 @@ def _validate(args) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     if kind == "distill":
-        print(f"{args.config}: valid distill recipe ({cfg.teacher.spec} -> {cfg.student.arch}, "
+        teachers = " + ".join(f"{t.name}={t.spec}" for t in cfg.teachers) if cfg.teachers else cfg.teacher.spec
+        print(f"{args.config}: valid distill recipe ({teachers} -> {cfg.student.arch}, "
               f"{cfg.train.epochs:g} epochs)")
     else:
         print(f"{args.config}: valid {kind} recipe (fdistill {kind} --config {args.config})")

@@ -14,9 +14,10 @@ epochs from 5e-7, cosine to 5e-6, gradient clipping 3.0, batch 128 per GPU.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Literal, Optional, Tuple
 
 from .core import ConfigError
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig", "OptimConfig", "TrainConfig",
+    "TeacherConfig", "TeacherEntryConfig", "MultiTeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig", "OptimConfig", "TrainConfig",
     "DistillConfig", "RESUME_SAFE_KEYS", "resolve_precision", "resolve_lr", "build_teacher", "build_student",
     "build_distiller", "build_optimizer", "build_scheduler", "build_dataset", "build_loader",
     "student_args_of", "validate_without_building", "data_img_size",
@@ -54,6 +55,51 @@ class TeacherConfig:
     def __post_init__(self):
         _check(isinstance(self.spec, str) and ":" in self.spec,
                f"teacher.spec {self.spec!r} must look like '<source>:<name>', e.g. 'timm:vit_base_patch16_clip_quickgelu_224.openai'")
+
+
+@dataclass
+class TeacherEntryConfig(TeacherConfig):
+    """One teacher of a multi-teacher run (``teachers:``, :mod:`fdistill.multi`): the teacher
+    (``spec``, ``kwargs``, ``after_norm``, ``dtype`` as ``teacher:``) and how the student learns it."""
+
+    #: the teacher's name: its head, its losses in metrics.jsonl (default: t0, t1, ...)
+    name: str = ""
+    #: its loss weight (static balancing)
+    weight: float = 1.0
+    #: what is distilled: the ``full`` token map ([CLS] x distill.cls_weight + patches, FD),
+    #: the ``summary`` token only, or the ``spatial`` patch tokens only
+    targets: Literal["full", "summary", "spatial"] = "full"
+    #: target normalisation: FD's per-token ``standardize``, per-channel ``stats`` (UNIC / Theia),
+    #: ``phi_s`` (RADIO's PHI-S), ``l2``, ``none``; stats / phi_s are fitted before training
+    norm: Literal["standardize", "stats", "phi_s", "l2", "none"] = "standardize"
+    #: FD's ``smooth_l1`` (beta distill.beta) or ``cos_smooth_l1`` (cosine + smooth-L1, RADIO / UNIC)
+    loss: Literal["smooth_l1", "cos_smooth_l1"] = "smooth_l1"
+    #: the head from the student's tokens: FD's per-token ``linear`` or a 2-layer ``mlp`` (RADIO / UNIC)
+    head: Literal["linear", "mlp"] = "linear"
+    #: cls_target and grid alignment of this teacher (see distill.*)
+    cls_target: Literal["auto", "teacher", "gap", "none"] = "auto"
+    align: Literal["auto", "resize", "interpolate", "none"] = "auto"
+    teacher_img_size: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(math.isfinite(self.weight) and self.weight >= 0, f"teachers[].weight must be >= 0, got {self.weight}")
+
+
+@dataclass
+class MultiTeacherConfig:
+    """How several teachers are balanced and their statistics gathered (:mod:`fdistill.multi`)."""
+
+    #: images of the statistics pass that fits the stats / phi_s normalisers before training
+    stats_images: int = 2048
+    #: UNIC's teacher dropping: per sample, drop the losses of teachers the student already fits well
+    teacher_dropping: bool = False
+    #: divide each teacher's loss by its mean over the first N steps (0: off)
+    normalize_by_initial_steps: int = 0
+
+    def __post_init__(self):
+        _check(self.stats_images >= 1, f"multi.stats_images must be >= 1, got {self.stats_images}")
+        _check(self.normalize_by_initial_steps >= 0, "multi.normalize_by_initial_steps must be >= 0")
 
 
 @dataclass
@@ -237,6 +283,9 @@ class TrainConfig:
 @dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    #: several teachers at once (:mod:`fdistill.multi`); empty: the one ``teacher``
+    teachers: List[TeacherEntryConfig] = field(default_factory=list)
+    multi: MultiTeacherConfig = field(default_factory=MultiTeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillLossConfig = field(default_factory=DistillLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,6 +293,16 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.teachers:
+            if self.teacher != TeacherConfig():
+                raise ConfigError("give either teacher: (one teacher) or teachers: (a list), not both")
+            names = [t.name or f"t{i}" for i, t in enumerate(self.teachers)]
+            for t, n in zip(self.teachers, names):
+                t.name = n
+            if len(set(names)) != len(names):
+                raise ConfigError(f"teachers[].name must be unique, got {names}")
+            if not any(t.weight > 0 for t in self.teachers):
+                raise ConfigError("teachers: at least one weight must be > 0")
         if self.student.arch.startswith("timm:") and self.distill.mask_ratio > 0:
             raise ConfigError(
                 f"distill.mask_ratio > 0 needs the FD ViT student; {self.student.arch} (a timm backbone) "
@@ -303,21 +362,23 @@ def student_args_of(cfg: DistillConfig) -> Dict[str, Any]:
 
 
 # -- builders: the only readers of a DistillConfig -----------------------------------------------
-def build_teacher(cfg: DistillConfig, *, device=None, precision: str = "fp32"):
-    """The frozen teacher of ``cfg.teacher``, on ``device``, in the dtype ``teacher.dtype`` asks
-    (``auto``: the run's autocast dtype, so a bf16 run keeps a bf16 teacher)."""
+def build_teacher(cfg: DistillConfig, *, device=None, precision: str = "fp32", entry: Optional[TeacherConfig] = None):
+    """The frozen teacher of ``cfg.teacher`` (or of ``entry``, one of ``cfg.teachers``), on
+    ``device``, in the dtype ``teacher.dtype`` asks (``auto``: the run's autocast dtype, so a
+    bf16 run keeps a bf16 teacher)."""
     import torch
 
     from ..teachers import TeacherError, create_teacher
 
-    kwargs = dict(cfg.teacher.kwargs)
-    if not cfg.teacher.after_norm:
+    tc = entry if entry is not None else cfg.teacher
+    kwargs = dict(tc.kwargs)
+    if not tc.after_norm:
         kwargs["after_norm"] = False
     try:
-        teacher = create_teacher(cfg.teacher.spec, **kwargs)
+        teacher = create_teacher(tc.spec, **kwargs)
     except TypeError as e:  # a factory that does not take a kwarg given in the config
-        raise TeacherError(f"teacher {cfg.teacher.spec}: {e} (check teacher.kwargs / teacher.after_norm)") from e
-    dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else precision
+        raise TeacherError(f"teacher {tc.spec}: {e} (check teacher.kwargs / teacher.after_norm)") from e
+    dtype = tc.dtype if tc.dtype != "auto" else precision
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return teacher.to(device=device, dtype=torch_dtype)
 
@@ -335,9 +396,13 @@ def build_student(cfg: DistillConfig):
 
 
 def build_distiller(cfg: DistillConfig, *, device=None, precision: str = "fp32", teacher=None):
-    """Teacher + student + projector + loss (:class:`fdistill.FeatureDistiller`) of ``cfg``."""
+    """Teacher + student + projector + loss (:class:`fdistill.FeatureDistiller`) of ``cfg``;
+    with ``teachers:``, every teacher + the student + one head each
+    (:class:`fdistill.multi.MultiTeacherDistiller`)."""
     from ..distiller import FeatureDistiller
 
+    if cfg.teachers:
+        return _build_multi_distiller(cfg, device=device, precision=precision)
     teacher = teacher if teacher is not None else build_teacher(cfg, device=device, precision=precision)
     student = build_student(cfg)
     d = cfg.distill
@@ -354,6 +419,32 @@ def build_distiller(cfg: DistillConfig, *, device=None, precision: str = "fp32",
         mt = getattr(distiller.student, "mask_token", None)
         if mt is not None:
             mt.requires_grad_(False)
+    return distiller.to(device) if device is not None else distiller
+
+
+def _build_multi_distiller(cfg: DistillConfig, *, device=None, precision: str = "fp32"):
+    from ..multi.distiller import MultiTeacherDistiller, TeacherSpec
+
+    d = cfg.distill
+    if d.drop_masked or d.mask_teacher or d.granularity != "full" or d.norm != "standardize":
+        raise ConfigError("with teachers:, set the target norm per teacher (teachers[].norm) and what is "
+                          "distilled per teacher (teachers[].targets); distill.drop_masked / mask_teacher / "
+                          "granularity / norm are single-teacher options")
+    specs = [TeacherSpec(name=t.name, teacher=build_teacher(cfg, device=device, precision=precision, entry=t),
+                         weight=t.weight, targets=t.targets, norm=t.norm, loss=t.loss, head=t.head,
+                         cls_target=t.cls_target, align=t.align, teacher_img_size=t.teacher_img_size)
+             for t in cfg.teachers]
+    m = cfg.multi
+    try:
+        distiller = MultiTeacherDistiller(specs, build_student(cfg), beta=d.beta, cls_weight=d.cls_weight,
+                                          mask_ratio=d.mask_ratio, mask_type=d.mask_type,
+                                          teacher_dropping=m.teacher_dropping,
+                                          normalize_initial_steps=m.normalize_by_initial_steps)
+    except ValueError as e:
+        raise ConfigError(f"teachers: {e}") from e
+    mt = getattr(distiller.student, "mask_token", None)
+    if mt is not None and d.mask_ratio == 0:
+        mt.requires_grad_(False)
     return distiller.to(device) if device is not None else distiller
 
 
@@ -459,15 +550,17 @@ def validate_without_building(cfg: DistillConfig) -> None:
     """Checks beyond the schema that need no model: the teacher's source is known, timm model
     names exist, a local data folder exists. Raises ConfigError."""
     from ..teachers.registry import TEACHER_SOURCES, _CUSTOM
-
-    source, _, name = cfg.teacher.spec.partition(":")
-    known = set(TEACHER_SOURCES) | set(_CUSTOM)
-    if source not in known:
-        raise ConfigError(f"teacher.spec: unknown source {source!r}; expected one of {sorted(known)}")
     import timm
 
-    if source == "timm" and not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"teacher.spec: timm has no model {name!r}")
+    known = set(TEACHER_SOURCES) | set(_CUSTOM)
+    entries = [(f"teachers[{i}] ({t.name}).spec", t.spec) for i, t in enumerate(cfg.teachers)] or \
+        [("teacher.spec", cfg.teacher.spec)]
+    for where, spec in entries:
+        source, _, name = spec.partition(":")
+        if source not in known:
+            raise ConfigError(f"{where}: unknown source {source!r}; expected one of {sorted(known)}")
+        if source == "timm" and not timm.is_model(name.split(".")[0]):
+            raise ConfigError(f"{where}: timm has no model {name!r}")
     if cfg.student.arch.startswith("timm:") and not timm.is_model(cfg.student.arch[5:]):
         raise ConfigError(f"student.arch: timm has no model {cfg.student.arch[5:]!r}")
     p = cfg.data.path

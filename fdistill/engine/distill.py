@@ -246,17 +246,57 @@ def _no_loadable_checkpoint(run_dir: Path) -> Optional[str]:
               "another --output folder")
 
 
-def _teacher_info(cfg: DistillConfig, teacher) -> Dict[str, Any]:
+def _teacher_info(cfg: DistillConfig, distiller) -> Dict[str, Any]:
+    """What the checkpoint records of the teacher; with ``teachers:``, the first teacher's
+    fields at the top (what single-teacher readers use) and every teacher under ``teachers``."""
+    if not cfg.teachers:
+        return _one_teacher_info(cfg.teacher, distiller.teacher)
+    infos = [dict(_one_teacher_info(t, distiller.targets[t.name].teacher), name=t.name, weight=t.weight,
+                  norm=t.norm, targets=t.targets, head=t.head) for t in cfg.teachers]
+    return dict(infos[0], teachers=infos)
+
+
+def _one_teacher_info(tc, teacher) -> Dict[str, Any]:
     # provenance: which weights the teacher carries and their licence, which the student inherits
     # (plain strings / None, so the checkpoint still loads with weights_only=True)
     prov = dict(getattr(teacher, "provenance", None) or {})
-    provenance = {"spec": str(prov.get("spec") or cfg.teacher.spec),
+    provenance = {"spec": str(prov.get("spec") or tc.spec),
                   "weights": None if prov.get("weights") is None else str(prov["weights"]),
                   "license": str(prov.get("license") or "unknown"),
                   "license_source": None if prov.get("license_source") is None else str(prov["license_source"])}
-    return {"spec": cfg.teacher.spec, "kwargs": dict(cfg.teacher.kwargs), "after_norm": cfg.teacher.after_norm,
+    return {"spec": tc.spec, "kwargs": dict(tc.kwargs), "after_norm": tc.after_norm,
             "embed_dim": int(teacher.embed_dim), "num_prefix_tokens": int(teacher.num_prefix_tokens),
             "provenance": provenance}
+
+
+def _checkpoint_parts(distiller) -> Dict[str, torch.nn.Module]:
+    """The modules a checkpoint stores: student + projector (+ a multi-teacher run's balancing state)."""
+    parts = getattr(distiller, "checkpoint_parts", None)
+    return parts() if parts is not None else {"student": distiller.student, "projector": distiller.projector}
+
+
+def _teachers_line(cfg: DistillConfig) -> str:
+    return " + ".join(f"{t.name}={t.spec}" for t in cfg.teachers) if cfg.teachers else cfg.teacher.spec
+
+
+def _fit_target_norms(cfg: DistillConfig, distiller, dataset, to_images, env: DistEnv) -> None:
+    """Before a fresh multi-teacher run: the ``stats`` / ``phi_s`` normalisers are fitted on the
+    teachers' tokens of ``multi.stats_images`` training images (their own pass over the data, in
+    a fixed order; the statistics go into the checkpoint's heads, so a resume does not redo this)."""
+    if not cfg.teachers or not distiller.norms_to_fit():
+        return
+    from ..data import DataError
+
+    loader = build_loader(cfg, dataset, num_replicas=env.world_size, rank=env.rank,
+                          pin_memory=env.device.type == "cuda")
+    loader.set_epoch(0, start_index=0)
+    per_rank = max(1, -(-cfg.multi.stats_images // env.world_size))
+    with torch.autocast(env.device.type, enabled=False):
+        seen = distiller.fit_target_norms((to_images(b) for b in loader), max_images=per_rank, env=env)
+    if not seen:
+        raise DataError("the statistics pass saw no images")
+    if env.is_main:
+        log.info("target statistics fitted: %s", ", ".join(f"{n} ({k} tokens)" for n, k in seen.items()))
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -339,6 +379,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
                             "are re-seeded from (train.seed, step %d, rank); the data is the same, drop-path/mask "
                             "draws differ from the original run's", len(rng_states), env.world_size, step)
             rng_states = None
+    else:
+        _fit_target_norms(cfg, distiller, dataset, to_images, env)
     last_ckpt = ckpt_path
     del ckpt
 
@@ -351,10 +393,12 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     if env.is_main:
         lr0 = resolve_lr(oc, total_batch)[0]
         runlog.message(
-            f"fdistill distill: {cfg.teacher.spec} -> {cfg.student.arch} | {env.world_size} process(es) on "
+            f"fdistill distill: {_teachers_line(cfg)} -> {cfg.student.arch} | {env.world_size} process(es) on "
             f"{device.type}, {precision} | global batch {total_batch}, peak lr {lr0:.3g} | {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps" + (f" | resumed from {ckpt_path} at step {step}" if ckpt_path else ""))
-    metrics = StepMetrics(device)
+    # a multi-teacher run reports each teacher's loss (its [CLS] / patch split is per teacher, not one)
+    metrics = StepMetrics(device, parts=() if cfg.teachers else ("loss_prefix", "loss_patch"),
+                          extra=tuple(f"loss_{t.name}" for t in cfg.teachers))
     record: Dict[str, Any] = {"loss": math.nan}
     stopped_by = None
 
@@ -367,8 +411,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
         if env.is_main:
             obj = {
                 "format": FORMAT, "version": VERSION, "config": cfg_dict, "student_args": student_args_of(cfg),
-                "model": {"student": distiller.student.state_dict(), "projector": distiller.projector.state_dict()},
-                "teacher": _teacher_info(cfg, distiller.teacher),
+                "model": {k: m.state_dict() for k, m in _checkpoint_parts(distiller).items()},
+                "teacher": _teacher_info(cfg, distiller),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": {"per_rank": rngs},
                 "progress": {"step": at_step, "epoch": at_epoch, "step_in_epoch": at_step_in_epoch,
@@ -504,8 +548,10 @@ def _restore(ckpt: Dict[str, Any], distiller, optimizer, scaler, env: DistEnv) -
 
     prog = ckpt["progress"]
     try:
-        load_into(unwrap(distiller.student), ckpt["model"]["student"], what="student")
-        load_into(unwrap(distiller.projector), ckpt["model"]["projector"], what="projector")
+        for part, module in _checkpoint_parts(distiller).items():
+            if part not in ckpt["model"]:
+                raise WeightsError(f"the checkpoint has no {part!r} part (it holds {sorted(ckpt['model'])})")
+            load_into(unwrap(module), ckpt["model"][part], what=part)
     except WeightsError as e:
         raise RunError(f"checkpoint weights do not fit the model: {e}") from e
     optimizer.load_state_dict(ckpt["optimizer"])

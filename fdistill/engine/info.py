@@ -43,13 +43,14 @@ def _types_text(types: Dict[str, int]) -> str:
 
 
 def teacher_report(distiller) -> Dict[str, Any]:
-    """What the distiller's teacher is: ``spec``, ``activation`` / ``norm`` (class name -> count,
+    """What the distiller's teacher (or one :class:`~fdistill.distiller.TeacherTargets`) is: ``spec``, ``activation`` / ``norm`` (class name -> count,
     see :func:`layer_types`), ``input_size`` (what the distiller feeds it), ``grid`` (its token grid
     there), ``prefix_tokens``, ``patch_size``, ``embed_dim``, ``alignment`` (how the grid meets
     the student's: ``mode`` none / resize / interpolate and the distiller's description),
     ``weights``, ``license`` and ``license_source`` (its provenance)."""
-    t = distiller.teacher
-    size = tuple(distiller.teacher_img_size)
+    tt = getattr(distiller, "targets", distiller)  # a FeatureDistiller's TeacherTargets, or one itself
+    t = tt.teacher
+    size = tuple(tt.teacher_img_size)
     grid = tuple(t.grid_size(size))
     prov = dict(getattr(t, "provenance", None) or {})
     return {
@@ -58,8 +59,8 @@ def teacher_report(distiller) -> Dict[str, Any]:
         "norm": layer_types(t.model, "norm"),
         "input_size": list(size), "grid": list(grid),
         "prefix_tokens": int(t.num_prefix_tokens), "patch_size": t.patch_size, "embed_dim": int(t.embed_dim),
-        "alignment": {"mode": distiller.align, "student_grid": list(distiller.student_grid),
-                      "description": distiller.describe_alignment()},
+        "alignment": {"mode": tt.align, "student_grid": list(tt.student_grid),
+                      "description": tt.describe_alignment()},
         "weights": prov.get("weights"), "license": prov.get("license", "unknown"),
         "license_source": prov.get("license_source"),
     }
@@ -97,6 +98,8 @@ def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -
     """A text report: resolved config, teacher/student/projector sizes and FLOPs, token grids and
     how they are aligned, global batch and learning rate for a few process counts."""
     d = build_distiller(cfg, device=torch.device("cpu"), precision="fp32").eval()
+    if cfg.teachers:
+        return _describe_multi(cfg, d, processes)
     t, s, proj = d.teacher, d.student, d.projector
     img = data_img_size(cfg)
     x = torch.rand(1, 3, img, img)
@@ -128,6 +131,11 @@ def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -
         "",
         "# optimisation (global batch = data.batch_size x processes x optim.accum_steps)",
     ]
+    return "\n".join(lines + _optimisation_lines(cfg, processes))
+
+
+def _optimisation_lines(cfg: DistillConfig, processes: Sequence[int]) -> List[str]:
+    lines = []
     for n in processes:
         tb = cfg.data.batch_size * n * cfg.optim.accum_steps
         lr, wlr, mlr = resolve_lr(cfg.optim, tb)
@@ -135,5 +143,41 @@ def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -
                      f"cosine to {mlr:.3g})")
     lines.append(f"schedule: {cfg.train.epochs:g} epochs, {cfg.optim.warmup_epochs:g} warm-up; "
                  f"precision {cfg.train.precision}; compile {cfg.train.compile}")
-    return "\n".join(lines)
+    return lines
+
+
+def _describe_multi(cfg: DistillConfig, d, processes: Sequence[int]) -> str:
+    """:func:`describe_run` of a ``teachers:`` run: each teacher with its head, target and FLOPs."""
+    from ..distiller import normalize_images
+
+    s = d.student
+    img = data_img_size(cfg)
+    x = torch.rand(1, 3, img, img)
+    s_tokens = s.forward_tokens(normalize_images(x, s.mean, s.std))
+    s_flops = forward_flops(lambda z: s.forward_tokens(normalize_images(z, s.mean, s.std)), x)
+    lines: List[str] = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
+                        "# models",
+                        f"student   {cfg.student.arch}: {_fmt(count_params(s), 'params')}, width {s.embed_dim}, "
+                        f"grid {s.grid_size[0]}x{s.grid_size[1]}, drop path {cfg.student.drop_path_rate}; "
+                        f"{_fmt(s_flops, 'FLOPs')}/image forward"]
+    total = 3 * s_flops
+    reports = []
+    for entry in cfg.teachers:
+        tt, head = d.targets[entry.name], d.projector[entry.name]
+        t = tt.teacher
+        t_in = torch.nn.functional.interpolate(x, size=tt.teacher_img_size, mode="bilinear") \
+            if tuple(x.shape[-2:]) != tuple(tt.teacher_img_size) else x
+        t_flops = forward_flops(lambda z: t.forward_tokens(normalize_images(z, t.mean, t.std)), t_in)
+        h_flops = forward_flops(head, s_tokens)
+        total += t_flops + 3 * h_flops
+        lines.append(f"teacher {entry.name}: {entry.spec}: {_fmt(count_params(t), 'params')}, width {t.embed_dim}, "
+                     f"weight {entry.weight:g}, targets {entry.targets}, norm {entry.norm}, loss {entry.loss}; "
+                     f"{_fmt(t_flops, 'FLOPs')}/image forward; head {entry.head} {s.embed_dim} -> {t.embed_dim}: "
+                     f"{_fmt(count_params(head), 'params')}")
+        reports.append((entry.name, teacher_report(tt)))
+    lines.append(f"cost      {_fmt(total, 'FLOPs')} per training image (every teacher fwd + 3 x student/heads fwd)")
+    for name, rep in reports:
+        lines += ["", *[ln.replace("# teacher", f"# teacher {name}") for ln in teacher_report_lines(rep)]]
+    lines += ["", "# optimisation (global batch = data.batch_size x processes x optim.accum_steps)"]
+    return "\n".join(lines + _optimisation_lines(cfg, processes))
 

@@ -29,10 +29,12 @@ _LOCAL = ("loss", "loss_prefix", "loss_patch", "mask_fraction", "finite_micro", 
 class StepMetrics:
     """Device-side running sums between two log points."""
 
-    def __init__(self, device: torch.device, parts: Tuple[str, ...] = ("loss_prefix", "loss_patch")):
+    def __init__(self, device: torch.device, parts: Tuple[str, ...] = ("loss_prefix", "loss_patch"),
+                 extra: Tuple[str, ...] = ()):
         self.device = device
         self.parts = tuple(parts)  # which loss parts the records report (FD: [CLS] and patch terms)
-        self.local = torch.zeros(len(_LOCAL), device=device, dtype=torch.float64)
+        self.extra = tuple(extra)  # further 0-dim outputs averaged like the loss (e.g. each teacher's loss)
+        self.local = torch.zeros(len(_LOCAL) + len(self.extra), device=device, dtype=torch.float64)
         self.grad_norm = torch.zeros((), device=device, dtype=torch.float64)  # same on all ranks
         self.steps = 0  # host counters (no sync needed)
         self.images = 0
@@ -49,7 +51,9 @@ class StepMetrics:
                             out.get("loss_patch", loss).detach().float(),
                             out.get("mask_fraction", torch.zeros((), device=loss.device)).float()]).double()
         vals = torch.where(ok, vals, torch.zeros_like(vals))
-        self.local += torch.cat([vals, ok.double().view(1), vals.new_ones(1)])
+        extra = [torch.where(ok, out[k].detach().double(), torch.zeros((), device=loss.device, dtype=torch.float64))
+                 for k in self.extra]
+        self.local += torch.cat([vals, ok.double().view(1), vals.new_ones(1), *[e.view(1) for e in extra]])
 
     def add_step(self, grad_norm: torch.Tensor, ok: torch.Tensor, images: int, skipped: int = 0) -> None:
         """One optimizer step: its global gradient norm and whether it was applied."""
@@ -68,15 +72,16 @@ class StepMetrics:
         skipped = all_reduce_sum_(torch.tensor([float(self.skipped)], device=self.device, dtype=torch.float64), env)
         host = torch.cat([local, self.grad_norm.view(1), self.nonfinite.double().view(1),
                           self.streak.double().view(1), skipped]).tolist()  # the one host sync
-        n = dict(zip(_LOCAL, host[:len(_LOCAL)]))
-        grad_norm, nonfinite, streak, skipped_all = host[len(_LOCAL):]
+        keys = _LOCAL + self.extra
+        n = dict(zip(keys, host[:len(keys)]))
+        grad_norm, nonfinite, streak, skipped_all = host[len(keys):]
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
         good = max(n["finite_micro"], 1.0)
         applied = self.steps - int(nonfinite)
         out = {
             "loss": n["loss"] / good if n["finite_micro"] else math.nan,
-            **{k: n[k] / good if n["finite_micro"] else math.nan for k in self.parts},
+            **{k: n[k] / good if n["finite_micro"] else math.nan for k in self.parts + self.extra},
             "grad_norm": grad_norm / applied if applied else math.nan,
             "nonfinite": int(nonfinite),
             "nonfinite_streak": int(streak),
@@ -184,7 +189,10 @@ class RunLog:
             return
         self.file.write(json.dumps(record, allow_nan=True) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+            # each teacher's loss of a multi-teacher run too (its name after "loss_")
+            teachers = {k[5:]: f"{v:.3f}" for k, v in record.items()
+                        if k.startswith("loss_") and k not in ("loss_prefix", "loss_patch") and isinstance(v, float)}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **teachers, lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['images_per_s']:.1f}", refresh=False)
         if self.tb is not None:
             for k, v in record.items():

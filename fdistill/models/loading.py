@@ -56,7 +56,7 @@ def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str) -> StudentAdapte
         raise TeacherError(f"{name} is not an fdistill distillation checkpoint")
     student = rebuild_student(ckpt)
     proj = None
-    if "projector" in ckpt["model"]:
+    if "weight" in ckpt["model"].get("projector", {}):  # FD's one projector (a multi-teacher run has heads)
         w = ckpt["model"]["projector"]["weight"]
         proj = TokenProjector(w.shape[1], w.shape[0])
         proj.load_state_dict(ckpt["model"]["projector"])
