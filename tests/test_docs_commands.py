@@ -60,6 +60,8 @@ RUN: Dict[str, dict] = {
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu": {},
     # docs/distill.md, several teachers
     "fdistill distill --config configs/distill/multi_tiny_cpu.yaml --output runs/multi_tiny": {"long": 40},
+    "fdistill knn --compare open_clip:local-dir:fdistill/assets/clip_mini runs/multi_tiny --head clip "
+    "--train synthetic:400 --output eval/knn_heads": {"stdout": "top1", "long": 20},
     "fdistill distill --config configs/distill/tiny_cpu.yaml --output runs/tiny_cpu train.epochs=3": {},
     "fdistill export runs/tiny_cpu --format timm": {},
     "fdistill knn --compare timm:vit_tiny_patch16_224 runs/tiny_cpu --train synthetic:2000 --output eval/knn "

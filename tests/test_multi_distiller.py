@@ -17,7 +17,7 @@ from fdistill.config.distill import DistillConfig
 from fdistill.engine import distill, load_checkpoint
 from fdistill.engine.checkpoint import list_checkpoints
 from fdistill.losses import feature_distill_loss
-from fdistill.multi.distiller import MultiTeacherDistiller, TeacherSpec
+from fdistill.multi.distiller import MultiTeacherDistiller, TeacherHead, TeacherSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,3 +217,44 @@ def test_info_and_validate_describe_every_teacher(capsys):
     cfg.teachers[1].spec = "timm:no_such_model"
     with pytest.raises(ConfigError, match=r"teachers\[1\] \(vit\).spec: timm has no model"):
         validate_without_building(cfg)
+
+
+def test_a_run_seen_through_each_head(tmp_path):
+    """``load_model(run, head=NAME)`` (``--head NAME`` of the evaluation commands): the student's
+    tokens through that trained head, mapped back to the teacher's space by the inverse of its
+    fitted normaliser (PHI-S / stats); a single-teacher run or an unknown head is refused."""
+    from fdistill.models.loading import load_model
+
+    run = tmp_path / "run"
+    distill(_multi_cfg(run, "train.max_steps=3"))
+    ckpt = load_checkpoint(list_checkpoints(run)[-1])
+    x = torch.rand(2, 3, 16, 16)
+    plain = load_model(str(run))
+    for name, width in (("vit", 48), ("wide", 64)):
+        a = load_model(str(run), head=name)
+        assert a.embed_dim == width and a.teacher_space
+        spec = {t["name"]: t for t in ckpt["teacher"]["teachers"]}[name]
+        head = TeacherHead(32, width, kind=spec["head"], norm=spec["norm"])
+        head.load_state_dict({k[len(name) + 1:]: v for k, v in ckpt["model"]["projector"].items()
+                              if k.startswith(name + ".")})
+        with torch.no_grad():
+            want = head.norm.inverse(head(plain.model.forward_tokens(x)))  # (B, 1 + 16, width)
+            got = a.forward_tokens(x)
+        torch.testing.assert_close(torch.cat((got.prefix, got.patches), 1), want)
+    from fdistill.teachers import TeacherError
+
+    with pytest.raises(TeacherError, match="no head 'dino'; its heads are"):
+        load_model(str(run), head="dino")
+
+
+def test_teacher_dropping_keeps_each_samples_worst_fit_teacher(tmp_path):
+    vit, cnn = _vit_teacher(), _cnn_teacher(tmp_path)
+    m = MultiTeacherDistiller([TeacherSpec("vit", vit), TeacherSpec("cnn", cnn)], _student(), teacher_dropping=True)
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    out = m(x)
+    assert 0.5 <= float(out["kept_fraction"]) <= 1.0  # one of two always kept, the other half the time
+    out["loss"].backward()
+    assert all(p.grad is not None for n, p in m.student.named_parameters() if n != "mask_token")  # (no masking)
+    m.eval()
+    assert "kept_fraction" not in m(x)  # evaluation: every teacher counts

@@ -63,6 +63,12 @@ def _run(args) -> int:
     if args.model and args.compare:
         raise UsageError("give either --model or --compare, not both")
     kws = _kwargs_list(args.model_kwargs, len(models))
+    if getattr(args, "head", None):
+        from pathlib import Path
+
+        kws = [dict(kw or {}, head=args.head) if Path(m).expanduser().exists() else kw for m, kw in zip(models, kws)]
+        if all("head" not in (kw or {}) for kw in kws):
+            raise UsageError(f"--head {args.head}: none of the models is a run folder or checkpoint")
     data = {"val": args.val}
     if args.command == "zeroshot":
         if not (args.val or args.train):
@@ -108,6 +114,9 @@ def _common(p: argparse.ArgumentParser, *, train: bool = True, train_help: str =
     if train:
         p.add_argument("--train", metavar="PATH", help=train_help)
     p.add_argument("--val", metavar="PATH", help="evaluation images (default: the val split of --train)")
+    p.add_argument("--head", metavar="NAME", help="a multi-teacher run seen through its head NAME (that teacher's "
+                                                  "feature space; fdistill.multi); applies to the run folders / "
+                                                  "checkpoints among the models")
     if download:
         p.add_argument("--download", action="store_true", help="let torchvision download a named dataset")
     p.add_argument("--output", metavar="DIR", help="where metrics.json (and, for finetune, weights) go")

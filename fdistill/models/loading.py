@@ -46,15 +46,60 @@ class StudentAdapter(Teacher):
         return TeacherTokens(t[:, :1], t[:, 1:], tuple(self.model.grid_size))
 
 
-def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str) -> StudentAdapter:
+class HeadAdapter(StudentAdapter):
+    """A multi-teacher student seen through one teacher's head (:mod:`fdistill.multi`): tokens =
+    ``head(student tokens)``, mapped back to that teacher's own feature space by the inverse of
+    its target normalisation where it has one (``stats``, ``phi_s``, ``none``), else left in the
+    normalised space (``standardize``, ``l2``). RADIO's "adaptor" view: CLIP-like or DINO-like
+    features from the one network."""
+
+    def __init__(self, student: FDStudent, head: nn.Module, *, head_name: str, name: str,
+                 teacher_info: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None):
+        super().__init__(student, name=f"{name}[{head_name}]", teacher_info=teacher_info, config=config)
+        self.head, self.head_name = head, head_name
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.embed_dim = int(head.norm.dim)
+        self.teacher_space = head.norm_kind in ("stats", "phi_s", "none")
+
+    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+        y = self.head(self.model.forward_tokens(x))  # (B, 1+N, C_teacher), the normalised target space
+        if self.teacher_space:
+            y = self.head.norm.inverse(y)
+        return TeacherTokens(y[:, :1], y[:, 1:], tuple(self.model.grid_size))
+
+
+def _head_of(ckpt: Dict[str, Any], head: str, student_dim: int, name: str) -> nn.Module:
+    """The trained head ``head`` (with its fitted normaliser) of a multi-teacher checkpoint."""
+    from ..multi.distiller import TeacherHead
+
+    teachers = {t.get("name"): t for t in (ckpt.get("teacher") or {}).get("teachers") or []}
+    if not teachers:
+        raise TeacherError(f"{name} is a single-teacher run: it has no heads (head={head!r} needs a run with teachers:)")
+    if head not in teachers:
+        raise TeacherError(f"{name} has no head {head!r}; its heads are {sorted(teachers)}")
+    t = teachers[head]
+    module = TeacherHead(student_dim, int(t["embed_dim"]), kind=t.get("head", "linear"),
+                         norm=t.get("norm", "standardize"))
+    prefix = f"{head}."
+    state = {k[len(prefix):]: v for k, v in ckpt["model"]["projector"].items() if k.startswith(prefix)}
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[str] = None) -> StudentAdapter:
     """Rebuild the student (and projector) of an fdistill distillation checkpoint dict
-    (the FD ViT, or a ``timm:`` student such as Swin), drop path off."""
+    (the FD ViT, or a ``timm:`` student such as Swin), drop path off; with ``head``, the student
+    seen through that teacher's head of a multi-teacher run (:class:`HeadAdapter`)."""
     from ..engine.export import rebuild_student
     from .projector import TokenProjector
 
     if ckpt.get("format") != "fdistill-checkpoint":
         raise TeacherError(f"{name} is not an fdistill distillation checkpoint")
     student = rebuild_student(ckpt)
+    if head is not None:
+        return HeadAdapter(student, _head_of(ckpt, head, student.embed_dim, name), head_name=head, name=name,
+                           teacher_info=ckpt.get("teacher"), config=ckpt.get("config"))
     proj = None
     if "weight" in ckpt["model"].get("projector", {}):  # FD's one projector (a multi-teacher run has heads)
         w = ckpt["model"]["projector"]["weight"]
@@ -74,9 +119,11 @@ def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
     spec_s = str(spec)
     path = Path(spec_s).expanduser()
     if path.exists():
+        head = kwargs.pop("head", None)
         if kwargs:
-            raise TeacherError(f"{spec_s} describes itself; it takes no keyword arguments (got {sorted(kwargs)})")
-        adapter = _load_path(path)
+            raise TeacherError(f"{spec_s} describes itself; it takes no keyword arguments but head= "
+                               f"(got {sorted(kwargs)})")
+        adapter = _load_path(path, head=head)
     else:
         if ":" not in spec_s:
             raise TeacherError(
@@ -86,9 +133,12 @@ def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
     return adapter if frozen else adapter.unfreeze()
 
 
-def _load_path(path: Path) -> Teacher:
+def _load_path(path: Path, head: Optional[str] = None) -> Teacher:
     from ..engine.checkpoint import latest_valid_checkpoint, load_checkpoint
 
+    if head is not None and not (path.is_dir() and not (path / "config.json").is_file()) and \
+            path.suffix not in (".pt", ".pth", ".ckpt"):
+        raise TeacherError(f"head={head!r} needs a multi-teacher run folder or checkpoint, not {path}")
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         if "architecture" in cfg:  # a timm-format export
@@ -99,7 +149,7 @@ def _load_path(path: Path) -> Teacher:
         ckpt_path = latest_valid_checkpoint(path, task="distill")
         if ckpt_path is None:
             raise TeacherError(f"{path} holds no valid fdistill checkpoint (looked in {path}/checkpoints)")
-        return student_from_checkpoint(load_checkpoint(ckpt_path, task="distill"), name=str(ckpt_path))
+        return student_from_checkpoint(load_checkpoint(ckpt_path, task="distill"), name=str(ckpt_path), head=head)
     if path.suffix in (".pt", ".pth", ".ckpt"):
-        return student_from_checkpoint(load_checkpoint(path, task="distill"), name=str(path))
+        return student_from_checkpoint(load_checkpoint(path, task="distill"), name=str(path), head=head)
     raise TeacherError(f"don't know how to load {path}: expected a run folder, a .pt checkpoint or an export folder")
