@@ -258,3 +258,57 @@ def test_teacher_dropping_keeps_each_samples_worst_fit_teacher(tmp_path):
     assert all(p.grad is not None for n, p in m.student.named_parameters() if n != "mask_token")  # (no masking)
     m.eval()
     assert "kept_fraction" not in m(x)  # evaluation: every teacher counts
+
+
+MULTI_DDP = """
+teachers:
+  - name: vit
+    spec: timm:vit_tiny_patch16_224
+    kwargs: {pretrained: false, img_size: 16, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}
+    norm: phi_s
+  - name: wide
+    spec: timm:vit_tiny_patch16_224
+    kwargs: {pretrained: false, img_size: 16, patch_size: 8, depth: 1, embed_dim: 64, num_heads: 2}
+    norm: stats
+    weight: 0.5
+    head: mlp
+multi: {stats_images: 16}
+student: {arch: vit_tiny, img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.0}
+data: {path: "synthetic:48", batch_size: 8, num_workers: 0}
+optim: {base_lr: 0.02, warmup_epochs: 0.5, min_lr: 1.0e-4}
+train: {epochs: 2, precision: fp32, device: cpu, log_interval: 1, ckpt_interval: 100}
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2``: each rank fits the statistics on its half of the images and
+    the sums are all-reduced, so both fit what one process fits on all of them; then DDP's averaged
+    gradient is the one process's, and the weights and heads (with their statistics) agree."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg_file = tmp_path / "multi_ddp.yaml"
+    cfg_file.write_text(MULTI_DDP)
+    two = tmp_path / "two"
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cmd = ([exe] if exe else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--standalone", "--nproc_per_node=2", "-m", "fdistill.cli.main", "distill", "--config", str(cfg_file),
+        "--output", str(two), "data.batch_size=4", "train.max_steps=6"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = tmp_path / "one"
+    distill(build_config(DistillConfig, cfg_file, [f"train.output={one}", "train.max_steps=6"]))
+    a, b = load_checkpoint(list_checkpoints(one)[-1]), load_checkpoint(list_checkpoints(two)[-1])
+    assert b["progress"]["world_size"] == 2 and b["progress"]["total_batch"] == a["progress"]["total_batch"] == 8
+    for part in ("student", "projector"):
+        for k, v in a["model"][part].items():
+            torch.testing.assert_close(b["model"][part][k], v, rtol=1e-5, atol=1e-5, msg=f"{part}.{k}")
+    la = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "loss_vit", "loss_wide"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4), k
