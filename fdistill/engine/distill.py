@@ -252,7 +252,8 @@ def _teacher_info(cfg: DistillConfig, distiller) -> Dict[str, Any]:
     if not cfg.teachers:
         return _one_teacher_info(cfg.teacher, distiller.teacher)
     infos = [dict(_one_teacher_info(t, distiller.targets[t.name].teacher), name=t.name, weight=t.weight,
-                  norm=t.norm, targets=t.targets, head=t.head) for t in cfg.teachers]
+                  norm=t.norm, targets=t.targets, head=t.head, cls_target=distiller.targets[t.name].cls_target)
+             for t in cfg.teachers]
     return dict(infos[0], teachers=infos)
 
 

@@ -53,10 +53,14 @@ class HeadAdapter(StudentAdapter):
     normalised space (``standardize``, ``l2``). RADIO's "adaptor" view: CLIP-like or DINO-like
     features from the one network."""
 
-    def __init__(self, student: FDStudent, head: nn.Module, *, head_name: str, name: str,
+    def __init__(self, student: FDStudent, head: nn.Module, *, head_name: str, name: str, trained_prefix: bool = True,
                  teacher_info: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None):
         super().__init__(student, name=f"{name}[{head_name}]", teacher_info=teacher_info, config=config)
         self.head, self.head_name = head, head_name
+        # a teacher without a [CLS] target (a CNN, or targets: spatial) never trained the head's
+        # [CLS] output: it is left out, so pooled features are the mean patch token
+        self.trained_prefix = bool(trained_prefix)
+        self.num_prefix_tokens = 1 if self.trained_prefix else 0
         for p in head.parameters():
             p.requires_grad_(False)
         self.embed_dim = int(head.norm.dim)
@@ -66,11 +70,12 @@ class HeadAdapter(StudentAdapter):
         y = self.head(self.model.forward_tokens(x))  # (B, 1+N, C_teacher), the normalised target space
         if self.teacher_space:
             y = self.head.norm.inverse(y)
-        return TeacherTokens(y[:, :1], y[:, 1:], tuple(self.model.grid_size))
+        return TeacherTokens(y[:, :1] if self.trained_prefix else None, y[:, 1:], tuple(self.model.grid_size))
 
 
-def _head_of(ckpt: Dict[str, Any], head: str, student_dim: int, name: str) -> nn.Module:
-    """The trained head ``head`` (with its fitted normaliser) of a multi-teacher checkpoint."""
+def _head_of(ckpt: Dict[str, Any], head: str, student_dim: int, name: str):
+    """``(module, trained_prefix)``: the trained head ``head`` (with its fitted normaliser) of a
+    multi-teacher checkpoint, and whether its [CLS] output was trained."""
     from ..multi.distiller import TeacherHead
 
     teachers = {t.get("name"): t for t in (ckpt.get("teacher") or {}).get("teachers") or []}
@@ -84,7 +89,9 @@ def _head_of(ckpt: Dict[str, Any], head: str, student_dim: int, name: str) -> nn
     prefix = f"{head}."
     state = {k[len(prefix):]: v for k, v in ckpt["model"]["projector"].items() if k.startswith(prefix)}
     module.load_state_dict(state)
-    return module.eval()
+    cls_target = t.get("cls_target") or ("teacher" if int(t.get("num_prefix_tokens", 1)) > 0 else "none")
+    trained_prefix = t.get("targets", "full") != "spatial" and cls_target != "none"
+    return module.eval(), trained_prefix
 
 
 def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[str] = None) -> StudentAdapter:
@@ -98,7 +105,8 @@ def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[s
         raise TeacherError(f"{name} is not an fdistill distillation checkpoint")
     student = rebuild_student(ckpt)
     if head is not None:
-        return HeadAdapter(student, _head_of(ckpt, head, student.embed_dim, name), head_name=head, name=name,
+        module, trained_prefix = _head_of(ckpt, head, student.embed_dim, name)
+        return HeadAdapter(student, module, head_name=head, name=name, trained_prefix=trained_prefix,
                            teacher_info=ckpt.get("teacher"), config=ckpt.get("config"))
     proj = None
     if "weight" in ckpt["model"].get("projector", {}):  # FD's one projector (a multi-teacher run has heads)
