@@ -19,6 +19,28 @@ CIFAR_MINI = SHARED / "data" / "cifar10-jpg-mini"
 RESNET_WEIGHTS = SHARED / "weights" / "resnet-cifar10"
 
 
+def torchrun_prefix():
+    """The venv's ``torchrun`` (or ``python -m torch.distributed.run``) as a command prefix."""
+    import shutil
+    import sys
+
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def run_torchrun(args, *, nproc: int = 2, timeout: float = 300):
+    """``torchrun --standalone --nproc_per_node=nproc ARGS`` from the repository root with one
+    thread per process (gloo on CPU); asserts it succeeded, showing the end of its output if not."""
+    import subprocess
+
+    cmd = torchrun_prefix() + [
+        "--standalone", f"--nproc_per_node={nproc}", *[str(a) for a in args]]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def need_shared(*paths: Path):
     """Skip (cleanly) when ../shared data or weights are absent."""
     missing = [str(p) for p in paths if not p.exists()]

@@ -231,20 +231,12 @@ def test_two_process_gloo_run_evaluates_every_image_once(tmp_path):
     """``torchrun --nproc_per_node=2 ... detect``: rank 0 writes the synthetic export and the
     outputs, the two ranks split the training batches and the evaluation images, and the
     gathered COCO evaluation covers each of the 10 validation images once."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_torchrun
 
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     out = tmp_path / "ddp"
-    cmd = ([exe] if exe else [sys.executable, "-m", "torch.distributed.run"]) + ["--standalone", "--nproc_per_node=2", "-m", "fdistill.cli.main", "detect", "--config",
-                         "tiny_cpu", "--model", TINY_VIT[0], "--model-kwargs", json.dumps(TINY_VIT[1]), "--train",
-                         "synthetic:16", "--output", str(out), "epochs=1", "data.batch_size=2", "device=cpu"]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(["-m", "fdistill.cli.main", "detect", "--config", "tiny_cpu", "--model", TINY_VIT[0],
+                  "--model-kwargs", json.dumps(TINY_VIT[1]), "--train", "synthetic:16", "--output", out,
+                  "epochs=1", "data.batch_size=2", "device=cpu"])
     res = json.loads((out / "metrics.json").read_text())
     assert res["steps"] == 4 and res["val_images"] == 10  # 16 images / (2 ranks x 2)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -7,9 +7,7 @@ single process's gradient up to float rounding, so the weights after 6 AdamW ste
 """
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from fdistill.config import build_config
 from fdistill.config.distill import DistillConfig
 from fdistill.engine import distill, load_checkpoint
 from fdistill.engine.checkpoint import list_checkpoints
+from tests.conftest import torchrun_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +32,7 @@ train: {epochs: 2, precision: fp32, device: cpu, log_interval: 1, ckpt_interval:
 """
 
 
-def _torchrun():
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+_torchrun = torchrun_prefix  # (other tests import it from here)
 
 
 @pytest.mark.slow

@@ -289,21 +289,13 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     """``torchrun --nproc_per_node=2``: each rank fits the statistics on its half of the images and
     the sums are all-reduced, so both fit what one process fits on all of them; then DDP's averaged
     gradient is the one process's, and the weights and heads (with their statistics) agree."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import run_torchrun
 
     cfg_file = tmp_path / "multi_ddp.yaml"
     cfg_file.write_text(MULTI_DDP)
     two = tmp_path / "two"
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    cmd = ([exe] if exe else [sys.executable, "-m", "torch.distributed.run"]) + [
-        "--standalone", "--nproc_per_node=2", "-m", "fdistill.cli.main", "distill", "--config", str(cfg_file),
-        "--output", str(two), "data.batch_size=4", "train.max_steps=6"]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(["-m", "fdistill.cli.main", "distill", "--config", cfg_file, "--output", two, "data.batch_size=4",
+                  "train.max_steps=6"])
     one = tmp_path / "one"
     distill(build_config(DistillConfig, cfg_file, [f"train.output={one}", "train.max_steps=6"]))
     a, b = load_checkpoint(list_checkpoints(one)[-1]), load_checkpoint(list_checkpoints(two)[-1])
