@@ -308,3 +308,66 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     for ra, rb in zip(la, lb):
         for k in ("loss", "loss_vit", "loss_wide"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4), k
+
+
+def test_the_timm_export_carries_the_heads(tmp_path):
+    """``fdistill export --format timm`` of a multi-teacher run writes heads.safetensors beside the
+    backbone; the export seen through a head gives the run's head outputs."""
+    from fdistill.engine.export import export_student
+    from fdistill.models.loading import load_model
+
+    run = tmp_path / "run"
+    distill(_multi_cfg(run, "train.max_steps=2"))
+    out = export_student(run, format="timm")
+    assert (out / "heads.safetensors").is_file()
+    x = torch.rand(2, 3, 16, 16)
+    for name in ("vit", "wide"):
+        a, b = load_model(str(run), head=name), load_model(str(out), head=name)
+        with torch.no_grad():
+            ta, tb = a.forward_tokens(x), b.forward_tokens(x)
+        torch.testing.assert_close(tb.patches, ta.patches, atol=1e-5, rtol=1e-4)
+        assert (ta.prefix is None) == (tb.prefix is None)
+    from fdistill.teachers import TeacherError
+
+    single = tmp_path / "single"
+    from tests.test_engine_distill import tiny_cfg
+
+    distill(tiny_cfg(single, "train.max_steps=1"))
+    with pytest.raises(TeacherError, match="not the export of a multi-teacher run"):
+        load_model(str(export_student(single, format="timm")), head="vit")
+
+
+def test_zero_shot_through_a_clip_head(tmp_path):
+    """Oracle: a head that is exactly the identity on the CLIP teacher's own tokens must embed every
+    image as the teacher does (so it predicts what the teacher predicts); then the command on a
+    trained multi-teacher run reports the student through its CLIP head beside the teacher."""
+    from fdistill.assets import teacher_spec
+    from fdistill.eval.zeroshot import clip_view, head_clip_view
+    from fdistill.models.loading import HeadAdapter, load_model
+
+    clip = load_model(teacher_spec("clip_mini"))
+    head = TeacherHead(clip.embed_dim, clip.embed_dim, kind="linear", norm="none")
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(clip.embed_dim))
+        head.proj.bias.zero_()
+    via = HeadAdapter(clip, head, head_name="clip")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head_clip_view(via, clip).encode_image(x), clip_view(clip).encode_image(x),
+                                   atol=1e-5, rtol=1e-5)
+    from fdistill.teachers import TeacherError
+
+    std_head = TeacherHead(clip.embed_dim, clip.embed_dim, norm="standardize")
+    with pytest.raises(TeacherError, match="cannot be inverted"):
+        head_clip_view(HeadAdapter(clip, std_head, head_name="clip"), clip)
+
+    from fdistill.config.finetune import ZeroshotConfig
+    from fdistill.eval.commands import run_zeroshot
+
+    run = tmp_path / "run"
+    cfg = build_config(DistillConfig, "configs/distill/multi_tiny_cpu.yaml",
+                       [f"train.output={run}", "train.max_steps=4", "data.path=synthetic:256", "multi.stats_images=64"])
+    distill(cfg)
+    res = run_zeroshot(build_config(ZeroshotConfig, None, ["data.num_workers=0"]), model=str(run),
+                       model_kwargs={"head": "clip"}, val="synthetic:100", echo=False)
+    assert res["head"] == "clip" and 0 <= res["top1"] <= 100 and res["teacher_top1"] > 10  # clip_mini is trained

@@ -247,6 +247,11 @@ def export_student(run_or_ckpt: str | os.PathLike, *, format: str = "timm", outp
                     "teacher": prov}
             save_for_hf(model, str(tmp), model_config=meta, safe_serialization=True,
                         data_config={"mean": tuple(student.mean), "std": tuple(student.std), "input_size": (3, h, w)})
+            if (ckpt.get("teacher") or {}).get("teachers"):  # a multi-teacher run: its heads ride along
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in ckpt["model"]["projector"].items()},
+                          str(tmp / "heads.safetensors"))
             (tmp / "fdistill_export.json").write_text(json.dumps(info, indent=2))
             write_model_card(tmp, info, format=format)
             if verify:

@@ -251,12 +251,14 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
 
 
 # -- zero-shot ------------------------------------------------------------------------------------------
-def _teacher_of(student, cfg) -> Teacher:
+def _teacher_of(student, cfg, info: Optional[Dict[str, Any]] = None) -> Teacher:
+    """The teacher ``cfg.teacher`` names, else the one the run recorded (``info``: one head's
+    teacher of a multi-teacher run)."""
     from ..teachers import create_teacher
 
     if cfg.teacher:
         return create_teacher(cfg.teacher, **dict(cfg.teacher_kwargs))
-    info = dict(student.teacher_info or {})
+    info = dict(info if info is not None else (student.teacher_info or {}))
     if not info.get("spec"):
         raise TeacherError(f"{student.name} does not record its teacher; give it with --teacher SPEC")
     kw = dict(info.get("kwargs") or {})
@@ -273,10 +275,10 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
     """``fdistill zeroshot``: CLIP zero-shot on ``val``; for an FD student, the student through its
     projector and the teacher's projection, with the teacher side by side."""
     from ..config.finetune import build_zeroshot_recipe
-    from ..models.loading import StudentAdapter
+    from ..models.loading import HeadAdapter, StudentAdapter
     from ..teachers import create_teacher
     from .data import dataset_classes, load_dataset, make_loader
-    from .zeroshot import load_templates, resolve_classnames, zero_shot, zero_shot_student
+    from .zeroshot import head_clip_view, load_templates, resolve_classnames, zero_shot, zero_shot_student
 
     t0 = time.time()
     device = _device(cfg.device)
@@ -291,7 +293,20 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
                                 device=device)
     ds_for = lambda m: load_dataset(val, "val", _eval_tf(_img_size(cfg.data.img_size, m), cfg.data.crop_pct,
                                                          cfg.data.interpolation), download=cfg.data.download)
-    if isinstance(adapter, StudentAdapter):
+    if isinstance(adapter, HeadAdapter):  # a multi-teacher student through its CLIP head, the teacher beside it
+        teacher = _teacher_of(adapter, cfg, info=adapter.head_info)
+        s_ds, t_ds = ds_for(adapter), ds_for(teacher)
+        classnames = resolve_classnames(dataset_classes(t_ds), rec["classnames"])
+        kw = dict(classnames=classnames, templates=templates, text_model=text_model, device=device,
+                  precision=precision)
+        student = zero_shot(adapter, mk(s_ds), view=head_clip_view(adapter, teacher.to(device).eval(),
+                                                                   text_model), **kw)
+        teach = zero_shot(teacher, mk(t_ds), **kw)
+        res = dict(top1=student["top1"], top5=student.get("top5"), teacher_top1=teach["top1"],
+                   teacher_top5=teach.get("top5"), head=adapter.head_name, templates=len(templates),
+                   num_classes=len(classnames))
+        cols = ["top1", "top5", "teacher_top1", "teacher_top5"]
+    elif isinstance(adapter, StudentAdapter):
         teacher = _teacher_of(adapter, cfg)
         dcfg = (adapter.config or {}).get("distill", {})
         norm, cls_target = dcfg.get("norm", "standardize"), dcfg.get("cls_target", "auto")

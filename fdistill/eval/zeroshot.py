@@ -159,6 +159,26 @@ def clip_view(adapter: Teacher, text_model: Optional[Teacher] = None) -> ClipVie
     return ClipView(adapter, encode_text, embed_tokens, encode_image)
 
 
+def head_clip_view(adapter: Teacher, teacher: Teacher, text_model: Optional[Teacher] = None) -> ClipView:
+    """The :class:`ClipView` of a multi-teacher student through its CLIP head
+    (:class:`~fdistill.models.loading.HeadAdapter`): its tokens, back in the CLIP teacher's space
+    (an invertible head normalisation: ``phi_s``, ``stats``, ``none``), embedded by the teacher's
+    own pooling + projection, and the teacher's (or ``text_model``'s) text tower -- the student is
+    then a zero-shot classifier (RADIO's adaptors)."""
+    if not getattr(adapter, "teacher_space", False):
+        raise TeacherError(f"{adapter.name}: the head's normalisation ({getattr(adapter.head, 'norm_kind', '?')}) "
+                           "cannot be inverted, so its outputs are not in the teacher's space; zero-shot through a "
+                           "head needs teachers[].norm phi_s or stats")
+    if not getattr(adapter, "trained_prefix", True):
+        raise TeacherError(f"{adapter.name}: the head's [CLS] output was never trained (no [CLS] target); zero-shot "
+                           "needs the teacher's [CLS] distilled (targets full or summary)")
+    if adapter.embed_dim != teacher.embed_dim:
+        raise TeacherError(f"{adapter.name} gives {adapter.embed_dim}-d tokens but {teacher.name} has "
+                           f"{teacher.embed_dim}: is this the teacher of that head?")
+    tv = clip_view(teacher, text_model)
+    return ClipView(adapter, tv.encode_text, tv.embed_tokens, lambda x: tv.embed_tokens(adapter.forward_tokens(x)))
+
+
 def _text_weights(view: ClipView, classnames, templates, device, progress) -> torch.Tensor:
     w = text_classifier(lambda t: view.encode_text(t), classnames, templates, progress=progress)
     return w.to(device)
@@ -175,16 +195,18 @@ def zero_shot(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     progress: bool = True,
+    view: Optional[ClipView] = None,
 ) -> Dict[str, Any]:
     """Zero-shot top-1 / top-5 of a CLIP model on ``loader`` (images in [0, 1] / uint8 at the
-    model's input size, labels in ``classnames`` order)."""
+    model's input size, labels in ``classnames`` order); ``view`` (e.g. :func:`head_clip_view`)
+    instead of the adapter's own :func:`clip_view`."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     adapter = adapter.to(device).eval()
     if text_model is not None:
         text_model = text_model.to(device).eval()
-    view = clip_view(adapter, text_model)
+    view = view if view is not None else clip_view(adapter, text_model)
     W = _text_weights(view, list(classnames), templates, device, progress)  # (D, C)
     scores, labels = [], []
     for images, y in tqdm(loader, desc="zero-shot", unit="batch", disable=not progress, dynamic_ncols=True):

@@ -46,52 +46,57 @@ class StudentAdapter(Teacher):
         return TeacherTokens(t[:, :1], t[:, 1:], tuple(self.model.grid_size))
 
 
-class HeadAdapter(StudentAdapter):
-    """A multi-teacher student seen through one teacher's head (:mod:`fdistill.multi`): tokens =
-    ``head(student tokens)``, mapped back to that teacher's own feature space by the inverse of
-    its target normalisation where it has one (``stats``, ``phi_s``, ``none``), else left in the
+class HeadAdapter(Teacher):
+    """A multi-teacher student (any adapter of it: the run's :class:`StudentAdapter`, or its timm
+    export) seen through one teacher's head (:mod:`fdistill.multi`): tokens = ``head(the base's
+    [CLS] + patch tokens)``, mapped back to that teacher's own feature space by the inverse of its
+    target normalisation where it has one (``stats``, ``phi_s``, ``none``), else left in the
     normalised space (``standardize``, ``l2``). RADIO's "adaptor" view: CLIP-like or DINO-like
-    features from the one network."""
+    features from the one network. ``head_info``: the run's record of that teacher (``spec``,
+    ``kwargs``, ``norm``, ``targets``, ...), e.g. for zero-shot through a CLIP head."""
 
-    def __init__(self, student: FDStudent, head: nn.Module, *, head_name: str, name: str, trained_prefix: bool = True,
-                 teacher_info: Optional[Dict[str, Any]] = None, config: Optional[Dict[str, Any]] = None):
-        super().__init__(student, name=f"{name}[{head_name}]", teacher_info=teacher_info, config=config)
-        self.head, self.head_name = head, head_name
+    def __init__(self, base: Teacher, head: nn.Module, *, head_name: str, trained_prefix: bool = True,
+                 head_info: Optional[Dict[str, Any]] = None):
+        super().__init__(base.model, name=f"{base.name}[{head_name}]", embed_dim=int(head.norm.dim),
+                         patch_size=base.patch_size, num_prefix_tokens=1 if trained_prefix else 0, mean=base.mean,
+                         std=base.std, img_size=base.img_size, dynamic_img_size=base.dynamic_img_size)
+        self.base, self.head, self.head_name = base, head, head_name
+        for p in head.parameters():
+            p.requires_grad_(False)
+        self.head_info = dict(head_info or {})
         # a teacher without a [CLS] target (a CNN, or targets: spatial) never trained the head's
         # [CLS] output: it is left out, so pooled features are the mean patch token
         self.trained_prefix = bool(trained_prefix)
-        self.num_prefix_tokens = 1 if self.trained_prefix else 0
-        for p in head.parameters():
-            p.requires_grad_(False)
-        self.embed_dim = int(head.norm.dim)
         self.teacher_space = head.norm_kind in ("stats", "phi_s", "none")
 
     def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
-        y = self.head(self.model.forward_tokens(x))  # (B, 1+N, C_teacher), the normalised target space
+        t = self.base.forward_tokens(x)
+        tokens = torch.cat((t.prefix[:, :1], t.patches), dim=1)  # (B, 1+N, C_student)
+        y = self.head(tokens)  # (B, 1+N, C_teacher), the normalised target space
         if self.teacher_space:
             y = self.head.norm.inverse(y)
-        return TeacherTokens(y[:, :1] if self.trained_prefix else None, y[:, 1:], tuple(self.model.grid_size))
+        return TeacherTokens(y[:, :1] if self.trained_prefix else None, y[:, 1:], tuple(t.grid))
 
 
-def _head_of(ckpt: Dict[str, Any], head: str, student_dim: int, name: str):
-    """``(module, trained_prefix)``: the trained head ``head`` (with its fitted normaliser) of a
-    multi-teacher checkpoint, and whether its [CLS] output was trained."""
+def with_head(base: Teacher, teachers: Any, heads_state: Dict[str, torch.Tensor], head: str, *, name: str) -> HeadAdapter:
+    """``base`` (a multi-teacher student's adapter) through ``head``: its record in ``teachers``
+    (the run's ``teacher.teachers`` list) and its trained weights + statistics in ``heads_state``
+    (the checkpoint's ``projector`` part, or an export's ``heads.safetensors``)."""
     from ..multi.distiller import TeacherHead
 
-    teachers = {t.get("name"): t for t in (ckpt.get("teacher") or {}).get("teachers") or []}
-    if not teachers:
+    by_name = {t.get("name"): t for t in (teachers or [])}
+    if not by_name:
         raise TeacherError(f"{name} is a single-teacher run: it has no heads (head={head!r} needs a run with teachers:)")
-    if head not in teachers:
-        raise TeacherError(f"{name} has no head {head!r}; its heads are {sorted(teachers)}")
-    t = teachers[head]
-    module = TeacherHead(student_dim, int(t["embed_dim"]), kind=t.get("head", "linear"),
+    if head not in by_name:
+        raise TeacherError(f"{name} has no head {head!r}; its heads are {sorted(by_name)}")
+    t = by_name[head]
+    module = TeacherHead(base.embed_dim, int(t["embed_dim"]), kind=t.get("head", "linear"),
                          norm=t.get("norm", "standardize"))
     prefix = f"{head}."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"]["projector"].items() if k.startswith(prefix)}
-    module.load_state_dict(state)
+    module.load_state_dict({k[len(prefix):]: v for k, v in heads_state.items() if k.startswith(prefix)})
     cls_target = t.get("cls_target") or ("teacher" if int(t.get("num_prefix_tokens", 1)) > 0 else "none")
     trained_prefix = t.get("targets", "full") != "spatial" and cls_target != "none"
-    return module.eval(), trained_prefix
+    return HeadAdapter(base, module.eval(), head_name=head, trained_prefix=trained_prefix, head_info=t)
 
 
 def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[str] = None) -> StudentAdapter:
@@ -104,17 +109,17 @@ def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[s
     if ckpt.get("format") != "fdistill-checkpoint":
         raise TeacherError(f"{name} is not an fdistill distillation checkpoint")
     student = rebuild_student(ckpt)
-    if head is not None:
-        module, trained_prefix = _head_of(ckpt, head, student.embed_dim, name)
-        return HeadAdapter(student, module, head_name=head, name=name, trained_prefix=trained_prefix,
-                           teacher_info=ckpt.get("teacher"), config=ckpt.get("config"))
     proj = None
     if "weight" in ckpt["model"].get("projector", {}):  # FD's one projector (a multi-teacher run has heads)
         w = ckpt["model"]["projector"]["weight"]
         proj = TokenProjector(w.shape[1], w.shape[0])
         proj.load_state_dict(ckpt["model"]["projector"])
-    return StudentAdapter(student, name=name, projector=proj, teacher_info=ckpt.get("teacher"),
-                          config=ckpt.get("config"))
+    adapter = StudentAdapter(student, name=name, projector=proj, teacher_info=ckpt.get("teacher"),
+                             config=ckpt.get("config"))
+    if head is not None:
+        return with_head(adapter, (ckpt.get("teacher") or {}).get("teachers"), ckpt["model"].get("projector", {}),
+                         head, name=name)
+    return adapter
 
 
 def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
@@ -144,15 +149,15 @@ def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
 def _load_path(path: Path, head: Optional[str] = None) -> Teacher:
     from ..engine.checkpoint import latest_valid_checkpoint, load_checkpoint
 
-    if head is not None and not (path.is_dir() and not (path / "config.json").is_file()) and \
-            path.suffix not in (".pt", ".pth", ".ckpt"):
-        raise TeacherError(f"head={head!r} needs a multi-teacher run folder or checkpoint, not {path}")
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
         if "architecture" in cfg:  # a timm-format export
             from ..teachers.timm_teacher import create_timm_teacher
 
-            return create_timm_teacher(f"local-dir:{path.resolve()}", pretrained=True, dynamic_img_size=False)
+            base = create_timm_teacher(f"local-dir:{path.resolve()}", pretrained=True, dynamic_img_size=False)
+            if head is None:
+                return base
+            return _export_head(path, base, head)
     if path.is_dir():
         ckpt_path = latest_valid_checkpoint(path, task="distill")
         if ckpt_path is None:
@@ -161,3 +166,17 @@ def _load_path(path: Path, head: Optional[str] = None) -> Teacher:
     if path.suffix in (".pt", ".pth", ".ckpt"):
         return student_from_checkpoint(load_checkpoint(path, task="distill"), name=str(path), head=head)
     raise TeacherError(f"don't know how to load {path}: expected a run folder, a .pt checkpoint or an export folder")
+
+
+def _export_head(path: Path, base: Teacher, head: str) -> HeadAdapter:
+    """A timm export of a multi-teacher student (``fdistill export``) through one of its heads
+    (``heads.safetensors`` + the teachers recorded in ``fdistill_export.json``)."""
+    from safetensors.torch import load_file
+
+    info_file, heads_file = path / "fdistill_export.json", path / "heads.safetensors"
+    if not heads_file.is_file() or not info_file.is_file():
+        raise TeacherError(f"{path} has no heads.safetensors: it is not the export of a multi-teacher run "
+                           f"(head={head!r})")
+    info = json.loads(info_file.read_text())
+    return with_head(base, (info.get("teacher") or {}).get("teachers"), load_file(str(heads_file)), head,
+                     name=str(path))
