@@ -208,6 +208,7 @@ def test_info_and_validate_describe_every_teacher(capsys):
     text = describe_run(build_config(DistillConfig, "configs/distill/multi_tiny_cpu.yaml"), processes=(1,))
     assert "teacher clip: open_clip:local-dir:fdistill/assets/clip_mini" in text and "norm phi_s" in text
     assert "teacher vit: timm:vit_tiny_patch16_224" in text and "head mlp 64 -> 96" in text
+    assert text.count("ms/image here") == 2  # each teacher's measured forward cost
     assert "# teacher clip" in text and "# teacher vit" in text and "alignment   resize" in text
     assert main(["validate-config", "configs/distill/multi_tiny_cpu.yaml"]) == 0
     assert "clip=open_clip:local-dir:fdistill/assets/clip_mini + vit=timm:vit_tiny_patch16_224" in capsys.readouterr().out

@@ -146,6 +146,23 @@ def _optimisation_lines(cfg: DistillConfig, processes: Sequence[int]) -> List[st
     return lines
 
 
+@torch.no_grad()
+def _forward_ms(fn, x: torch.Tensor, batch: int) -> float:
+    """Milliseconds per image of ``fn`` on a batch of ``batch`` copies of ``x`` (one warm-up
+    call, then the median of 3): what each teacher costs per step, on this machine."""
+    import statistics
+    import time
+
+    xb = x.expand(batch, -1, -1, -1).contiguous()
+    fn(xb)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(xb)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times) / batch
+
+
 def _describe_multi(cfg: DistillConfig, d, processes: Sequence[int]) -> str:
     """:func:`describe_run` of a ``teachers:`` run: each teacher with its head, target and FLOPs."""
     from ..distiller import normalize_images
@@ -170,10 +187,11 @@ def _describe_multi(cfg: DistillConfig, d, processes: Sequence[int]) -> str:
         t_flops = forward_flops(lambda z: t.forward_tokens(normalize_images(z, t.mean, t.std)), t_in)
         h_flops = forward_flops(head, s_tokens)
         total += t_flops + 3 * h_flops
+        ms = _forward_ms(lambda z: tt(z), x, min(8, cfg.data.batch_size))
         lines.append(f"teacher {entry.name}: {entry.spec}: {_fmt(count_params(t), 'params')}, width {t.embed_dim}, "
                      f"weight {entry.weight:g}, targets {entry.targets}, norm {entry.norm}, loss {entry.loss}; "
-                     f"{_fmt(t_flops, 'FLOPs')}/image forward; head {entry.head} {s.embed_dim} -> {t.embed_dim}: "
-                     f"{_fmt(count_params(head), 'params')}")
+                     f"{_fmt(t_flops, 'FLOPs')}/image forward ({ms:.1f} ms/image here, fp32 CPU); head {entry.head} "
+                     f"{s.embed_dim} -> {t.embed_dim}: {_fmt(count_params(head), 'params')}")
         reports.append((entry.name, teacher_report(tt)))
     lines.append(f"cost      {_fmt(total, 'FLOPs')} per training image (every teacher fwd + 3 x student/heads fwd)")
     for name, rep in reports:
