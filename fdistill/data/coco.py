@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .synthetic import SHAPES, SyntheticShapes
+from .synthetic import SHAPES, SyntheticShapes, synthetic_split_size
 
 __all__ = ["CocoDetection", "DetectionTransform", "detection_collate", "synthetic_coco", "build_detection_dataset",
            "coco_split_paths", "TRAIN_MIN_SIZES", "DEFAULT_SYNTHETIC_TRAIN"]
@@ -367,17 +367,11 @@ def build_detection_dataset(spec: str, split: str, *, train: bool, flip: bool = 
     validation ones of seed ``seed`` (32 px), written once as a COCO root under ``cache_dir``
     (reused when already there). Training drops images without a usable object, evaluation keeps
     every image."""
-    name, _, arg = str(spec).partition(":")
-    if name == "synthetic" and not Path(str(spec)).exists():
-        try:
-            n_train = int(arg) if arg else DEFAULT_SYNTHETIC_TRAIN
-        except ValueError:
-            raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
-        if n_train < 1:
-            raise DataError(f"bad dataset {spec!r}: N must be >= 1")
+    sizes = synthetic_split_size(spec, split, DEFAULT_SYNTHETIC_TRAIN)
+    if sizes is not None:
         if cache_dir is None:
             raise DataError("synthetic detection data is written as a COCO folder first: give cache_dir")
-        n = n_train if split == "train" else max(len(SHAPES), n_train // 5)
+        n_train, n = sizes
         root = Path(cache_dir) / f"synthetic_coco_{n_train}_seed{seed}"
         images, ann = coco_split_paths(root, split)
         if not ann.is_file():

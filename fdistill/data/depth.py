@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .synthetic import SyntheticShapes
+from .synthetic import SyntheticShapes, synthetic_split_size
 
 __all__ = ["DepthFolder", "SyntheticDepth", "DepthTransform", "build_depth_dataset", "synthetic_depth_map",
            "SPLIT_FILES", "DEFAULT_SYNTHETIC_TRAIN"]
@@ -294,15 +294,9 @@ def build_depth_dataset(spec: str, split: str, size: int | Tuple[int, int], *, t
     if split not in SPLIT_FILES:
         raise DataError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     tf = transform or DepthTransform(size, train=train, multiple=multiple, flip=flip)
-    name, _, arg = str(spec).partition(":")
-    if name == "synthetic" and not Path(str(spec)).exists():
-        try:
-            n_train = int(arg) if arg else DEFAULT_SYNTHETIC_TRAIN
-        except ValueError:
-            raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
-        if n_train < 1:
-            raise DataError(f"bad dataset {spec!r}: N must be positive")
-        n = n_train if split == "train" else max(10, n_train // 5)
+    sizes = synthetic_split_size(spec, split, DEFAULT_SYNTHETIC_TRAIN)
+    if sizes is not None:
+        n = sizes[1]
         shapes = SyntheticShapes(n, img_size, seed=seed, split="train" if split == "train" else "val")
         return SyntheticDepth(shapes, tf, max_depth=max_depth)
     path = Path(str(spec)).expanduser()

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 from .folder import IMG_EXTENSIONS
-from .synthetic import SHAPES, SyntheticShapes
+from .synthetic import SHAPES, SyntheticShapes, synthetic_split_size
 
 IGNORE_INDEX = 255
 SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "validation")}
@@ -294,13 +294,9 @@ def build_segmentation_dataset(spec: str, split: str, img_size: int | Tuple[int,
     if split not in SPLIT_FOLDERS:
         raise DataError(f"split must be one of {sorted(SPLIT_FOLDERS)}, got {split!r}")
     tf = transform or segmentation_transform(img_size, train=train, scale=scale, interpolation=interpolation)
-    name, _, arg = str(spec).partition(":")
-    if name == "synthetic" and not Path(str(spec)).exists():
-        try:
-            n_train = int(arg) if arg else DEFAULT_SYNTHETIC_TRAIN
-        except ValueError:
-            raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
-        n = n_train if split == "train" else max(len(SHAPES), n_train // 5)
+    sizes = synthetic_split_size(spec, split, DEFAULT_SYNTHETIC_TRAIN)
+    if sizes is not None:
+        n = sizes[1]
         ds = SyntheticSegmentation(SyntheticShapes(n, 32, seed=seed, split=split), tf)
         if num_classes is not None and num_classes != len(ds.classes):
             raise DataError(f"synthetic segmentation has {len(ds.classes)} classes, not num_classes={num_classes}")

@@ -514,3 +514,22 @@ class SyntheticShapes(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, label
+
+
+def synthetic_split_size(spec: str, split: str, default_train: int) -> Optional[Tuple[int, int]]:
+    """For a ``synthetic[:N]`` dataset spec (what the dense commands' ``--train`` takes):
+    ``(N, images of split)`` -- N training scenes, ``max(len(SHAPES), N // 5)`` held-out ones
+    (every class can appear); ``default_train`` when N is left out. None for anything else (an
+    existing path named ``synthetic...`` is a path). A bad N is one :class:`DataError`."""
+    from pathlib import Path
+
+    name, _, arg = str(spec).partition(":")
+    if name != "synthetic" or Path(str(spec)).exists():
+        return None
+    try:
+        n_train = int(arg) if arg else int(default_train)
+    except ValueError:
+        raise DataError(f"bad dataset {spec!r}: expected 'synthetic' or 'synthetic:N'") from None
+    if n_train < 1:
+        raise DataError(f"bad dataset {spec!r}: N must be >= 1")
+    return n_train, (n_train if split == "train" else max(len(SHAPES), n_train // 5))

@@ -217,6 +217,23 @@ def plot_dense_curves(out: Path, history: Sequence[Dict[str, Any]], key: str, ti
     return path
 
 
+def run_metrics(result, steps_per_epoch: int, env, *, train_ds, val_ds, info: Dict[str, Any], precision: str,
+                device: torch.device) -> Dict[str, Any]:
+    """What every dense command's ``metrics.json`` says of its run (beside the task's scores):
+    steps, whether it stopped early, throughput, data sizes, the backbone, precision, memory."""
+    return {"steps": result.step, "total_steps": result.total_steps,
+            "epochs_done": result.step / max(steps_per_epoch, 1), "stopped_early": result.stopped_by is not None,
+            "images_per_s": result.images_seen * env.world_size / result.train_time_s,
+            "train_images": len(train_ds), "val_images": len(val_ds), "backbone": info["kind"],
+            "precision": precision, **peak_memory(device)}
+
+
+def display_name(adapter, source: Optional[Dict[str, Any]]) -> str:
+    """The model's name for figure titles: its spec, shortened to its last 45 characters."""
+    name = str((source or {}).get("spec") or adapter.name)
+    return name if len(name) <= 48 else "..." + name[-45:]
+
+
 def recipe_config(cfg) -> Dict[str, Any]:
     """The recipe as recorded in the checkpoint (a resume with another is refused), without what
     may change on resume (recorded at the top level) or does not touch the weights."""

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..eval.data import autocast, model_inputs
-from .common import (BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder,
-                     sync_batch_norm, train_dense)
+from .common import (BestTracker, check_datasets, display_name, plot_dense_curves, recipe_config, run_folder,
+                     run_metrics, sync_batch_norm, train_dense)
 from .depth_metrics import DepthMetrics
 from .sliding import sliding_window
 
@@ -166,15 +166,11 @@ def finetune_depth(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Option
         best, last = task.tracker.best or {}, (result.history[-1] if result.history else {})
         metrics = {**{k: best.get(k) for k in ("rmse", "abs_rel", "log10", "d1", "d2", "d3", "sq_rel", "rmse_log",
                                                "silog")},
-                   "best_epoch": best.get("epoch"), "last": last, "steps": result.step,
-                   "total_steps": result.total_steps, "epochs_done": result.step / max(steps_per_epoch, 1),
-                   "stopped_early": result.stopped_by is not None,
-                   "images_per_s": result.images_seen * env.world_size / result.train_time_s,
-                   "train_images": len(train_ds), "val_images": len(val_ds), "backbone": info["kind"],
-                   "precision": precision, **peak_memory(device)}
+                   "best_epoch": best.get("epoch"), "last": last,
+                   **run_metrics(result, steps_per_epoch, env, train_ds=train_ds, val_ds=val_ds, info=info,
+                                 precision=precision, device=device)}
         if env.is_main:
-            name = str((source or {}).get("spec") or adapter.name)
-            name = name if len(name) <= 48 else "..." + name[-45:]
+            name = display_name(adapter, source)
             curves = plot_dense_curves(out, result.history, "rmse", f"{name}: depth fine-tuning")
             metrics["curves"] = str(curves) if curves else None
             if task.shown:

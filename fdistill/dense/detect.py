@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .common import BestTracker, check_datasets, peak_memory, plot_dense_curves, recipe_config, run_folder, train_dense
+from .common import (BestTracker, check_datasets, display_name, plot_dense_curves, recipe_config, run_folder,
+                     run_metrics, train_dense)
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +163,12 @@ def finetune_detection(adapter, train_ds, val_ds, cfg, *, output_dir, resume: Op
         box, mask = best.get("box") or {}, best.get("mask") or {}
         metrics = {"ap_box": best.get("ap_box"), "ap_mask": best.get("ap_mask"), "ap50_box": box.get("AP50"),
                    "ap75_box": box.get("AP75"), "ap50_mask": mask.get("AP50"), "box": best.get("box"),
-                   "mask": best.get("mask"), "best_epoch": best.get("epoch"), "last": last, "steps": result.step,
-                   "total_steps": result.total_steps, "epochs_done": result.step / max(steps_per_epoch, 1),
-                   "stopped_early": result.stopped_by is not None,
-                   "images_per_s": result.images_seen * env.world_size / result.train_time_s,
-                   "num_classes": len(classes), "train_images": len(train_ds), "val_images": len(val_ds),
-                   "backbone": info["kind"], "precision": precision, **peak_memory(device)}
+                   "mask": best.get("mask"), "best_epoch": best.get("epoch"), "last": last,
+                   "num_classes": len(classes),
+                   **run_metrics(result, steps_per_epoch, env, train_ds=train_ds, val_ds=val_ds, info=info,
+                                 precision=precision, device=device)}
         if env.is_main:
-            name = str((source or {}).get("spec") or adapter.name)
-            name = name if len(name) <= 48 else "..." + name[-45:]
+            name = display_name(adapter, source)
             curves = plot_dense_curves(out, result.history, "ap_box", f"{name}: Mask R-CNN fine-tuning")
             metrics["curves"] = str(curves) if curves else None
             if task.shown:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from ..eval.data import autocast, model_inputs
 from ..eval.segmentation import confusion_matrix, segmentation_scores
 from .sliding import sliding_window
-from .common import (BestTracker, check_batch_norm_batch, check_datasets, peak_memory, plot_dense_curves,
-                     recipe_config, run_folder, sync_batch_norm, train_dense)
+from .common import (BestTracker, check_batch_norm_batch, check_datasets, display_name, plot_dense_curves,
+                     recipe_config, run_folder, run_metrics, sync_batch_norm, train_dense)
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,11 @@ def finetune_segmentation(adapter, train_ds, val_ds, cfg, *, output_dir, resume:
         best, last = task.tracker.best or {}, (result.history[-1] if result.history else {})
         metrics = {"miou": best.get("miou"), "aacc": best.get("aacc"), "macc": best.get("macc"),
                    "best_epoch": best.get("epoch"), "last": last, "per_class_iou": getattr(task, "per_class_iou", None),
-                   "steps": result.step, "total_steps": result.total_steps,
-                   "epochs_done": result.step / max(steps_per_epoch, 1), "stopped_early": result.stopped_by is not None,
-                   "images_per_s": result.images_seen * env.world_size / result.train_time_s,
-                   "num_classes": len(classes), "train_images": len(train_ds), "val_images": len(val_ds),
-                   "backbone": info["kind"], "precision": precision, **peak_memory(device)}
+                   "num_classes": len(classes),
+                   **run_metrics(result, steps_per_epoch, env, train_ds=train_ds, val_ds=val_ds, info=info,
+                                 precision=precision, device=device)}
         if env.is_main:
-            name = str((source or {}).get("spec") or adapter.name)
-            name = name if len(name) <= 48 else "..." + name[-45:]
+            name = display_name(adapter, source)
             curves = plot_dense_curves(out, result.history, "miou", f"{name}: UPerNet fine-tuning")
             metrics["curves"] = str(curves) if curves else None
             if task.shown:
