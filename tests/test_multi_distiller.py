@@ -372,3 +372,18 @@ def test_zero_shot_through_a_clip_head(tmp_path):
     res = run_zeroshot(build_config(ZeroshotConfig, None, ["data.num_workers=0"]), model=str(run),
                        model_kwargs={"head": "clip"}, val="synthetic:100", echo=False)
     assert res["head"] == "clip" and 0 <= res["top1"] <= 100 and res["teacher_top1"] > 10  # clip_mini is trained
+
+
+def test_teachers_stay_outside_the_trained_branch_and_follow_the_run_precision(tmp_path):
+    """What DDP wraps (``branch``: the student and the heads) holds no teacher parameter, and in a
+    bf16 run the teachers are built in bf16 (``teachers[].dtype: auto``) and run in inference mode."""
+    from fdistill.config.distill import build_distiller
+
+    d = build_distiller(_multi_cfg(tmp_path), precision="bf16")
+    branch = {id(p) for p in d.branch.parameters()}
+    for name in ("vit", "wide"):
+        t = d.targets[name].teacher
+        assert not any(id(p) in branch for p in t.parameters())
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in t.parameters())
+        assert d.targets[name].teacher_inference_mode
+    assert {id(p) for p in d.projector.parameters()} <= branch
