@@ -387,3 +387,19 @@ def test_teachers_stay_outside_the_trained_branch_and_follow_the_run_precision(t
         assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in t.parameters())
         assert d.targets[name].teacher_inference_mode
     assert {id(p) for p in d.projector.parameters()} <= branch
+
+
+def test_losses_divided_by_their_initial_values(tmp_path):
+    """multi.normalize_by_initial_steps=2: the first two steps' per-teacher losses are averaged
+    into the divisors; afterwards the total is sum_t w_t l_t / l_t(initial), worked here."""
+    vit, cnn = _vit_teacher(), _cnn_teacher(tmp_path)
+    m = MultiTeacherDistiller([TeacherSpec("vit", vit, weight=2.0), TeacherSpec("cnn", cnn)], _student(),
+                              normalize_initial_steps=2)
+    xs = [torch.rand(2, 3, 32, 32) for _ in range(3)]
+    first = [m(x) for x in xs[:2]]
+    init = torch.stack([torch.stack([o["loss_vit"], o["loss_cnn"]]) for o in first]).double().mean(0)
+    torch.testing.assert_close(m.balance.initial, init)
+    out = m(xs[2])
+    want = 2.0 * out["loss_vit"] / init[0] + out["loss_cnn"] / init[1]
+    torch.testing.assert_close(out["loss"].double(), want.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m.balance.initial, init)  # fixed after warm-up

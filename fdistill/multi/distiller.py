@@ -149,6 +149,7 @@ class MultiTeacherDistiller(nn.Module):
         self.teacher_dropping = bool(teacher_dropping)
         self.balance = InitialLossNormalizer(len(teachers), warmup_steps=max(1, normalize_initial_steps)) \
             if normalize_initial_steps > 0 else None
+        self._balance_warm = False  # re-read from the buffers after a resume on the first step
         self.register_buffer("_student_mean", torch.tensor(student.mean, dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
         self.register_buffer("_student_std", torch.tensor(student.std, dtype=torch.float32).view(1, -1, 1, 1),
@@ -266,8 +267,14 @@ class MultiTeacherDistiller(nn.Module):
         out: Dict[str, torch.Tensor] = {}
         scale = torch.ones_like(losses)
         if self.balance is not None:
-            if self.training:
-                self.balance.update(losses.detach())
+            if self.training and not self._balance_warm:  # host-side flag: no sync once warm
+                observed = losses.detach().clone()  # (T,)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    # every rank records the same (global mean) initial losses, as one process would
+                    torch.distributed.all_reduce(observed)
+                    observed /= torch.distributed.get_world_size()
+                self.balance.update(observed)
+                self._balance_warm = self.balance.warm
             scale = self.balance(torch.ones_like(losses))  # 1 / initial loss per teacher
         w = self.weights.to(losses.device) * scale
         if self.teacher_dropping and self.training:
