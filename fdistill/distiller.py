@@ -32,6 +32,36 @@ def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images - m) / s
 
 
+def register_input_stats(module: nn.Module, who: str, mean, std) -> None:
+    """Give ``module`` the non-persistent (1, 3, 1, 1) buffers ``_{who}_mean`` / ``_{who}_std``:
+    they move with the module, so normalising makes no host-to-device copy (no sync) per step."""
+    module.register_buffer(f"_{who}_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                           persistent=False)
+    module.register_buffer(f"_{who}_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+                           persistent=False)
+
+
+def normalize_with(module: nn.Module, who: str, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` with ``module``'s ``who`` buffers
+    (:func:`register_input_stats`), in the images' dtype; the values of :func:`normalize_images`."""
+    mean, std = getattr(module, f"_{who}_mean"), getattr(module, f"_{who}_std")
+    if mean.device != images.device:  # a module not moved with its inputs: stay correct
+        mean, std = mean.to(images.device), std.to(images.device)
+    return (images - mean.to(images.dtype)) / std.to(images.dtype)
+
+
+def student_mask(mask_type: str, batch: int, grid: Tuple[int, int], ratio: float, device) -> Optional[torch.Tensor]:
+    """The student's input mask of one step (None without masking)."""
+    if ratio <= 0:
+        return None
+    if mask_type == "block" and torch.device(device).type == "cuda":
+        # block masks are drawn by a Python loop on the host; a plain .to(cuda) of pageable
+        # memory would block until the GPU's queue drains: pinned + non_blocking does not
+        m = make_mask("block", batch, grid, ratio)
+        return m.pin_memory().to(device, non_blocking=True)
+    return make_mask(mask_type, batch, grid, ratio, device=device)
+
+
 class StudentBranch(nn.Module):
     """The trainable part: student + projector. This (not the teacher) is what DDP wraps."""
 
@@ -93,11 +123,7 @@ class TeacherTargets(nn.Module):
         self.student_grid = tuple(student_grid)
         self._student_img_size = to_2tuple(student_img_size)
         self.align, self.teacher_img_size = self._plan_alignment(align, teacher_img_size)
-        # the teacher's input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
-        self.register_buffer("_mean", torch.tensor(teacher.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("_std", torch.tensor(teacher.std, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
+        register_input_stats(self, "teacher", teacher.mean, teacher.std)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -141,10 +167,7 @@ class TeacherTargets(nn.Module):
                 f"{self.teacher_img_size[0]}x{self.teacher_img_size[1]} -> {g[0]}x{g[1]} tokens ({how})")
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self._mean, self._std
-        if mean.device != images.device:  # not moved with its inputs: stay correct
-            mean, std = mean.to(images.device), std.to(images.device)
-        return (images - mean.to(images.dtype)) / std.to(images.dtype)
+        return normalize_with(self, "teacher", images)
 
     def _run_teacher(self, x: torch.Tensor, dtype: torch.dtype):
         """The teacher's forward, without autograd (inference mode unless ``teacher_inference_mode``
@@ -269,11 +292,7 @@ class FeatureDistiller(nn.Module):
         self.mask_ratio, self.mask_type = float(mask_ratio), mask_type
         self.mask_teacher, self.drop_masked = bool(mask_teacher), bool(drop_masked)
         self.student_grid = tuple(student.grid_size)
-        # the student's input statistics, (1, 3, 1, 1), moved with the module (non-persistent)
-        self.register_buffer("_student_mean", torch.tensor(student.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("_student_std", torch.tensor(student.std, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
+        register_input_stats(self, "student", student.mean, student.std)
 
     # -- set-up -----------------------------------------------------------------------------------
     @property
@@ -320,24 +339,16 @@ class FeatureDistiller(nn.Module):
 
     # -- the step -------------------------------------------------------------------------------
     def make_mask(self, batch: int, device) -> Optional[torch.Tensor]:
-        if self.mask_ratio <= 0:
-            return None
-        if self.mask_type == "block" and torch.device(device).type == "cuda":
-            # block masks are drawn by a Python loop on the host; a plain .to(cuda) of pageable
-            # memory would block until the GPU's queue drains: pinned + non_blocking does not
-            m = make_mask("block", batch, self.student_grid, self.mask_ratio)
-            return m.pin_memory().to(device, non_blocking=True)
-        return make_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device=device)
+        return student_mask(self.mask_type, batch, self.student_grid, self.mask_ratio, device)
 
     def _normalize(self, images: torch.Tensor, who: str = "student") -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` of the student (the teacher's is
         :class:`TeacherTargets`'), in the images' dtype; the values of :func:`normalize_images`."""
-        if who == "teacher":
-            return self.targets._normalize(images)
-        mean, std = self._student_mean, self._student_std
-        if mean.device != images.device:  # a distiller not moved with its inputs: stay correct
-            mean, std = mean.to(images.device), std.to(images.device)
-        return (images - mean.to(images.dtype)) / std.to(images.dtype)
+        return self.targets._normalize(images) if who == "teacher" else normalize_with(self, "student", images)
+
+    def checkpoint_parts(self) -> Dict[str, nn.Module]:
+        """The modules a checkpoint stores (``model.<part>``): the student and the projector."""
+        return {"student": self.student, "projector": self.projector}
 
     def teacher_targets(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,

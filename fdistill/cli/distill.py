@@ -55,8 +55,9 @@ def _validate(args) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     if kind == "distill":
-        teachers = " + ".join(f"{t.name}={t.spec}" for t in cfg.teachers) if cfg.teachers else cfg.teacher.spec
-        print(f"{args.config}: valid distill recipe ({teachers} -> {cfg.student.arch}, "
+        from ..config.distill import teachers_description
+
+        print(f"{args.config}: valid distill recipe ({teachers_description(cfg)} -> {cfg.student.arch}, "
               f"{cfg.train.epochs:g} epochs)")
     else:
         print(f"{args.config}: valid {kind} recipe (fdistill {kind} --config {args.config})")

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TeacherConfig", "TeacherEntryConfig", "MultiTeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig", "OptimConfig", "TrainConfig",
+    "TeacherConfig", "TeacherEntryConfig", "MultiTeacherConfig", "StudentConfig", "DistillLossConfig", "DataConfig",
+    "OptimConfig", "TrainConfig", "teachers_description",
     "DistillConfig", "RESUME_SAFE_KEYS", "resolve_precision", "resolve_lr", "build_teacher", "build_student",
     "build_distiller", "build_optimizer", "build_scheduler", "build_dataset", "build_loader",
     "student_args_of", "validate_without_building", "data_img_size",
@@ -348,6 +349,11 @@ def resolve_lr(optim: OptimConfig, total_batch: int) -> Tuple[float, float, floa
         return optim.lr, optim.warmup_lr, optim.min_lr
     s = total_batch / optim.lr_batch_denominator
     return optim.base_lr * s, optim.warmup_lr * s, optim.min_lr * s
+
+
+def teachers_description(cfg: DistillConfig) -> str:
+    """The teacher spec, or ``name=spec + name=spec`` of a ``teachers:`` run (logs, messages)."""
+    return " + ".join(f"{t.name}={t.spec}" for t in cfg.teachers) if cfg.teachers else cfg.teacher.spec
 
 
 def student_args_of(cfg: DistillConfig) -> Dict[str, Any]:

@@ -42,7 +42,8 @@ import torch
 from ..config import ConfigError, diff_configs, save_yaml, to_dict
 from ..config.distill import (RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, DistillConfig, build_batch_view,
                               build_dataset, build_distiller, build_loader, build_optimizer, build_scheduler,
-                              global_batch_of, resolve_lr, resolve_precision, student_args_of)
+                              global_batch_of, resolve_lr, resolve_precision, student_args_of,
+                              teachers_description)
 from ..data.errors import DataError
 from ..data.sampler import split_position
 from ..data.shards import WebShardDataset, check_resume_layout
@@ -270,16 +271,6 @@ def _one_teacher_info(tc, teacher) -> Dict[str, Any]:
             "provenance": provenance}
 
 
-def _checkpoint_parts(distiller) -> Dict[str, torch.nn.Module]:
-    """The modules a checkpoint stores: student + projector (+ a multi-teacher run's balancing state)."""
-    parts = getattr(distiller, "checkpoint_parts", None)
-    return parts() if parts is not None else {"student": distiller.student, "projector": distiller.projector}
-
-
-def _teachers_line(cfg: DistillConfig) -> str:
-    return " + ".join(f"{t.name}={t.spec}" for t in cfg.teachers) if cfg.teachers else cfg.teacher.spec
-
-
 def _fit_target_norms(cfg: DistillConfig, distiller, dataset, to_images, env: DistEnv) -> None:
     """Before a fresh multi-teacher run: the ``stats`` / ``phi_s`` normalisers are fitted on the
     teachers' tokens of ``multi.stats_images`` training images (their own pass over the data, in
@@ -394,7 +385,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     if env.is_main:
         lr0 = resolve_lr(oc, total_batch)[0]
         runlog.message(
-            f"fdistill distill: {_teachers_line(cfg)} -> {cfg.student.arch} | {env.world_size} process(es) on "
+            f"fdistill distill: {teachers_description(cfg)} -> {cfg.student.arch} | {env.world_size} process(es) on "
             f"{device.type}, {precision} | global batch {total_batch}, peak lr {lr0:.3g} | {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps" + (f" | resumed from {ckpt_path} at step {step}" if ckpt_path else ""))
     # a multi-teacher run reports each teacher's loss (its [CLS] / patch split is per teacher, not one)
@@ -412,7 +403,7 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
         if env.is_main:
             obj = {
                 "format": FORMAT, "version": VERSION, "config": cfg_dict, "student_args": student_args_of(cfg),
-                "model": {k: m.state_dict() for k, m in _checkpoint_parts(distiller).items()},
+                "model": {k: m.state_dict() for k, m in distiller.checkpoint_parts().items()},
                 "teacher": _teacher_info(cfg, distiller),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "rng": {"per_rank": rngs},
@@ -549,7 +540,7 @@ def _restore(ckpt: Dict[str, Any], distiller, optimizer, scaler, env: DistEnv) -
 
     prog = ckpt["progress"]
     try:
-        for part, module in _checkpoint_parts(distiller).items():
+        for part, module in distiller.checkpoint_parts().items():
             if part not in ckpt["model"]:
                 raise WeightsError(f"the checkpoint has no {part!r} part (it holds {sorted(ckpt['model'])})")
             load_into(unwrap(module), ckpt["model"][part], what=part)

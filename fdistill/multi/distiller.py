@@ -27,9 +27,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..distiller import TeacherTargets
+from ..distiller import TeacherTargets, normalize_with, register_input_stats, student_mask
 from ..losses import feature_distill_loss_parts
-from ..models.masking import MASK_TYPES, make_mask
+from ..models.masking import MASK_TYPES
 from ..models.projector import TokenProjector
 from ..teachers.base import Teacher
 from .balance import InitialLossNormalizer, apply_teacher_dropping, check_weights
@@ -132,6 +132,7 @@ class MultiTeacherDistiller(nn.Module):
                 raise ValueError(f"teacher {t.name}: loss must be one of {LOSS_KINDS}, got {t.loss!r}")
         self.specs = list(teachers)
         self.names: List[str] = names
+        self._spec = {t.name: t for t in teachers}
         grid = tuple(student.grid_size)
         self.student_grid = grid
         self.targets = nn.ModuleDict({
@@ -150,10 +151,7 @@ class MultiTeacherDistiller(nn.Module):
         self.balance = InitialLossNormalizer(len(teachers), warmup_steps=max(1, normalize_initial_steps)) \
             if normalize_initial_steps > 0 else None
         self._balance_warm = False  # re-read from the buffers after a resume on the first step
-        self.register_buffer("_student_mean", torch.tensor(student.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
-        self.register_buffer("_student_std", torch.tensor(student.std, dtype=torch.float32).view(1, -1, 1, 1),
-                             persistent=False)
+        register_input_stats(self, "student", student.mean, student.std)
 
     # -- parts ------------------------------------------------------------------------------------
     def _branch(self) -> MultiStudentBranch:
@@ -221,7 +219,7 @@ class MultiTeacherDistiller(nn.Module):
 
     def _target_tokens(self, name: str, target: torch.Tensor) -> torch.Tensor:
         """The part of the (B, P+N, C) target map this teacher's loss uses."""
-        spec, P = self.specs[self.names.index(name)], self.targets[name].num_prefix_tokens
+        spec, P = self._spec[name], self.targets[name].num_prefix_tokens
         if spec.targets == "summary":
             return target[:, :P]
         if spec.targets == "spatial":
@@ -230,14 +228,11 @@ class MultiTeacherDistiller(nn.Module):
 
     # -- the step -----------------------------------------------------------------------------------
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean, std = self._student_mean, self._student_std
-        if mean.device != images.device:
-            mean, std = mean.to(images.device), std.to(images.device)
-        return (images - mean.to(images.dtype)) / std.to(images.dtype)
+        return normalize_with(self, "student", images)
 
     def _teacher_loss(self, name: str, pred: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """FD's loss of one teacher: ``pred`` (B, 1+N, C) from its head, ``target`` (B, P+N, C) raw."""
-        spec, P = self.specs[self.names.index(name)], self.targets[name].num_prefix_tokens
+        spec, P = self._spec[name], self.targets[name].num_prefix_tokens
         if P == 0:
             pred = pred[:, 1:]
         norm = spec.norm if spec.norm in _LOSS_NORMS else "none"
@@ -258,8 +253,7 @@ class MultiTeacherDistiller(nn.Module):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         B = images.shape[0]
-        mask = make_mask(self.mask_type, B, self.student_grid, self.mask_ratio, device=images.device) \
-            if self.mask_ratio > 0 else None
+        mask = student_mask(self.mask_type, B, self.student_grid, self.mask_ratio, images.device)
         targets = {n: self.targets[n](images) for n in self.names}  # n -> (B, P+N, C_n)
         preds = self.branch(self._normalize(images), mask)  # n -> (B, 1+N, C_n)
         parts = {n: self._teacher_loss(n, preds[n], targets[n]) for n in self.names}
