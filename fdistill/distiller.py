@@ -191,9 +191,12 @@ class TeacherTargets(nn.Module):
             return t.forward_tokens(x)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> (B, P+N, C_t) raw teacher tokens on the student grid,
-        P = :attr:`num_prefix_tokens`."""
+        P = :attr:`num_prefix_tokens`. ``grid``: the student's grid of this step when it runs at
+        another input size (multi-resolution training): the teacher's map is resampled to it."""
+        grid = self.student_grid if grid is None else tuple(grid)
         t = self.teacher
         p = next(t.parameters(), None)
         tdtype = p.dtype if p is not None and p.is_floating_point() else images.dtype
@@ -204,12 +207,12 @@ class TeacherTargets(nn.Module):
             x = F.interpolate(x, size=self.teacher_img_size, mode="bicubic", align_corners=False, antialias=True)
         out = self._run_teacher(x, tdtype)
         patches = out.patches  # (B, Nt, C)
-        if tuple(out.grid) != self.student_grid:
-            if self.align != "interpolate":
+        if tuple(out.grid) != grid:
+            if self.align != "interpolate" and grid == self.student_grid:
                 raise TeacherError(f"teacher grid {out.grid} != student grid {self.student_grid}")
             B, _, C = patches.shape
             fmap = patches.transpose(1, 2).reshape(B, C, *out.grid).float()
-            fmap = F.interpolate(fmap, size=self.student_grid, mode="bilinear", align_corners=False)
+            fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
             patches = fmap.flatten(2).transpose(1, 2).to(out.patches.dtype)
         if self.cls_target == "teacher":
             return torch.cat((out.prefix[:, :1], patches), dim=1)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from fdistill.config import ConfigError, build_config, load_yaml
-from fdistill.config.distill import DistillConfig, validate_without_building
+from fdistill.config.distill import DistillConfig
+from fdistill.engine.builders import validate_without_building
 from fdistill.config.schemas import SCHEMA_NAMES, build_any_config, infer_schema
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,7 @@ def tiny_cfg(out, *overrides):
 def test_max_steps_zero_writes_the_initialised_student(tmp_path):
     """train.max_steps=0 is FD for 0 epochs: the checkpoint holds the student exactly as seeded
     initialisation built it (the from-scratch baseline of docs/evidence.md), and a rerun is a no-op."""
-    from fdistill.config.distill import build_distiller
+    from fdistill.engine.builders import build_distiller
 
     out = tmp_path / "scratch"
     r = distill(tiny_cfg(out, "train.max_steps=0", "train.seed=1"))

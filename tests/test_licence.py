@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from fdistill import create_teacher
 from fdistill.cli.main import main
 from fdistill.config import build_config
-from fdistill.config.distill import DistillConfig, build_distiller
+from fdistill.config.distill import DistillConfig
+from fdistill.engine.builders import build_distiller
 from fdistill.engine import distill, load_checkpoint
 from fdistill.engine.checkpoint import latest_valid_checkpoint, save_checkpoint
 from fdistill.engine.export import MODEL_CARD, export_student

@@ -41,7 +41,7 @@ def _info(args) -> int:
 
 def _validate(args) -> int:
     from ..config import to_dict
-    from ..config.distill import validate_without_building
+    from ..engine.builders import validate_without_building
     from ..config.schemas import build_any_config
 
     from ..config.recipes import resolve_recipe

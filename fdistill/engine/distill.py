@@ -40,14 +40,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from ..config import ConfigError, diff_configs, save_yaml, to_dict
-from ..config.distill import (RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, DistillConfig, build_batch_view,
-                              build_dataset, build_distiller, build_loader, build_optimizer, build_scheduler,
-                              global_batch_of, resolve_lr, resolve_precision, student_args_of,
-                              teachers_description)
+from ..config.distill import (RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, DistillConfig, global_batch_of, resolve_lr,
+                              student_args_of, teachers_description)
 from ..data.errors import DataError
 from ..data.sampler import split_position
 from ..data.shards import WebShardDataset, check_resume_layout
 from ..logs import run_log_file
+from ..precision import resolve_precision
+from .builders import (build_batch_view, build_dataset, build_distiller, build_loader, build_optimizer,
+                       build_scheduler)
 from .checkpoint import (checkpoint_path, clean_partial_writes, find_resume_checkpoint, list_checkpoints,
                          load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_later_checkpoints,
                          FORMAT, VERSION)
@@ -390,7 +391,8 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
             f"{total_steps} steps" + (f" | resumed from {ckpt_path} at step {step}" if ckpt_path else ""))
     # a multi-teacher run reports each teacher's loss (its [CLS] / patch split is per teacher, not one)
     metrics = StepMetrics(device, parts=() if cfg.teachers else ("loss_prefix", "loss_patch"),
-                          extra=tuple(f"loss_{t.name}" for t in cfg.teachers))
+                          extra=tuple(f"loss_{t.name}" for t in cfg.teachers)
+                          + (("resolution_px",) if cfg.teachers and cfg.multi.resolution_fraction > 0 else ()))
     record: Dict[str, Any] = {"loss": math.nan}
     stopped_by = None
 

@@ -129,7 +129,7 @@ def run_finetune(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
                  output: str, resume: Optional[str] = "auto", echo: bool = True) -> Dict[str, Any]:
     """``fdistill finetune``: fine-tune ``model`` on ``train``, evaluate on ``val`` (default: the
     ``val`` split of ``train``). Multi-GPU under ``torchrun`` (one process per GPU)."""
-    from ..config.finetune import build_finetune_recipe, build_train_transform_args
+    from .builders import build_finetune_recipe, build_train_transform_args
     from ..engine.distributed import init_distributed, shutdown
     from .data import load_dataset, train_transform
     from .finetune import finetune
@@ -162,7 +162,7 @@ def run_finetune(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
 def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None,
                  output: Optional[str] = None, echo: bool = True) -> Dict[str, Any]:
     """``fdistill linprobe``: MAE linear probe (``mode: standard``) or the fast sweep (``mode: fast``)."""
-    from ..config.finetune import build_linprobe_recipe, build_sweep_recipe
+    from .builders import build_linprobe_recipe, build_sweep_recipe
     from ..data import distill_transform
     from .data import load_dataset, make_loader
     from .features import extract_features
@@ -212,7 +212,7 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
 def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str] = None,
             output: Optional[str] = None, echo: bool = True) -> Dict[str, Any]:
     """``fdistill knn``: weighted k-NN (DINO) on frozen features; ``top1``/``top5`` at the first k."""
-    from ..config.finetune import build_knn_recipe
+    from .builders import build_knn_recipe
     from .data import load_dataset, make_loader
     from .features import extract_features
     from .knn import knn_scores, topk_accuracy
@@ -274,7 +274,7 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
                  echo: bool = True, train: Optional[str] = None) -> Dict[str, Any]:
     """``fdistill zeroshot``: CLIP zero-shot on ``val``; for an FD student, the student through its
     projector and the teacher's projection, with the teacher side by side."""
-    from ..config.finetune import build_zeroshot_recipe
+    from .builders import build_zeroshot_recipe
     from ..models.loading import HeadAdapter, StudentAdapter
     from ..teachers import create_teacher
     from .data import dataset_classes, load_dataset, make_loader
@@ -343,7 +343,7 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     """``fdistill segprobe``: DINOv2-style linear semantic segmentation on the frozen token map;
     ``miou`` / ``aacc`` / ``macc`` on ``val`` (default: the ``val`` split of ``train``); with
     ``output``, ``predictions.png`` shows a few validation images, label maps and predictions."""
-    from ..config.finetune import build_segprobe_data_args, build_segprobe_recipe
+    from .builders import build_segprobe_data_args, build_segprobe_recipe
     from ..data.segmentation import build_segmentation_dataset
     from .segmentation import seg_linear_probe
 

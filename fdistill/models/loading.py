@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..teachers.base import Teacher, TeacherError, TeacherTokens
+from ..teachers.base import Teacher, TeacherError, TeacherTokens, to_2tuple
 from .student import FDStudent
 
 
@@ -33,6 +33,8 @@ class StudentAdapter(Teacher):
         super().__init__(
             student, name=name, embed_dim=student.embed_dim, patch_size=student.patch_size,
             num_prefix_tokens=1, mean=student.mean, std=student.std, img_size=student.img_size,
+            # other sizes (multiples of the patch) through the shared table / a resampled embedding
+            dynamic_img_size=hasattr(student, "input_grid") and getattr(student, "pos_embed_type", "rpb") != "rpb",
         )
         self.projector = projector
         if projector is not None:
@@ -41,9 +43,19 @@ class StudentAdapter(Teacher):
         self.teacher_info = dict(teacher_info or {})
         self.config = dict(config or {})
 
+    def accepts_size(self, img_size) -> bool:
+        if not self.dynamic_img_size:
+            return super().accepts_size(img_size)
+        try:
+            self.model.input_grid(to_2tuple(img_size))
+        except ValueError:
+            return False
+        return True
+
     def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
         t = self.model.forward_tokens(x)  # (B, 1+N, C)
-        return TeacherTokens(t[:, :1], t[:, 1:], tuple(self.model.grid_size))
+        grid = self.model.input_grid(x.shape[-2:]) if self.dynamic_img_size else self.model.grid_size
+        return TeacherTokens(t[:, :1], t[:, 1:], tuple(grid))
 
 
 class HeadAdapter(Teacher):

@@ -8,7 +8,8 @@ checkpointing). We subclass it only to add what FD needs on top:
 
 * a learned mask token for student input masking (paper Table 5), random or block-wise;
 * an MAE-style path that drops masked tokens from the encoder (cost falls with the ratio);
-* ``forward_tokens`` returning the full normalised token map (B, 1+N, C);
+* ``forward_tokens`` returning the full normalised token map (B, 1+N, C), at the student's own
+  input size or at any other multiple of the patch size (multi-resolution training, RADIO v2.5);
 * two CPU speed paths that keep the values (:class:`FDAttention`, :class:`FDBlock`).
 
 Because the parameters keep BEiT's names, an exported student loads with
@@ -22,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
@@ -48,8 +49,8 @@ class FDAttention(BeitAttention):
     SDPA gets the relative position bias as an additive mask. On CUDA the memory-efficient
     kernel also returns the bias's gradient. On CPU no fused kernel does: with a bias that needs
     a gradient SDPA falls back to its math path (q and k scaled separately, a "safe" softmax with
-    three extra passes over the (B, H, T, T) logits), slower than timm's explicit path (about
-    25% of the attention's time for ViT-S at 224, benchmarks/RESULTS.md). So on CPU, when the
+    three extra passes over the (B, H, T, T) logits), slower than timm's explicit path (measured in
+    benchmarks/RESULTS.md). So on CPU, when the
     bias needs a gradient, this runs the explicit path; everywhere else (GPU, evaluation, a
     frozen bias, inside ``torch.compile``) SDPA. A module set to ``fused_attn = False`` by its
     user (e.g. attention capture) stays explicit."""
@@ -122,6 +123,34 @@ def _pos_embed_flags(pos_embed: str) -> dict:
     )
 
 
+def clipped_relative_position_index(table_window: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    """Index (1+N, 1+N) into a BEiT relative-position table made for ``table_window`` of the
+    token pairs of a ``grid`` of N patches, [CLS] first.
+
+    Offsets are counted in patches, as at the table's own size, and clipped to the largest the
+    table holds (Shaw et al. 2018, "clipping" relative positions beyond a maximum distance).
+    At ``grid == table_window`` this is timm's ``gen_relative_position_index``; a smaller grid
+    reads a sub-table, so a multi-resolution step trains the very entries the base resolution
+    uses (an interpolated table would mix them; timm's ``resize_rel_pos_bias_table``, BEiT's
+    geometric interpolation, runs head by head on the CPU and is meant for loading checkpoints);
+    a larger grid reuses the edge entries for the longer distances. The three [CLS] entries are
+    the table's last three rows, as in timm."""
+    th, tw = table_window
+    gh, gw = grid
+    num_distance = (2 * th - 1) * (2 * tw - 1) + 3
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # (N,)
+    dy = (ys[:, None] - ys[None, :]).clamp(-(th - 1), th - 1) + th - 1  # (N, N)
+    dx = (xs[:, None] - xs[None, :]).clamp(-(tw - 1), tw - 1) + tw - 1
+    n = gh * gw
+    index = torch.zeros((n + 1, n + 1), dtype=torch.long)
+    index[1:, 1:] = dy * (2 * tw - 1) + dx
+    index[0, 0:] = num_distance - 3  # cls -> token
+    index[0:, 0] = num_distance - 2  # token -> cls
+    index[0, 0] = num_distance - 1  # cls -> cls
+    return index
+
+
 class FDStudent(Beit):
     """BEiT-style ViT student. ``forward_tokens(x, mask)`` -> (B, 1+N, C) after the final norm."""
 
@@ -137,6 +166,7 @@ class FDStudent(Beit):
         trunc_normal_(self.mask_token, std=0.02)
         self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self._timm_args: dict = {}
+        self._rel_index_cache: Dict[Tuple[int, int], torch.Tensor] = {}  # grid -> (1+N, 1+N), CPU
 
     # -- geometry -------------------------------------------------------------------------
     @property
@@ -189,6 +219,53 @@ class FDStudent(Beit):
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
         return self
 
+    # -- other input sizes --------------------------------------------------------------
+    def input_grid(self, hw) -> Tuple[int, int]:
+        """The token grid of an (H, W) input: the student's own, or (H / p, W / p) for another
+        size (each a multiple of the patch size p)."""
+        hw = (int(hw[0]), int(hw[1]))
+        if hw == self.img_size:
+            return self.grid_size
+        p = self.patch_size
+        if hw[0] % p or hw[1] % p:
+            raise ValueError(f"input size {hw[0]}x{hw[1]} is not a multiple of the patch size {p}")
+        if self.pos_embed_type == "rpb":
+            raise ValueError(f"input size {hw[0]}x{hw[1]} differs from the student's {self.img_size[0]}x"
+                             f"{self.img_size[1]}: other sizes need pos_embed 'shared_rpb' or 'ape' (one table "
+                             "per layer ('rpb') is not resized)")
+        return hw[0] // p, hw[1] // p
+
+    def _embed_patches(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C). timm's PatchEmbed checks the input size it was built for;
+        at another size its own projection and norm run directly (the same weights)."""
+        if grid == self.grid_size:
+            return self.patch_embed(x)
+        pe = self.patch_embed
+        return pe.norm(pe.proj(x).flatten(2).transpose(1, 2))  # (B, N, C)
+
+    def rel_pos_bias_at(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """The shared relative position bias (H, 1+N, 1+N) for a ``grid`` of patches, from the
+        one table (:func:`clipped_relative_position_index`; timm's own at the base grid)."""
+        rpb = self.rel_pos_bias
+        if tuple(grid) == tuple(rpb.window_size):
+            return rpb()
+        index = self._rel_index_cache.get(tuple(grid))
+        if index is None:
+            index = clipped_relative_position_index(tuple(rpb.window_size), tuple(grid))
+            self._rel_index_cache[tuple(grid)] = index
+        table = rpb.relative_position_bias_table  # (num_distance, H)
+        T = index.shape[0]
+        bias = table[index.to(table.device).view(-1)].view(T, T, -1)  # (1+N, 1+N, H)
+        return bias.permute(2, 0, 1).contiguous()  # (H, 1+N, 1+N)
+
+    def pos_embed_at(self, grid: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """The absolute position embedding (1, 1+N, C) for a ``grid`` (``ape`` only): bicubic
+        resampling of the learned one, differentiable (timm's ``resample_abs_pos_embed``)."""
+        if self.pos_embed is None or tuple(grid) == self.grid_size:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.grid_size),
+                                      num_prefix_tokens=1).to(self.pos_embed.dtype)
+
     # -- forward --------------------------------------------------------------------------
     def _run_blocks(self, x: torch.Tensor, rel_pos_bias: Optional[torch.Tensor]) -> torch.Tensor:
         for blk in self.blocks:
@@ -217,7 +294,8 @@ class FDStudent(Beit):
         Returns:
             (B, 1 + N, C) tokens after the final norm ([CLS] first).
         """
-        x = self.patch_embed(x)  # (B, N, C)
+        grid = self.input_grid(x.shape[-2:])
+        x = self._embed_patches(x, grid)  # (B, N, C)
         B, N, C = x.shape
         if mask is not None:
             if mask.shape != (B, N):
@@ -225,15 +303,16 @@ class FDStudent(Beit):
             mask = mask.to(torch.bool)
         # (1, H, 1+N, 1+N): 4-d so that SDPA's CPU flash kernel accepts it (a 3-d mask sends it to
         # the math path); without gradient it serves every block through the fused kernels
-        rel_pos_bias = self.rel_pos_bias().unsqueeze(0) if self.rel_pos_bias is not None else None
+        rel_pos_bias = self.rel_pos_bias_at(grid).unsqueeze(0) if self.rel_pos_bias is not None else None
+        pos_embed = self.pos_embed_at(grid)
 
         if mask is not None and drop_masked:
             keep = visible_index(mask, num_visible)  # (B, Nv)
             x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, C))
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+Nv, C)
             idx = torch.cat((keep.new_zeros(B, 1), keep + 1), dim=1)  # token ids incl. [CLS]
-            if self.pos_embed is not None:
-                pos = self.pos_embed.expand(B, -1, -1)
+            if pos_embed is not None:
+                pos = pos_embed.expand(B, -1, -1)
                 x = x + torch.gather(pos, 1, idx.unsqueeze(-1).expand(-1, -1, C))
             if any(getattr(b.attn, "relative_position_bias_table", None) is not None for b in self.blocks):
                 raise ValueError("drop_masked needs pos_embed 'shared_rpb' or 'ape' (per-layer 'rpb' is not supported)")
@@ -250,8 +329,8 @@ class FDStudent(Beit):
                 w = mask.unsqueeze(-1).to(x.dtype)
                 x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, C)
-            if self.pos_embed is not None:
-                x = x + self.pos_embed
+            if pos_embed is not None:
+                x = x + pos_embed
         x = self.pos_drop(x)
         if rel_pos_bias is not None and x.device.type == "cuda":
             rel_pos_bias = sdpa_ready_bias(rel_pos_bias)

@@ -13,7 +13,9 @@ backbone through one *head* (adaptor) per teacher. One step:
   smooth-L1 (beta 2, [CLS] x ``cls_weight``) or cosine + smooth-L1, on the ``full`` map, the
   ``summary`` token or the ``spatial`` patches;
 - the total is ``sum_t weight_t x loss_t`` (:mod:`fdistill.multi.balance`: optionally each loss
-  divided by its initial value, and UNIC's per-sample teacher dropping).
+  divided by its initial value, and UNIC's per-sample teacher dropping);
+- optionally a fraction of the steps shows the student another input size
+  (:mod:`fdistill.multi.resolution`, RADIO v2.5's multi-resolution training).
 
 With one teacher, ``standardize``, a linear head and smooth-L1 this is exactly
 :class:`fdistill.FeatureDistiller` (loss and gradients; tested). The fitted normalisers live in
@@ -34,6 +36,7 @@ from ..models.projector import TokenProjector
 from ..teachers.base import Teacher
 from .balance import InitialLossNormalizer, apply_teacher_dropping, check_weights
 from .normalize import FeatureStats, build_target_norm
+from .resolution import ResolutionSchedule
 
 __all__ = ["TeacherSpec", "TeacherHead", "MultiStudentBranch", "MultiTeacherDistiller", "HEAD_KINDS",
            "TARGET_KINDS", "LOSS_KINDS"]
@@ -110,11 +113,15 @@ class MultiTeacherDistiller(nn.Module):
         teacher_dropping: UNIC's per-sample teacher dropping (:func:`~fdistill.multi.balance.apply_teacher_dropping`).
         normalize_initial_steps: divide each teacher's loss by its mean over this many first
             steps (:class:`~fdistill.multi.balance.InitialLossNormalizer`; 0 = off).
+        resolutions, resolution_fraction, seed: multi-resolution training
+            (:class:`~fdistill.multi.resolution.ResolutionSchedule`): this fraction of the training
+            steps runs the student at one of ``resolutions`` (pixels) instead of its own size.
     """
 
     def __init__(self, teachers: Sequence[TeacherSpec], student: nn.Module, *, beta: float = 2.0,
                  cls_weight: float = 10.0, mask_ratio: float = 0.0, mask_type: str = "random",
-                 teacher_dropping: bool = False, normalize_initial_steps: int = 0):
+                 teacher_dropping: bool = False, normalize_initial_steps: int = 0,
+                 resolutions: Sequence[int] = (), resolution_fraction: float = 0.0, seed: int = 0):
         super().__init__()
         if not teachers:
             raise ValueError("MultiTeacherDistiller needs at least one teacher")
@@ -151,6 +158,16 @@ class MultiTeacherDistiller(nn.Module):
         self.balance = InitialLossNormalizer(len(teachers), warmup_steps=max(1, normalize_initial_steps)) \
             if normalize_initial_steps > 0 else None
         self._balance_warm = False  # re-read from the buffers after a resume on the first step
+        self.resolution = None
+        if resolution_fraction > 0:
+            img = tuple(student.img_size)
+            if img[0] != img[1]:
+                raise ValueError(f"multi-resolution training needs a square student input, got {img}")
+            if not hasattr(student, "input_grid"):
+                raise ValueError("multi-resolution training needs the FD ViT student (it resizes its position bias)")
+            for size in resolutions:  # the student refuses sizes it cannot take, here rather than mid-run
+                student.input_grid((int(size), int(size)))
+            self.resolution = ResolutionSchedule(img[0], resolutions, resolution_fraction, seed=seed)
         register_input_stats(self, "student", student.mean, student.std)
 
     # -- parts ------------------------------------------------------------------------------------
@@ -179,6 +196,8 @@ class MultiTeacherDistiller(nn.Module):
         parts = {"student": self.student, "projector": self.projector}
         if self.balance is not None:
             parts["balance"] = self.balance
+        if self.resolution is not None:
+            parts["resolution"] = self.resolution
         return parts
 
     def describe_alignment(self) -> str:
@@ -253,9 +272,18 @@ class MultiTeacherDistiller(nn.Module):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         B = images.shape[0]
-        mask = student_mask(self.mask_type, B, self.student_grid, self.mask_ratio, images.device)
-        targets = {n: self.targets[n](images) for n in self.names}  # n -> (B, P+N, C_n)
-        preds = self.branch(self._normalize(images), mask)  # n -> (B, 1+N, C_n)
+        student_images, grid = images, self.student_grid
+        if self.resolution is not None and self.training:
+            size = self.resolution.next_size()
+            if size != tuple(images.shape[-2:]):
+                # the same view at this step's size; the teachers keep theirs (module doc)
+                student_images = torch.nn.functional.interpolate(images, size=size, mode="bicubic",
+                                                                 align_corners=False, antialias=True)
+                grid = self.student.input_grid(size)
+            out_size = size
+        mask = student_mask(self.mask_type, B, grid, self.mask_ratio, images.device)
+        targets = {n: self.targets[n](images, grid=grid) for n in self.names}  # n -> (B, P+N, C_n)
+        preds = self.branch(self._normalize(student_images), mask)  # n -> (B, 1+N, C_n)
         parts = {n: self._teacher_loss(n, preds[n], targets[n]) for n in self.names}
         losses = torch.stack([parts[n]["loss"] for n in self.names])  # (T,)
         out: Dict[str, torch.Tensor] = {}
@@ -284,5 +312,7 @@ class MultiTeacherDistiller(nn.Module):
             out[f"loss_{n}"] = parts[n]["loss"].detach()
         if mask is not None:
             out["mask_fraction"] = mask.float().mean().detach()
+        if self.resolution is not None and self.training:
+            out["resolution_px"] = images.new_tensor(float(out_size[0]))  # its mean over a log interval
         return out
 
