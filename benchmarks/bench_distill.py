@@ -13,6 +13,11 @@ MFU against a dense matmul ceiling measured here, on this device and dtype; with
 ``--baseline`` the same numbers for the straightforward step (see ``variants.py``) and the
 speed-up; and the data loader's own throughput on a real image folder. See
 docs/performance.md.
+
+A several-teacher config (``cpu-multi-vits-fp32``, ``tiny-multi``; issue 15) times the
+:class:`fdistill.multi.MultiTeacherDistiller` step: every teacher's forward, the student once,
+one head per teacher; its FLOPs count every teacher and every head
+(:func:`benchmarks.flops.fd_multi_step_flops`).
 """
 from __future__ import annotations
 
@@ -33,11 +38,12 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch  # noqa: E402
 
 from benchmarks.configs import CONFIGS, BenchConfig, get_config  # noqa: E402
-from benchmarks.flops import fd_step_flops, vit_dims  # noqa: E402
+from benchmarks.flops import fd_multi_step_flops, fd_step_flops, vit_dims, vit_forward_flops  # noqa: E402
 from benchmarks.measure import (device_name, live_tensor_bytes, load_average, matmul_ceiling,  # noqa: E402
                                 peak_step_memory, summarize, time_rounds)
 from benchmarks.results import RESULTS_MD, append_row, options_text  # noqa: E402
-from benchmarks.variants import DTYPES, Options, Variant, build_baseline, build_fast  # noqa: E402
+from benchmarks.variants import (DTYPES, Options, Variant, build_baseline, build_fast,  # noqa: E402
+                                 teacher_targets)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg-mini" / "train"
 
@@ -126,6 +132,9 @@ def _measure_variant(v: Variant, args, device: torch.device) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark described by ``args`` (see :func:`parse_args`); returns the results."""
     cfg: BenchConfig = get_config(args.config).replace(device=args.device, batch=args.batch, precision=args.precision)
+    if cfg.multi and args.drop_masked:
+        raise SystemExit(f"--drop-masked is a single-teacher option; --config {cfg.name} has "
+                         f"{len(cfg.teachers)} teachers (use --mask-ratio alone)")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--config {cfg.name} needs a CUDA GPU (none here); try --device cpu or a cpu-* config")
@@ -152,13 +161,17 @@ def run(args: argparse.Namespace) -> dict:
         from fdistill.models.masking import num_masked
 
         visible = n - num_masked(n, opts.mask_ratio)
-    flops = fd_step_flops(vit_dims(fast.distiller.teacher), vit_dims(fast.distiller.student), student_visible=visible)
+    flops = step_flops(fast.distiller, student_visible=visible)
     keep = skipped_drop_path_keep(fast, device)
-    hw_flops = flops if keep is None else fd_step_flops(
-        vit_dims(fast.distiller.teacher), vit_dims(fast.distiller.student), student_visible=visible,
-        student_block_keep=keep)
-    log(f"{flops['total'] / 1e9:.2f} GFLOP per image (teacher {flops['teacher_fwd'] / 1e9:.2f}, student fwd+bwd "
-        f"{(flops['student_fwd'] + flops['student_bwd']) / 1e9:.2f}, projector {flops['projector'] / 1e9:.2f})")
+    hw_flops = flops if keep is None else step_flops(fast.distiller, student_visible=visible, student_block_keep=keep)
+    if "teacher_fwd_each" in flops:
+        t_text = "teachers " + " + ".join(f"{k} {v / 1e9:.2f}" for k, v in flops["teacher_fwd_each"].items())
+        p_text = "heads " + " + ".join(f"{k} {v / 1e9:.2f}" for k, v in flops["projector_each"].items())
+    else:
+        t_text, p_text = f"teacher {flops['teacher_fwd'] / 1e9:.2f}", f"projector {flops['projector'] / 1e9:.2f}"
+    log(f"{flops['total'] / 1e9:.2f} GFLOP per image ({t_text}, student fwd+bwd "
+        f"{(flops['student_fwd'] + flops['student_bwd']) / 1e9:.2f}, {p_text})")
+    teachers = teacher_summary(cfg, fast)
     measured = {"fast": _measure_variant(fast, args, device)}
     fns = {"fast": fast.step}
 
@@ -198,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device), "device_type": device.type, "config": cfg.name,
         "description": cfg.description, "dtype": cfg.precision, "batch": cfg.batch, "img_size": cfg.img_size,
-        "teacher": cfg.teacher, "student": cfg.student_arch,
+        "teacher": cfg.teacher, "student": cfg.student_arch, "teachers": teachers, "num_teachers": len(teachers),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "load_avg_1m": load0, "load_avg_1m_end": load1,
         # other jobs' load: at the end the 1-minute average also counts this run's own threads
@@ -268,9 +281,38 @@ def skipped_drop_path_keep(v: Variant, device: torch.device):
     return None if all(k == 1.0 for k in keep) else keep
 
 
+def step_flops(distiller, *, student_visible=None, student_block_keep=None) -> dict:
+    """Analytic FLOPs per image of one step of ``distiller`` (:mod:`benchmarks.flops`): FD's
+    :func:`fd_step_flops`, or for a :class:`~fdistill.multi.MultiTeacherDistiller`
+    :func:`fd_multi_step_flops` over all its teachers and heads."""
+    from fdistill.multi.distiller import MultiTeacherDistiller
+
+    s = vit_dims(distiller.student)
+    if isinstance(distiller, MultiTeacherDistiller):
+        if any(distiller.projector[n].kind != "linear" for n in distiller.names):
+            raise ValueError("the FLOP model counts linear heads only")
+        teachers = {n: vit_dims(tt.teacher) for n, tt in zip(distiller.names, teacher_targets(distiller))}
+        return fd_multi_step_flops(teachers, s, student_visible=student_visible,
+                                   student_block_keep=student_block_keep)
+    return fd_step_flops(vit_dims(distiller.teacher), s, student_visible=student_visible,
+                         student_block_keep=student_block_keep)
+
+
+def teacher_summary(cfg: BenchConfig, v: Variant) -> List[dict]:
+    """Per teacher of the config: ``name``, timm ``model``, loss ``weight``, ``embed_dim``,
+    ``input_size`` and ``fwd_flops`` (analytic, per image) -- the JSON's ``teachers``."""
+    entries = cfg.teachers or [None]
+    out = []
+    for entry, tt in zip(entries, teacher_targets(v.distiller)):
+        out.append({"name": entry.name if entry else "teacher", "model": entry.model if entry else cfg.teacher,
+                    "weight": entry.weight if entry else 1.0, "embed_dim": int(tt.teacher.embed_dim),
+                    "input_size": list(tt.teacher_img_size), "fwd_flops": vit_forward_flops(vit_dims(tt.teacher))})
+    return out
+
+
 def flops_baseline(cfg: BenchConfig, base: Variant) -> int:
     """The baseline's model FLOPs per image (the full student: masked tokens are not dropped)."""
-    return fd_step_flops(vit_dims(base.distiller.teacher), vit_dims(base.distiller.student))["total"]
+    return step_flops(base.distiller)["total"]
 
 
 def print_table(r: dict) -> None:
@@ -295,6 +337,9 @@ def print_table(r: dict) -> None:
     print(f"{r['config']} ({options_text(r['options'])}) on {r['device']}")
     for row in rows:
         print("  " + "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)))
+    if r.get("num_teachers", 1) > 1:
+        print("  teachers: " + ", ".join(f"{t['name']} = {t['model']} (width {t['embed_dim']}, weight {t['weight']:g}, "
+                                         f"{t['fwd_flops'] / 1e9:.2f} GFLOP fwd)" for t in r["teachers"]))
     print(f"  GFLOP/image {r['flops_per_image'] / 1e9:.2f}; matmul ceiling "
           f"{r['matmul_ceiling_flops'] / 1e12:.3f} TFLOP/s ({r['dtype']})")
     if has_b:

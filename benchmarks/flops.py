@@ -12,17 +12,21 @@ One FD step per image (paper Fig. 2) =
     the patch embedding's input is the image, which needs no gradient, so its backward is 1x)
   + projector forward + backward (3x its forward).
 
+With several teachers (:class:`fdistill.multi.MultiTeacherDistiller`, FD's linear head per
+teacher) the step is every teacher's forward + the student forward/backward once + every head's
+forward and backward: :func:`fd_multi_step_flops`.
+
 Activation checkpointing recomputes the student's forward: that is extra hardware work, not
 model work, so it is not counted (MFU stays comparable with and without it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, asdict
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch.nn as nn
 
-__all__ = ["ViTDims", "vit_dims", "vit_forward_flops", "fd_step_flops"]
+__all__ = ["ViTDims", "vit_dims", "vit_forward_flops", "fd_step_flops", "fd_multi_step_flops"]
 
 
 @dataclass(frozen=True)
@@ -143,3 +147,35 @@ def fd_step_flops(teacher: ViTDims, student: ViTDims, *, target_dim: Optional[in
     proj = 3 * (2 * n_tok * student.embed_dim * ct)
     return {"teacher_fwd": t_fwd, "student_fwd": s_fwd, "student_bwd": s_bwd, "projector": proj,
             "total": t_fwd + s_fwd + s_bwd + proj}
+
+
+def fd_multi_step_flops(teachers: Mapping[str, ViTDims], student: ViTDims, *,
+                        target_dims: Optional[Mapping[str, int]] = None, student_visible: Optional[int] = None,
+                        cls_token: bool = True, student_block_keep: Optional[Sequence[float]] = None) -> dict:
+    """Matmul FLOPs of one several-teacher FD step, per image, split by part: every teacher's
+    forward, the student's forward and backward (once: it runs once for all heads), and every
+    linear head's forward + backward (3x its forward, as FD's projector).
+
+    Args:
+        teachers: name -> sizes, in the distiller's order (grids assumed aligned with the student's).
+        target_dims: name -> that head's output width (default each teacher's ``embed_dim``).
+        student_visible, cls_token, student_block_keep: as :func:`fd_step_flops`.
+
+    Returns:
+        dict with ``teacher_fwd`` and ``projector`` (sums over the teachers),
+        ``teacher_fwd_each`` and ``projector_each`` (name -> FLOPs), ``student_fwd``,
+        ``student_bwd`` and ``total``. With one teacher it equals :func:`fd_step_flops`.
+    """
+    if not teachers:
+        raise ValueError("fd_multi_step_flops needs at least one teacher")
+    target_dims = dict(target_dims or {})
+    parts = {name: fd_step_flops(t, student, target_dim=target_dims.get(name), student_visible=student_visible,
+                                 cls_token=cls_token, student_block_keep=student_block_keep)
+             for name, t in teachers.items()}
+    first = next(iter(parts.values()))
+    t_each = {name: p["teacher_fwd"] for name, p in parts.items()}
+    h_each = {name: p["projector"] for name, p in parts.items()}
+    s_fwd, s_bwd = first["student_fwd"], first["student_bwd"]
+    return {"teacher_fwd": sum(t_each.values()), "student_fwd": s_fwd, "student_bwd": s_bwd,
+            "projector": sum(h_each.values()), "teacher_fwd_each": t_each, "projector_each": h_each,
+            "total": sum(t_each.values()) + s_fwd + s_bwd + sum(h_each.values())}

@@ -8,7 +8,9 @@ one training step -- parameters, gradients, optimizer state, the batch and every
 * CPU: torch has no allocator statistics for host memory, and the process's peak RSS mixes in
   the Python heap, libraries and glibc's retained free pages. So the step runs once (untimed)
   under ``torch.profiler`` with ``profile_memory=True``, whose allocation records give the
-  exact high-water mark of tensor bytes above the start; the bytes already live at the start
+  exact high-water mark of tensor bytes above the start
+  (:func:`fdistill.engine.memory.peak_allocated_bytes`, also behind ``fdistill info``'s
+  per-teacher peak); the bytes already live at the start
   (the storages of the model's parameters, buffers and gradients, the optimizer state and the
   batch, counted once each) are added.
 """
@@ -21,6 +23,8 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+
+from fdistill.engine.memory import peak_allocated_bytes
 
 __all__ = ["sync", "time_rounds", "matmul_ceiling", "peak_step_memory", "live_tensor_bytes", "load_average",
            "device_name"]
@@ -115,34 +119,17 @@ def live_tensor_bytes(modules: Iterable[torch.nn.Module], optimizers: Iterable[t
     return sum(_storages(tensors).values())
 
 
-def _profiled_peak_delta(fn: Callable[[], object]) -> int:
-    """High-water mark of CPU tensor bytes allocated by ``fn`` above the start (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def peak_step_memory(fn: Callable[[], object], device: torch.device, *, static_cpu_bytes: int = 0) -> int:
     """Peak bytes of live tensors while ``fn`` (one training step) runs; see the module doc.
 
     On CUDA the allocator's peak (everything allocated on the device, including what existed
     before the call); on CPU ``static_cpu_bytes`` (what is live at the start, from
-    :func:`live_tensor_bytes`) plus the profiled high-water mark of the step's allocations."""
+    :func:`live_tensor_bytes`) plus the profiled high-water mark of the step's allocations. Both
+    from :func:`fdistill.engine.memory.peak_allocated_bytes` (the peak above the start)."""
     if device.type == "cuda":
         sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(static_cpu_bytes) + _profiled_peak_delta(fn)
+        return int(torch.cuda.memory_allocated(device)) + peak_allocated_bytes(fn, device)
+    return int(static_cpu_bytes) + peak_allocated_bytes(fn, device)
 
 
 def load_average() -> Optional[float]:

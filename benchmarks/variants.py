@@ -16,19 +16,28 @@
   setting, not a speed path: both variants use the same.
 
 Both start from the same seed, so they hold identical weights.
+
+A config with several teachers (``BenchConfig.teachers``) builds a
+:class:`~fdistill.multi.MultiTeacherDistiller` instead (the one ``fdistill distill`` builds for a
+``teachers:`` config): both variants apply the switches above to every teacher; the baseline is
+then the straightforward multi-teacher step -- a plain loop over the teachers, each in fp32 under
+``no_grad`` with explicit attention, one student pass, the heads, the for-loop AdamW. Dropping
+masked tokens is a single-teacher option (the multi-teacher distiller has none).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
 from timm.optim import param_groups_weight_decay
 
 from fdistill import FeatureDistiller, create_student, create_teacher
+from fdistill.distiller import TeacherTargets
 from fdistill.engine.optim import create_adamw, no_weight_decay_patterns
 from fdistill.engine.step import TrainStep
+from fdistill.multi.distiller import MultiTeacherDistiller, TeacherSpec
 
 from .configs import BenchConfig
 
@@ -52,7 +61,7 @@ class Options:
 @dataclass
 class Variant:
     name: str
-    distiller: FeatureDistiller
+    distiller: Union[FeatureDistiller, MultiTeacherDistiller]
     optimizer: torch.optim.Optimizer
     train_step: TrainStep
     images: torch.Tensor  # (B, 3, H, W) uint8 on the device
@@ -88,15 +97,34 @@ def use_plain_timm_blocks(student: nn.Module) -> None:
         blk.attn.__class__ = Attention
 
 
+def teacher_targets(distiller: nn.Module) -> List[TeacherTargets]:
+    """The distiller's teacher side(s): its one :class:`~fdistill.distiller.TeacherTargets`, or
+    one per teacher of a :class:`~fdistill.multi.MultiTeacherDistiller` (in its order)."""
+    if isinstance(distiller, MultiTeacherDistiller):
+        return [distiller.targets[n] for n in distiller.names]
+    return [distiller.targets]
+
+
 def build_models(cfg: BenchConfig, opts: Options, device: torch.device, *, drop_masked: bool):
-    """Teacher + student + distiller of ``cfg`` (random weights from ``opts.seed``), on ``device``."""
+    """Teacher(s) + student + distiller of ``cfg`` (random weights from ``opts.seed``), on ``device``:
+    a :class:`~fdistill.FeatureDistiller`, or with ``cfg.teachers`` a
+    :class:`~fdistill.multi.MultiTeacherDistiller` with FD's linear head and loss per teacher."""
+    if cfg.multi and drop_masked:
+        raise SystemExit(f"--drop-masked is a single-teacher option; {cfg.name} has {len(cfg.teachers)} teachers")
     torch.manual_seed(opts.seed)
-    teacher = create_teacher(f"timm:{cfg.teacher}", pretrained=False, **cfg.teacher_kwargs)
+    if cfg.multi:
+        teachers = [TeacherSpec(name=t.name, teacher=create_teacher(f"timm:{t.model}", pretrained=False, **t.kwargs),
+                                weight=t.weight) for t in cfg.teachers]
+    else:
+        teacher = create_teacher(f"timm:{cfg.teacher}", pretrained=False, **cfg.teacher_kwargs)
     student = create_student(cfg.student_arch, img_size=cfg.img_size, patch_size=cfg.patch_size,
                              drop_path_rate=cfg.drop_path_rate, grad_checkpointing=opts.grad_ckpt,
                              **cfg.student_kwargs)
-    distiller = FeatureDistiller(teacher, student, cls_weight=cfg.cls_weight, mask_ratio=opts.mask_ratio,
-                                 drop_masked=drop_masked)
+    if cfg.multi:
+        distiller = MultiTeacherDistiller(teachers, student, cls_weight=cfg.cls_weight, mask_ratio=opts.mask_ratio)
+    else:
+        distiller = FeatureDistiller(teacher, student, cls_weight=cfg.cls_weight, mask_ratio=opts.mask_ratio,
+                                     drop_masked=drop_masked)
     if opts.mask_ratio == 0 or drop_masked:  # as the engine: the unused mask token is frozen
         distiller.student.mask_token.requires_grad_(False)
     return distiller.to(device).train()
@@ -116,7 +144,8 @@ def lr_for(cfg: BenchConfig, opts: Options) -> float:
 def build_fast(cfg: BenchConfig, opts: Options, device: torch.device) -> Variant:
     distiller = build_models(cfg, opts, device, drop_masked=opts.drop_masked)
     tdtype = DTYPES[opts.teacher_dtype or cfg.precision]
-    distiller.teacher.to(dtype=tdtype)  # cast once (the engine's teacher.dtype: auto)
+    for tt in teacher_targets(distiller):
+        tt.teacher.to(dtype=tdtype)  # cast once (the engine's teacher.dtype: auto)
     if opts.channels_last:
         distiller.to(memory_format=torch.channels_last)  # the patch-embedding convolutions
     optimizer = create_adamw(distiller.branch, lr=lr_for(cfg, opts), weight_decay=0.05)
@@ -134,7 +163,8 @@ def build_baseline(cfg: BenchConfig, opts: Options, device: torch.device, *, pre
     distiller = build_models(cfg, opts, device, drop_masked=False)
     use_plain_timm_blocks(distiller.student)
     use_explicit_attention(distiller)
-    distiller.teacher_inference_mode = False  # plain no_grad
+    for tt in teacher_targets(distiller):
+        tt.teacher_inference_mode = False  # plain no_grad
     groups = param_groups_weight_decay(distiller.branch, 0.05,
                                        no_weight_decay_list=no_weight_decay_patterns(distiller.branch))
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_for(cfg, opts), weight_decay=0.05,

@@ -178,7 +178,7 @@ def test_configs_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="norm"):
         build_config(DistillConfig, None, ["teachers=[{spec: 'timm:x', norm: whiten}]"])
     with pytest.raises(ConfigError, match="single-teacher"):
-        from fdistill.config.distill import build_distiller
+        from fdistill.engine.builders import build_distiller
 
         build_distiller(_multi_cfg(tmp_path, "distill.granularity=cls"))
 
@@ -202,6 +202,8 @@ def test_a_resume_after_the_statistics_pass_does_not_redo_it(tmp_path, monkeypat
 
 
 def test_info_and_validate_describe_every_teacher(capsys):
+    import re
+
     from fdistill.cli.main import main
     from fdistill.engine.info import describe_run
 
@@ -209,10 +211,16 @@ def test_info_and_validate_describe_every_teacher(capsys):
     assert "teacher clip: open_clip:local-dir:fdistill/assets/clip_mini" in text and "norm phi_s" in text
     assert "teacher vit: timm:vit_tiny_patch16_224" in text and "head mlp 64 -> 96" in text
     assert text.count("ms/image here") == 2  # each teacher's measured forward cost
+    # ... and its peak memory: bytes allocated above the start on a batch of min(8, batch size)
+    peaks = re.findall(r"peak ([0-9.]+) MiB allocated above start on a batch of 8", text)
+    assert len(peaks) == 2 and all(float(p) > 0 for p in peaks), text
+    for name in ("clip", "vit"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"teacher {name}:"))
+        assert "ms/image here" in line and "MiB allocated above start" in line
     assert "# teacher clip" in text and "# teacher vit" in text and "alignment   resize" in text
     assert main(["validate-config", "configs/distill/multi_tiny_cpu.yaml"]) == 0
     assert "clip=open_clip:local-dir:fdistill/assets/clip_mini + vit=timm:vit_tiny_patch16_224" in capsys.readouterr().out
-    from fdistill.config.distill import validate_without_building
+    from fdistill.engine.builders import validate_without_building
 
     cfg = build_config(DistillConfig, "configs/distill/multi_tiny_cpu.yaml")
     cfg.teachers[1].spec = "timm:no_such_model"
@@ -377,7 +385,7 @@ def test_zero_shot_through_a_clip_head(tmp_path):
 def test_teachers_stay_outside_the_trained_branch_and_follow_the_run_precision(tmp_path):
     """What DDP wraps (``branch``: the student and the heads) holds no teacher parameter, and in a
     bf16 run the teachers are built in bf16 (``teachers[].dtype: auto``) and run in inference mode."""
-    from fdistill.config.distill import build_distiller
+    from fdistill.engine.builders import build_distiller
 
     d = build_distiller(_multi_cfg(tmp_path), precision="bf16")
     branch = {id(p) for p in d.branch.parameters()}

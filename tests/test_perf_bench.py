@@ -102,17 +102,75 @@ def test_matmul_ceiling_is_a_plausible_rate():
 
 
 def test_every_config_builds_with_aligned_grids_and_known_flops():
-    """Built on the meta device (no memory, no compute): the GPU configs are checked here too."""
+    """Built on the meta device (no memory, no compute): the GPU configs are checked here too.
+    The several-teacher configs (CPU ones) are built on the CPU: MultiTeacherDistiller checks its
+    loss weights' values when it is made, which a meta tensor does not have."""
     from benchmarks.configs import CONFIGS
-    from benchmarks.variants import Options, build_models
+    from benchmarks.variants import Options, build_models, teacher_targets
 
     flops = {}
     for name, cfg in CONFIGS.items():
-        with torch.device("meta"):
-            d = build_models(cfg, Options(), torch.device("meta"), drop_masked=False)
-        assert d.align == "none" and d.student_grid == (cfg.img_size // cfg.patch_size,) * 2, name
-        flops[name] = fd_step_flops(vit_dims(d.teacher), vit_dims(d.student))["total"]
+        dev = torch.device("cpu" if cfg.multi else "meta")
+        with dev:
+            d = build_models(cfg, Options(), dev, drop_masked=False)
+        assert all(tt.align == "none" for tt in teacher_targets(d)), name
+        assert d.student_grid == (cfg.img_size // cfg.patch_size,) * 2, name
+        assert len(teacher_targets(d)) == max(1, len(cfg.teachers)), name
+        flops[name] = bench_distill.step_flops(d)["total"]
+        del d
     # ViT-B/16: 4 * 35,126,120,448 - 231,211,008 (patch-embed input grad) + 6 * 197 * 768^2 (projector)
     assert flops["gpu-vitb-bf16"] == 140_970_442_752
     assert flops["cpu-vits-fp32"] == flops["cpu-vits-bf16"] == 36_846_673_920
     assert 640e9 < flops["gpu-vitl-bf16"] < 660e9  # ViT-L/14: 4.6x ViT-B/16
+    # + a ViT-Ti/16 teacher: 2*196*768*192 + 12*(24*197*192^2 + 4*197^2*192) = 57,802,752 + 12 * 204,098,304
+    #   = 2,506,982,400, and its head 3 * 2 * 197 * 384 * 192 = 87,146,496
+    assert flops["cpu-multi-vits-fp32"] == 36_846_673_920 + 2_506_982_400 + 87_146_496
+
+
+def test_tiny_multi_run_counts_every_teacher_and_head(tmp_path):
+    """Two teachers of different widths -> one student, both variants, end to end; the FLOPs are
+    the sum of the parts (each teacher's forward + the student's forward and backward once + each
+    head's 3 x forward), and torch's FlopCounterMode counts the same on a real step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.configs import get_config
+    from benchmarks.flops import patch_embed_flops, vit_forward_flops
+    from benchmarks.variants import Options, build_fast, teacher_targets, use_explicit_attention
+
+    out = tmp_path / "multi.json"
+    bench_distill.main(["--config", "tiny-multi", "--baseline", "--rounds", "1", "--warmup", "1", "--threads", "1",
+                        "--data", "none", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert all(k in r for k in REQUIRED)
+    assert r["config"] == "tiny-multi" and r["num_teachers"] == 2 and r["batch"] == 4
+    assert [(t["name"], t["embed_dim"], t["weight"], t["input_size"]) for t in r["teachers"]] == \
+        [("a", 48, 1.0, [32, 32]), ("b", 64, 0.5, [32, 32])]
+    assert r["peak_mem_bytes"] > 0 and r["baseline_peak_mem_bytes"] > 0 and r["speedup_vs_baseline"] > 0
+
+    cfg = get_config("tiny-multi")
+    v = build_fast(cfg, Options(), torch.device("cpu"))
+    teachers = [vit_dims(tt.teacher) for tt in teacher_targets(v.distiller)]
+    s = vit_dims(v.distiller.student)
+    assert [t.embed_dim for t in teachers] == [48, 64] and [t.depth for t in teachers] == [2, 1]
+    n_tok = s.num_patches + 1  # every student token through every head
+    t_each = [vit_forward_flops(t) for t in teachers]
+    heads = [3 * 2 * n_tok * s.embed_dim * t.embed_dim for t in teachers]
+    s_fwd = vit_forward_flops(s)
+    want = sum(t_each) + s_fwd + (2 * s_fwd - patch_embed_flops(s)) + sum(heads)
+    assert r["flops_per_image"] == want
+    assert r["flops_breakdown"]["teacher_fwd_each"] == dict(zip("ab", t_each))
+    assert r["flops_breakdown"]["projector_each"] == dict(zip("ab", heads))
+    assert [t["fwd_flops"] for t in r["teachers"]] == t_each
+    assert r["mfu"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / r["matmul_ceiling_flops"])
+    # an independent count of one real step (no drop path: model FLOPs count every sample)
+    d = build_fast(cfg.replace(drop_path_rate=0.0), Options(), torch.device("cpu")).distiller
+    use_explicit_attention(d)
+    with FlopCounterMode(display=False) as fc:
+        d(torch.rand(4, 3, 32, 32))["loss"].backward()
+    assert fc.get_total_flops() == 4 * want
+
+
+def test_multi_config_refuses_dropping_masked_tokens():
+    with pytest.raises(SystemExit, match="single-teacher"):
+        bench_distill.main(["--config", "tiny-multi", "--mask-ratio", "0.5", "--drop-masked", "--rounds", "1",
+                            "--data", "none"])

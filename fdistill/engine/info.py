@@ -5,6 +5,13 @@ Parameters are counted on the built models; FLOPs per image are counted by
 attention, as multiply-adds x 2). One training image costs a teacher forward plus a student +
 projector forward and backward (backward ~ 2x forward): ``teacher + 3 x (student + projector)``.
 
+Each teacher's forward is also run here, on a batch of ``min(8, data.batch_size)`` copies of one
+random image, as the distiller runs it (its :class:`~fdistill.distiller.TeacherTargets`, under
+inference mode, fp32 on CPU): milliseconds per image (median of 3 after a warm-up) and the peak
+tensor memory of one call -- the most bytes allocated above the start while it runs (its
+activations, resized input and output; not its weights), measured by
+:func:`fdistill.engine.memory.peak_allocated_bytes`.
+
 The teacher is described by :func:`teacher_report` (data; :func:`describe_run` prints it): the
 activation and norm layers it is built with (class names, e.g. ``QuickGELU`` for OpenAI CLIP
 weights -- a ``GELU`` build of those weights gives other tokens), its token grid at the size the
@@ -19,8 +26,9 @@ import torch
 import yaml
 
 from ..config import to_dict
-from ..config.distill import DistillConfig, build_distiller, data_img_size, resolve_lr
+from ..config.distill import DistillConfig, data_img_size, resolve_lr
 from ..models.inspection import layer_types
+from .builders import build_distiller
 
 
 def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -95,8 +103,9 @@ def _fmt(n: float, unit: str = "") -> str:
 
 
 def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -> str:
-    """A text report: resolved config, teacher/student/projector sizes and FLOPs, token grids and
-    how they are aligned, global batch and learning rate for a few process counts."""
+    """A text report: resolved config, teacher/student/projector sizes and FLOPs, each teacher's
+    measured forward time and peak memory (see the module doc), token grids and how they are
+    aligned, global batch and learning rate for a few process counts."""
     d = build_distiller(cfg, device=torch.device("cpu"), precision="fp32").eval()
     if cfg.teachers:
         return _describe_multi(cfg, d, processes)
@@ -117,7 +126,8 @@ def describe_run(cfg: DistillConfig, *, processes: Sequence[int] = (1, 8, 16)) -
     lines += [
         "# models",
         f"teacher   {cfg.teacher.spec}: {_fmt(count_params(t), 'params')}, width {t.embed_dim}, "
-        f"{t.num_prefix_tokens} prefix token(s), patch {t.patch_size}, frozen; {_fmt(t_flops, 'FLOPs')}/image forward",
+        f"{t.num_prefix_tokens} prefix token(s), patch {t.patch_size}, frozen; {_fmt(t_flops, 'FLOPs')}/image forward "
+        f"({_teacher_cost(d.targets, x, min(8, cfg.data.batch_size))})",
         f"student   {cfg.student.arch}: {_fmt(count_params(s), 'params')}, width {s.embed_dim}, "
         f"grid {s.grid_size[0]}x{s.grid_size[1]}, drop path {cfg.student.drop_path_rate}; "
         f"{_fmt(s_flops, 'FLOPs')}/image forward",
@@ -163,6 +173,27 @@ def _forward_ms(fn, x: torch.Tensor, batch: int) -> float:
     return 1000.0 * statistics.median(times) / batch
 
 
+@torch.no_grad()
+def _forward_peak_bytes(fn, x: torch.Tensor, batch: int) -> int:
+    """Peak bytes allocated above the start while ``fn`` runs once on a batch of ``batch``
+    copies of ``x`` (:func:`~fdistill.engine.memory.peak_allocated_bytes`; the batch itself is
+    made before, so it is not counted)."""
+    from .memory import peak_allocated_bytes
+
+    xb = x.expand(batch, -1, -1, -1).contiguous()
+    return peak_allocated_bytes(lambda: fn(xb), xb.device)
+
+
+def _teacher_cost(tt, x: torch.Tensor, batch: int) -> str:
+    """What one teacher's forward costs here, as the distiller runs it (``tt``: its
+    :class:`~fdistill.distiller.TeacherTargets`) on a batch of ``batch`` copies of ``x``: time per
+    image and the peak memory above the start of one batch."""
+    ms = _forward_ms(lambda z: tt(z), x, batch)
+    peak = _forward_peak_bytes(lambda z: tt(z), x, batch)
+    return (f"{ms:.1f} ms/image here, fp32 {x.device.type.upper()}; "
+            f"peak {peak / 2 ** 20:.1f} MiB allocated above start on a batch of {batch}")
+
+
 def _describe_multi(cfg: DistillConfig, d, processes: Sequence[int]) -> str:
     """:func:`describe_run` of a ``teachers:`` run: each teacher with its head, target and FLOPs."""
     from ..distiller import normalize_images
@@ -187,10 +218,10 @@ def _describe_multi(cfg: DistillConfig, d, processes: Sequence[int]) -> str:
         t_flops = forward_flops(lambda z: t.forward_tokens(normalize_images(z, t.mean, t.std)), t_in)
         h_flops = forward_flops(head, s_tokens)
         total += t_flops + 3 * h_flops
-        ms = _forward_ms(lambda z: tt(z), x, min(8, cfg.data.batch_size))
+        cost = _teacher_cost(tt, x, min(8, cfg.data.batch_size))
         lines.append(f"teacher {entry.name}: {entry.spec}: {_fmt(count_params(t), 'params')}, width {t.embed_dim}, "
                      f"weight {entry.weight:g}, targets {entry.targets}, norm {entry.norm}, loss {entry.loss}; "
-                     f"{_fmt(t_flops, 'FLOPs')}/image forward ({ms:.1f} ms/image here, fp32 CPU); head {entry.head} "
+                     f"{_fmt(t_flops, 'FLOPs')}/image forward ({cost}); head {entry.head} "
                      f"{s.embed_dim} -> {t.embed_dim}: {_fmt(count_params(head), 'params')}")
         reports.append((entry.name, teacher_report(tt)))
     lines.append(f"cost      {_fmt(total, 'FLOPs')} per training image (every teacher fwd + 3 x student/heads fwd)")
