@@ -81,6 +81,10 @@ RUN: Dict[str, dict] = {
     "--model-kwargs '{\"weights\": \"../shared/weights/resnet-cifar10/resnet56.safetensors\", \"feature_method\": "
     "\"forward_features\", \"img_size\": 32}'": {},
     # docs/diagnose.md
+    "fdistill distill --config multi_tiny_cpu --output runs/multi_res multi.resolutions=[16,48] "
+    "multi.resolution_fraction=0.5": {"long": 40},
+    "fdistill diagnose resolution --model runs/multi_res --sizes 16,24,48,64 --data synthetic --images 128 "
+    "--out diag/resolution": {"stdout": "48 px", "long": 15},
     "fdistill diagnose attention-distance --model timm:vit_tiny_patch16_224 --model-kwargs '{\"pretrained\": false, "
     "\"img_size\": 32, \"patch_size\": 8, \"depth\": 4}' --label \"tiny ViT\" --data synthetic:200 --images 32 "
     "--batch-size 16 --out diag/tiny": {},

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Pre-train a tiny CLIP teacher, feature-distil it, evaluate teacher and "
                                    "student with one recipe, run the diagnostics and write a report.")
     p.add_argument("--output", default="runs/demo", help="output folder (report.html, results.json)")
-    p.add_argument("--quick", action="store_true", help="smaller stages (< 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="smaller stages (the times are in the README)")
     p.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1 and report mean and spread")
     p.add_argument("--data", default=None, help="a folder with train/ and val/ class sub-folders (captions 'a "
                                                 "photo of a {class}') instead of the built-in procedural dataset")

@@ -1,4 +1,4 @@
-"""``fdistill diagnose {attention-distance,attention-maps,loss-landscape,report}``: the paper's
+"""``fdistill diagnose {attention-distance,attention-maps,loss-landscape,resolution,report}``: the paper's
 Section 4 diagnostics on any models fdistill loads (see docs/diagnose.md). Parses arguments and
 calls :mod:`fdistill.diagnostics.commands`."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ EXAMPLES = """examples:
       --data /data/imagenet --images 128 --device cuda --out diag/
   fdistill diagnose attention-maps --model runs/fd_clip --layers 1,2,-3,-2,-1 --data synthetic --out diag/
   fdistill diagnose loss-landscape --model finetune/clip --model finetune/fd_clip --data /data/imagenet --out diag/
+  fdistill diagnose resolution --model runs/multi --sizes 112,224,448 --data synthetic --out diag/
   fdistill diagnose report --model python:resnet.py:build --model-kwargs '{"weights": "r.safetensors"}' \\
       --model runs/fd_resnet --data ../shared/data/cifar10-jpg-mini --out diag/
 """
@@ -90,6 +91,16 @@ def _maps_args(p: argparse.ArgumentParser) -> None:
                    help="layers to show, 1-based, negative from the end (default: 1,2,-3,-2,-1)")
 
 
+def _sizes(text: str) -> List[int]:
+    try:
+        vals = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes comma-separated pixel sizes like 112,224,448; got {text!r}")
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"--sizes must be positive, got {text!r}")
+    return vals
+
+
 def _at_least_two(text: str) -> int:
     v = int(text)
     if v < 2:
@@ -156,6 +167,15 @@ def register(subparsers) -> None:
             images_help=f"images per landscape point (default: {DEFAULT_LANDSCAPE_IMAGES})")
     _landscape_args(ll)
     ll.set_defaults(func=cmd_loss_landscape)
+
+    rs = sub.add_parser("resolution", help="feature similarity of the same images at several input sizes",
+                        description="RADIO v2.5's 'mode switching' check: each model's patch and summary features at "
+                                    "each of --sizes, compared (cosine) with its features at its own input size. "
+                                    "Writes resolution.json and resolution.png.")
+    _common(rs, images_default=DEFAULT_ATTENTION_IMAGES, images_help=att_help)
+    rs.add_argument("--sizes", type=_sizes, required=True, metavar="PX,PX,...",
+                    help="input sizes in pixels, e.g. 112,224,448 (the model's own size is always included)")
+    rs.set_defaults(func=cmd_resolution)
 
     r = sub.add_parser("report", help="all three diagnostics and one self-contained HTML report",
                        description="Runs attention-distance, attention-maps and loss-landscape and writes "
@@ -224,6 +244,19 @@ def cmd_loss_landscape(args) -> int:
                                       f"at alpha=0; mean loss {m['loss_at_1']:.4f} at |alpha|=1 ({m['classifier']})"
                                       for m in js["models"]])
     print(f"wrote {args.out}/loss_landscape.json and loss_landscape.png")
+    return 0
+
+
+def cmd_resolution(args) -> int:
+    from ..diagnostics.resolution import run_resolution_consistency
+
+    js = run_resolution_consistency(_model_refs(args), _data(args), args.out, sizes=args.sizes, device=args.device,
+                                    progress=not args.no_progress)
+    _print_summary("feature similarity to each model's own input size (patch / summary cosine)",
+                   [f"{m['label']}: " + ", ".join(f"{s} px {p:.3f} / {v:.3f}" for s, p, v in
+                                                  zip(m["sizes"], m["patch_cosine"], m["summary_cosine"]))
+                    for m in js["models"]] + [f"{m['label']}: skipped ({m['reason']})" for m in js["skipped"]])
+    print(f"wrote {args.out}/resolution.json" + (" and resolution.png" if js["models"] else ""))
     return 0
 
 

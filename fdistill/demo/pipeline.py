@@ -39,8 +39,8 @@ METRIC_KEYS = {"segprobe": "miou"}
 
 @dataclass
 class DemoPlan:
-    """Sizes of each stage. The default plan takes about 8 minutes on 2 CPU cores, ``quick`` about
-    2.5 (measured: README); most of it is the CLIP teacher's pre-training."""
+    """Sizes of each stage (``quick``: every stage smaller); most of the time goes to the CLIP
+    teacher's pre-training. Measured times: README, "Measured"."""
 
     clip_images: int = 10000
     clip_steps: int = 500
