@@ -10,14 +10,14 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.beit import gen_relative_position_index
 
 from fdistill import create_student, create_teacher
-from fdistill.config import ConfigError, build_config
-from fdistill.config.distill import DistillConfig
+from fdistill.config import ConfigError
 from fdistill.engine import distill, load_checkpoint
 from fdistill.engine.checkpoint import list_checkpoints
 from fdistill.losses import feature_distill_loss
 from fdistill.models.student import clipped_relative_position_index
 from fdistill.multi.distiller import MultiTeacherDistiller, TeacherSpec
 from fdistill.multi.resolution import ResolutionSchedule
+from test_multi_distiller import _multi_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,18 +124,10 @@ def test_a_step_at_another_size_is_fds_loss_on_that_grid():
 
 
 def _cfg(out, *overrides):
-    base = [
-        "teachers=[{name: vit, spec: 'timm:vit_tiny_patch16_224', "
-        "kwargs: {pretrained: false, img_size: 16, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}}]",
-        "student.arch=vit_tiny", "student.img_size=16", "student.patch_size=4", "student.embed_dim=32",
-        "student.depth=2", "student.num_heads=2", "student.drop_path_rate=0.1",
-        "multi.resolutions=[8, 24]", "multi.resolution_fraction=0.5",
-        "data.path=synthetic:32", "data.batch_size=8", "data.num_workers=0",
-        "optim.base_lr=0.02", "optim.warmup_epochs=0.5", "optim.min_lr=1e-4",
-        "train.epochs=2", "train.precision=fp32", "train.device=cpu", "train.log_interval=1",
-        "train.ckpt_interval=100", f"train.output={out}",
-    ]
-    return build_config(DistillConfig, None, base + list(overrides))
+    """test_multi_distiller's tiny multi-teacher run with one teacher and two other sizes."""
+    return _multi_cfg(out, "teachers=[{name: vit, spec: 'timm:vit_tiny_patch16_224', kwargs: {pretrained: false, "
+                      "img_size: 16, patch_size: 4, depth: 1, embed_dim: 48, num_heads: 2}}]",
+                      "multi.resolutions=[8, 24]", "multi.resolution_fraction=0.5", *overrides)
 
 
 def test_multi_resolution_runs_resume_exactly(tmp_path):
