@@ -80,6 +80,14 @@ class StudentBranch(nn.Module):
         return self.projector(tokens)  # (B, 1+N, Ct)
 
 
+def resample_patch_grid(patches: torch.Tensor, grid, new_grid, *, antialias: bool = False) -> torch.Tensor:
+    """(B, N, C) patch tokens on ``grid`` -> (B, N', C) on ``new_grid`` (bilinear, float32)."""
+    B, _, C = patches.shape
+    fmap = patches.transpose(1, 2).reshape(B, C, *grid).float()  # (B, C, H, W)
+    fmap = F.interpolate(fmap, size=tuple(new_grid), mode="bilinear", align_corners=False, antialias=antialias)
+    return fmap.flatten(2).transpose(1, 2)  # (B, N', C)
+
+
 class TeacherTargets(nn.Module):
     """The teacher side of one FD step: a frozen teacher, how its grid is matched to the
     student's, and its raw token map on the student grid (:meth:`forward`).
@@ -210,10 +218,7 @@ class TeacherTargets(nn.Module):
         if tuple(out.grid) != grid:
             if self.align != "interpolate" and grid == self.student_grid:
                 raise TeacherError(f"teacher grid {out.grid} != student grid {self.student_grid}")
-            B, _, C = patches.shape
-            fmap = patches.transpose(1, 2).reshape(B, C, *out.grid).float()
-            fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
-            patches = fmap.flatten(2).transpose(1, 2).to(out.patches.dtype)
+            patches = resample_patch_grid(patches, out.grid, grid).to(out.patches.dtype)
         if self.cls_target == "teacher":
             return torch.cat((out.prefix[:, :1], patches), dim=1)
         if self.cls_target == "gap":

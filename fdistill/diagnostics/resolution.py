@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..distiller import resample_patch_grid
 from .plots import _caption, _title, pyplot, save_figure, save_json_atomic
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,11 @@ __all__ = ["resolution_similarity", "run_resolution_consistency", "plot_resoluti
 
 
 def _to_grid(patches: torch.Tensor, grid, ref_grid) -> torch.Tensor:
-    """(B, N, C) patches on ``grid`` -> (B, N_ref, C) on ``ref_grid``."""
-    B, _, C = patches.shape
-    fmap = patches.transpose(1, 2).reshape(B, C, *grid).float()
-    if tuple(grid) != tuple(ref_grid):
-        shrink = grid[0] > ref_grid[0] or grid[1] > ref_grid[1]
-        fmap = F.interpolate(fmap, size=tuple(ref_grid), mode="bilinear", align_corners=False, antialias=shrink)
-    return fmap.flatten(2).transpose(1, 2)  # (B, N_ref, C)
+    """(B, N, C) patches on ``grid`` -> (B, N_ref, C) on ``ref_grid`` (anti-aliased when shrinking)."""
+    if tuple(grid) == tuple(ref_grid):
+        return patches.float()
+    shrink = grid[0] > ref_grid[0] or grid[1] > ref_grid[1]
+    return resample_patch_grid(patches, grid, ref_grid, antialias=shrink)
 
 
 @torch.no_grad()
