@@ -4,7 +4,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 from fdistill import create_teacher

@@ -1,7 +1,6 @@
 """Crafted artifacts: a spec recorded in a checkpoint or a classifier.json that would run code is
 refused unless the user says to trust it (a marker file shows the code did not run)."""
 import json
-import sys
 
 import pytest
 import torch
