@@ -432,11 +432,11 @@ def test_a_stop_during_a_data_stall_is_honoured_at_once(tmp_path, monkeypatch):
     import importlib
     import time
 
-    engine = importlib.import_module("fdistill.engine.distill")  # the module (the package exports the function)
+    loop = importlib.import_module("fdistill.engine.trainer")  # the loop of every command, distillation included
 
     ref = tmp_path / "ref"
     distill(tiny_cfg(ref, "train.max_steps=6"))
-    real_take, calls = engine._take, []
+    real_take, calls = loop._take, []
 
     def stalling_take(batches, n):
         calls.append(1)
@@ -445,13 +445,13 @@ def test_a_stop_during_a_data_stall_is_honoured_at_once(tmp_path, monkeypatch):
             time.sleep(120)
         return real_take(batches, n)
 
-    monkeypatch.setattr(engine, "_take", stalling_take)
+    monkeypatch.setattr(loop, "_take", stalling_take)
     out = tmp_path / "run"
     t0 = time.perf_counter()
     r = distill(tiny_cfg(out, "train.max_steps=6"))
     assert time.perf_counter() - t0 < 60  # not the 120 s stall
     assert r.stopped_by == "SIGTERM" and r.step == 3
     assert load_checkpoint(r.checkpoint)["progress"]["step"] == 3
-    monkeypatch.setattr(engine, "_take", real_take)
+    monkeypatch.setattr(loop, "_take", real_take)
     assert distill(tiny_cfg(out, "train.max_steps=6")).step == 6
     assert_same_training_state(final_state(out), final_state(ref))

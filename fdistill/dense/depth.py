@@ -24,6 +24,7 @@ from .common import (BestTracker, check_datasets, display_name, plot_dense_curve
                      run_metrics, sync_batch_norm, train_dense)
 from .depth_metrics import DepthMetrics
 from .sliding import sliding_window
+from ..engine.trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class _DepthLoss(nn.Module):
         return {"loss": loss}
 
 
-class DepthTask:
+class DepthTask(Task):
     """Depth fine-tuning as a task of the engine: the estimator, SiLog, the NYUv2 metrics of each
     evaluation, best (lowest RMSE) and last weights."""
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .common import (BestTracker, check_datasets, display_name, plot_dense_curves, recipe_config, run_folder,
                      run_metrics, train_dense)
+from ..engine.trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class _DetectorLoss(nn.Module):
         return {"loss": sum(v.float() for v in losses.values())}
 
 
-class DetectTask:
+class DetectTask(Task):
     """Detection fine-tuning as a task of the engine: the detector, its losses, COCO AP of every
     evaluation, best (box AP) and last weights."""
 

@@ -24,6 +24,7 @@ from ..eval.segmentation import confusion_matrix, segmentation_scores
 from .sliding import sliding_window
 from .common import (BestTracker, check_batch_norm_batch, check_datasets, display_name, plot_dense_curves,
                      recipe_config, run_folder, run_metrics, sync_batch_norm, train_dense)
+from ..engine.trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class _SegmenterLoss(nn.Module):
         return {"loss": loss}
 
 
-class SegmentTask:
+class SegmentTask(Task):
     """Segmentation fine-tuning as a task of the engine: the segmenter, its loss, the sliding-window
     mIoU of every evaluation, best (mIoU) and last weights."""
 

@@ -8,7 +8,8 @@
     result = distill(cfg)              # resumes from runs/tiny/checkpoints if there are any
 """
 from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from .distill import RunResult, check_resume_compatible, distill
+from .distill import RunResult, distill
+from .resume import check_resume_compatible
 from .errors import RunError
 
 __all__ = ["distill", "RunResult", "RunError", "check_resume_compatible", "save_checkpoint", "load_checkpoint",

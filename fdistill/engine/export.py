@@ -101,7 +101,7 @@ def write_model_card(folder: Path, info: Dict[str, Any], *, format: str) -> Path
     warn = non_commercial_warning(prov)
     args = info.get("student_args", {})
     arch = args.get("arch", "vit") if isinstance(args, dict) else "vit"
-    load = (f"    import timm\n    model = timm.create_model('local-dir:<this folder>', pretrained=True)\n"
+    load = ("    import timm\n    model = timm.create_model('local-dir:<this folder>', pretrained=True)\n"
             if format == "timm" else
             "    from fdistill.models.loading import load_model\n    model = load_model('<this folder>')\n")
     lines = [

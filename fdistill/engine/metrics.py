@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -134,23 +134,26 @@ class NonFiniteGuard:
 class RunLog:
     """Rank 0's outputs: ``metrics.jsonl``, the progress bar, TensorBoard, console lines.
 
-    Every method is a no-op on other ranks (``enabled=False``)."""
+    Every method is a no-op on other ranks (``enabled=False``); ``run_dir=None`` writes no file
+    (the progress bar and console lines only: a task with no run folder, e.g. a probe sweep)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
+    def __init__(self, run_dir: Optional[Path], *, enabled: bool, total_steps: int, start_step: int,
                  tensorboard: bool = False, desc: str = "distill", progress: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = None if run_dir is None else Path(run_dir) / "metrics.jsonl"
         self.bar = None
         self.tb = None
+        self.file = None
         if not enabled:
             return
-        self._truncate_after(start_step)
-        self.file = open(self.path, "a", buffering=1)
+        if self.path is not None:
+            self._truncate_after(start_step)
+            self.file = open(self.path, "a", buffering=1)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                         smoothing=0.05, mininterval=1.0) if progress else None
-        if tensorboard:
+        if tensorboard and run_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -187,7 +190,8 @@ class RunLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        if self.file is not None:
+            self.file.write(json.dumps(record, allow_nan=True) + "\n")
         if self.bar is not None:
             # each teacher's loss of a multi-teacher run too (its name after "loss_")
             teachers = {k[5:]: f"{v:.3f}" for k, v in record.items()
@@ -215,4 +219,5 @@ class RunLog:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

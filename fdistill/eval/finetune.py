@@ -42,6 +42,7 @@ from ..weights import save_model_weights
 from .classifier import build_classifier, save_classifier_spec
 from .data import PRECISIONS, autocast, dataset_classes, model_inputs
 from .layer_decay import param_groups_layer_decay
+from ..engine.trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class _ClassifierLoss(nn.Module):
         return {"loss": loss}
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """Fine-tuning as a task of :class:`fdistill.engine.trainer.Trainer`: the classifier, its loss,
     the top-1/top-5 evaluation of the model (and EMA), best and last weights, ``log.jsonl``."""
 
