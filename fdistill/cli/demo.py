@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tokens) or an open_clip model config JSON file")
     q.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); the shipped "
                                                              "teachers were trained with 1, which reproduces them")
+    q.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto: continue from the newest checkpoint in OUTPUT/checkpoints (default; the same "
+                        "result as a run that was not stopped); none: start over; PATH: a checkpoint file")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_pretrain_clip)
 
@@ -101,7 +104,8 @@ def _pretrain_clip(args) -> int:
         torch.set_num_threads(args.threads)
     summary = pretrain_clip_on(args.data, args.output, model_cfg=cfg, steps=args.steps, batch_size=args.batch_size,
                                lr=args.lr, seed=args.seed, device=args.device, progress=not args.no_progress,
-                               warmup_steps=args.warmup_steps, max_steps=args.max_steps)
+                               warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                               resume=None if args.resume in ("none", "None", "") else args.resume)
     print(f"CLIP teacher: {summary['spec']}  (loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}, "
           f"zero-shot top-1 on val {summary['zero_shot_top1']:.1f}%, {summary['seconds']:.0f} s)")
     return 0

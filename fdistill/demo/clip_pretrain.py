@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
+
+from ..engine.trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,127 @@ def _lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> floa
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
+class _ClipSchedule:
+    """Linear warm-up then cosine to ``min_lr`` over ``steps`` (:func:`_lr_at`), as the trainer's
+    scheduler: ``step_update(step)`` sets every group's lr before update ``step`` (0-based)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, steps: int, warmup_steps: int, lr: float, min_lr: float):
+        self.optimizer = optimizer
+        self.steps, self.warmup_steps, self.lr, self.min_lr = steps, warmup_steps, lr, min_lr
+
+    def step_update(self, step: int) -> None:
+        value = _lr_at(step, self.steps, self.warmup_steps, self.lr, self.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "warmup_steps": self.warmup_steps, "lr": self.lr, "min_lr": self.min_lr}
+
+
+class _RandomBatches:
+    """The run's batches, as the trainer's loader and sampler in one: step ``k`` reads the ``k``-th
+    draw of ``batch_size`` indices with replacement from a generator seeded with ``seed``.
+
+    The whole run is one epoch of this stream; ``set_start(n)`` (``n`` samples already consumed,
+    a resume) replays the generator past the first ``n / batch_size`` draws, so a resumed run
+    reads exactly the batches the uninterrupted one would."""
+
+    num_workers = 0  # read in the training process
+
+    def __init__(self, size: int, batch_size: int, seed: int, read: Callable[[torch.Tensor], Any]):
+        self.size, self.batch_size, self.seed, self.read = size, batch_size, seed, read
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != 0:
+            raise ValueError(f"the pre-training stream is a single epoch, got epoch {epoch}")
+
+    def set_start(self, start: int) -> None:
+        if start % self.batch_size:
+            raise ValueError(f"start {start} is not a whole number of batches of {self.batch_size}")
+        self.start = start
+
+    def _draw(self, g: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.size, (self.batch_size,), generator=g)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.start // self.batch_size):
+            self._draw(g)
+        while True:
+            yield self.read(self._draw(g))  # (uint8 images (B, 3, H, W), token ids (B, L))
+
+
+class _ClipLossModule(nn.Module):
+    """The contrastive loss of a batch ``(uint8 images, token ids)``: normalise with CLIP's
+    statistics, encode both towers, open_clip's ``ClipLoss``. Each step's detached loss is handed
+    to ``record`` (a device tensor: no host sync)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, mean: torch.Tensor, std: torch.Tensor,
+                 record: Callable[[torch.Tensor], None]):
+        super().__init__()
+        self.model, self.loss_fn, self.record = model, loss_fn, record
+        self.mean, self.std = mean, std
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        images_u8, tokens = batch
+        device = self.mean.device
+        x = (images_u8.to(device).float().div_(255) - self.mean) / self.std
+        img_f, txt_f, scale = self.model(x, tokens.to(device))
+        loss = self.loss_fn(img_f, txt_f, scale)
+        self.record(loss.detach())
+        return {"loss": loss, "logit_scale": scale.detach()}
+
+
+class ClipPretrainTask(Task):
+    """CLIP pre-training as a task of :class:`fdistill.engine.trainer.Trainer`: the model, its
+    contrastive loss, the ``logit_scale`` clamp after every update (to ``[0, log 100]``, as
+    open_clip's training does) and the run's record: every step's loss (``curve`` and
+    ``prefix`` of the summary) and the weights fingerprint after ``prefix_steps`` updates. The
+    record is the task's checkpointed state, so a resumed run reports the whole run."""
+
+    name = "pretrain-clip"
+    metric_extra = ("logit_scale",)  # exp(logit_scale): the learned inverse temperature, in metrics.jsonl
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, mean: torch.Tensor, std: torch.Tensor, *,
+                 prefix_steps: int):
+        self.model, self.loss_fn, self.mean, self.std = model, loss_fn, mean, std
+        self.prefix_steps = prefix_steps
+        self.losses: List[Any] = []  # per step: floats (restored) then 0-dim device tensors (this run)
+        self.prefix_weights: Optional[List[float]] = None
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return _ClipLossModule(model, self.loss_fn, self.mean, self.std, self.losses.append)
+
+    def after_update(self, step: int) -> None:
+        """The trainer's ``on_step``: ``step`` updates done (1-based)."""
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        if step == self.prefix_steps:
+            self.prefix_weights = weights_fingerprint(self.model)
+
+    def step_losses(self) -> List[float]:
+        """Every step's loss so far (one host sync)."""
+        done = [v for v in self.losses if not isinstance(v, torch.Tensor)]
+        pending = self.losses[len(done):]
+        if pending:
+            done += torch.stack(pending).tolist()
+        self.losses[:] = done
+        return list(done)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"losses": self.step_losses(), "prefix_weights": self.prefix_weights}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.losses[:] = [float(v) for v in state.get("losses", [])]
+        self.prefix_weights = state.get("prefix_weights")
+
+
+#: recipe entries that may differ between a checkpoint and the resumed run (how far to go: the
+#: schedule spans ``steps`` either way)
+RESUME_SAFE = ("max_steps",)
+
+
 def pretrain_clip(
     pairs: Dataset,
     output_dir: str | os.PathLike,
@@ -103,88 +227,105 @@ def pretrain_clip(
     progress: bool = True,
     max_steps: Optional[int] = None,
     prefix_steps: int = 3,
+    ckpt_interval: Optional[int] = 200,
+    resume: Optional[str] = "auto",
+    recipe_extra: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Train a CLIP model from scratch on image-caption ``pairs`` and save it for open_clip.
 
     Random batches (indices drawn with replacement from a seeded generator), AdamW, warm-up +
-    cosine over ``steps``, open_clip's ``ClipLoss`` with a learned temperature. When the run draws
-    at least as many samples as the set holds, the pairs are materialised once (images as uint8,
-    captions tokenised); a larger set (e.g. ``synthetic:1000000``, a stream the run samples from)
-    is read batch by batch. Both give the same batches, so the result does not depend on which.
+    cosine over ``steps``, open_clip's ``ClipLoss`` with a learned temperature, fp32 without
+    gradient clipping. When the run draws at least as many samples as the set holds, the pairs
+    are materialised once (images as uint8, captions tokenised); a larger set (e.g.
+    ``synthetic:1000000``, a stream the run samples from) is read batch by batch. Both give the
+    same batches, so the result does not depend on which.
+
+    The loop is the project's :class:`~fdistill.engine.trainer.Trainer` (task
+    :class:`ClipPretrainTask`): ``output_dir`` is its run folder, with ``metrics.jsonl`` (the
+    trainer's records every ``log_every`` steps, with ``logit_scale``) and
+    ``checkpoints/ckpt_<step>.pt`` (every ``ckpt_interval`` steps, on SIGTERM/SIGUSR1 and at the
+    end). ``resume``: ``"auto"`` continues from the newest checkpoint there (the same batches and
+    weights as a run that was not stopped; only ``RESUME_SAFE`` entries may differ), a path
+    from that checkpoint, None starts over (removing the folder's checkpoints and metrics).
 
     ``max_steps`` stops early (the schedule still spans ``steps``): a prefix of the same run, which
     is how a shipped teacher is checked to reproduce (``summary["prefix"]``: the losses of the first
-    ``prefix_steps`` steps and a fingerprint of the weights after them).
+    ``prefix_steps`` steps and a fingerprint of the weights after them). ``recipe_extra``: more
+    entries of the recipe a resume must match (the data spec).
 
-    Returns ``{"spec", "output", "loss_first", "loss_last", "seconds", "curve", "prefix"}``
-    (``curve``: ``[(step, loss), ...]``) and writes ``metrics.jsonl`` next to the weights.
+    Returns ``{"spec", "output", "loss_first", "loss_last", "seconds", "curve", "prefix", "steps",
+    "steps_run", "batch_size", "seed"}`` (``curve``: ``[(step, loss), ...]``, 0-based steps, every
+    ``log_every`` and the last) once the run is complete; a run stopped by a signal raises
+    :class:`~fdistill.engine.errors.RunError` after checkpointing (run it again to continue).
     """
     import open_clip
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
+    from ..engine.checkpoint import list_checkpoints
+    from ..engine.distributed import DistEnv
+    from ..engine.errors import RunError
+    from ..engine.lock import hold_run_lock
+    from ..engine.trainer import Trainer, TrainerConfig
+
     cfg = json.loads(json.dumps(model_cfg or TINY_CLIP_CFG))  # deep copy, JSON-safe
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg).to(device)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
-
-    t0 = time.perf_counter()
-    size = cfg["vision_cfg"]["image_size"]
-    batch_of = _batch_reader(pairs, tokenizer, materialise=len(pairs) <= steps * batch_size, progress=progress)
-    first = batch_of(torch.zeros(1, dtype=torch.long))[0]
-    if first.shape[-1] != size or first.shape[-2] != size:
-        raise ValueError(f"images are {tuple(first.shape[-2:])}, the CLIP config expects {size}x{size}")
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in n or "embedding" in n or "token" in n else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = ClipLoss()
-    curve: List[tuple] = []
-    metrics_path = out / "metrics.jsonl"
-    metrics = metrics_path.open("w")
+    env = DistEnv(device=torch.device(device))
     run_steps = steps if max_steps is None else min(steps, max_steps)
-    bar = tqdm(range(run_steps), desc="pretrain CLIP", disable=not progress)
-    prefix: Dict[str, Any] = {"steps": prefix_steps, "loss": []}
-    model.train()
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, warmup_steps, lr, min_lr)
-        idx = torch.randint(0, len(pairs), (batch_size,), generator=g)
-        images_u8, tokens = batch_of(idx)  # (B, 3, H, W) uint8, (B, L)
-        x = (images_u8.to(device).float().div_(255) - mean) / std
-        img_f, txt_f, scale = model(x, tokens.to(device))
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if step < prefix_steps:
-            prefix["loss"].append(float(loss.detach()))
-            if step == prefix_steps - 1:
-                prefix["weights"] = weights_fingerprint(model)
-        if step % log_every == 0 or step == run_steps - 1:
-            lv = float(loss.detach())
-            curve.append((step, lv))
-            bar.set_postfix(loss=f"{lv:.3f}")
-            metrics.write(json.dumps({"step": step, "loss": lv, "lr": opt.param_groups[0]["lr"],
-                                      "logit_scale": float(model.logit_scale.detach().exp())}) + "\n")
-    metrics.close()
-    seconds = time.perf_counter() - t0
+    recipe = dict(model_cfg=cfg, steps=steps, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                  warmup_steps=warmup_steps, seed=seed, pairs=len(pairs), prefix_steps=prefix_steps,
+                  max_steps=max_steps, **(recipe_extra or {}))
+    with hold_run_lock(out, env):  # one run per folder: a start-over below deletes its checkpoints
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**cfg).to(device)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
 
-    model.eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": cfg,
-        "preprocess_cfg": {"size": size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
-    }, indent=2))
+        t0 = time.perf_counter()
+        size = cfg["vision_cfg"]["image_size"]
+        batch_of = _batch_reader(pairs, tokenizer, materialise=len(pairs) <= steps * batch_size, progress=progress)
+        first = batch_of(torch.zeros(1, dtype=torch.long))[0]
+        if first.shape[-1] != size or first.shape[-2] != size:
+            raise ValueError(f"images are {tuple(first.shape[-2:])}, the CLIP config expects {size}x{size}")
+        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "logit_scale" in n or "embedding" in n or "token" in n else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        task = ClipPretrainTask(model, ClipLoss(), mean, std, prefix_steps=prefix_steps)
+        batches = _RandomBatches(len(pairs), batch_size, seed, batch_of)
+        trainer = Trainer(task, optimizer=opt,
+                          scheduler=_ClipSchedule(opt, steps=steps, warmup_steps=warmup_steps, lr=lr, min_lr=min_lr),
+                          loader=batches, sampler=batches, output_dir=out, recipe=recipe, resume_safe=RESUME_SAFE,
+                          env=env, on_step=task.after_update,
+                          config=TrainerConfig(epochs=1, steps_per_epoch=steps, total_steps=run_steps,
+                                               batch_size=batch_size, precision="fp32", clip_grad=0.0,
+                                               log_interval=log_every, ckpt_interval=ckpt_interval,
+                                               progress=progress))
+        if trainer.resume(resume) is None:  # starting over: nothing of an earlier run may mix in
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            for p in list_checkpoints(out):
+                p.unlink()
+        result = trainer.fit()
+        if result.stopped_by is not None:
+            raise RunError(f"pre-training stopped by {result.stopped_by} at step {result.step}/{run_steps}; "
+                           f"checkpoint {result.checkpoint}: run the same command again to continue")
+        seconds = time.perf_counter() - t0
+
+        losses = task.step_losses()
+        curve: List[tuple] = [(s, v) for s, v in enumerate(losses) if s % log_every == 0 or s == len(losses) - 1]
+        prefix: Dict[str, Any] = {"steps": prefix_steps, "loss": losses[:prefix_steps]}
+        if task.prefix_weights is not None:
+            prefix["weights"] = task.prefix_weights
+
+        model.eval()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+        (out / "open_clip_config.json").write_text(json.dumps({
+            "model_cfg": cfg,
+            "preprocess_cfg": {"size": size, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+        }, indent=2))
     return {"spec": f"open_clip:local-dir:{out.resolve()}", "output": str(out), "loss_first": curve[0][1],
             "loss_last": curve[-1][1], "seconds": seconds, "curve": curve, "prefix": prefix,
             "steps": steps, "steps_run": run_steps, "batch_size": batch_size, "seed": seed}
@@ -238,7 +379,7 @@ def pretrain_clip_on(data: str, output_dir: str | os.PathLike, *, model_cfg: Opt
     cfg = model_cfg or TINY_CLIP_CFG
     size = cfg["vision_cfg"]["image_size"]
     pairs, _ = build_caption_pairs(data, "train", size)
-    summary = pretrain_clip(pairs, output_dir, model_cfg=cfg, **kwargs)
+    summary = pretrain_clip(pairs, output_dir, model_cfg=cfg, recipe_extra={"data": data}, **kwargs)
     _, val = build_caption_pairs(data, "val", size)
     model = open_clip.CLIP(**cfg)
     from safetensors.torch import load_file
