@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.trainer import Task
 from ..teachers.base import Teacher, TeacherError
 from .data import dataset_classes, model_inputs
 from .features import FeatureSet, batch_features, default_pool
@@ -35,7 +36,7 @@ from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearProbeHead", "LinearProbeTask", "lars_param_groups", "linear_probe", "linear_probe_sweep",
+__all__ = ["LinearProbeHead", "LinearProbeTask", "LinearProbeSweepTask", "lars_param_groups", "linear_probe", "linear_probe_sweep",
            "available_features"]
 
 
@@ -149,7 +150,7 @@ class _ProbeLoss(nn.Module):
         return {"loss": loss}
 
 
-class LinearProbeTask:
+class LinearProbeTask(Task):
     """MAE's linear probe as a task of :class:`fdistill.engine.trainer.Trainer`: the head is the
     trained model, the frozen backbone only gives features; evaluated after the last epoch."""
 
@@ -274,6 +275,72 @@ def linear_probe(
                 val_images=len(val_ds), stopped_early=result.stopped_by is not None)
 
 
+class _FeatureBatches:
+    """The sweep's batches as the trainer's loader: epoch ``e`` is the ``e``-th permutation drawn
+    from one generator seeded with ``seed``, cut into ``steps_per_epoch`` index batches of
+    ``batch_size`` (the remainder dropped). Yields (batch_size,) index tensors on the device."""
+
+    num_workers = 0
+
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, device: torch.device):
+        self.n, self.bs, self.steps, self.seed, self.device = n, batch_size, steps_per_epoch, seed, device
+        self._g, self._drawn = None, 0  # the generator and how many permutations it has given
+        self._perm: Optional[torch.Tensor] = None
+        self._start = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        if self._g is None or self._drawn > epoch + 1:  # first use, or an earlier epoch: replay
+            self._g, self._drawn = torch.Generator(device="cpu").manual_seed(self.seed), 0
+        while self._drawn < epoch + 1:
+            self._perm = torch.randperm(self.n, generator=self._g)
+            self._drawn += 1
+        self._start = start_index
+
+    def __iter__(self):
+        perm = self._perm.to(self.device)
+        for i in range(self._start // self.bs, self.steps):
+            yield perm[i * self.bs:(i + 1) * self.bs]
+
+
+class _SweepLoss(nn.Module):
+    """The summed cross-entropy of every head on its own feature of the batch; the heads are
+    independent, so the sum's gradient is each head's own. A linear head's gradient is bounded by
+    its inputs, so with finite features no learning rate of the grid makes the sum non-finite
+    (the engine's non-finite policy would otherwise skip the step for every head)."""
+
+    def __init__(self, heads: nn.ModuleDict, keys: List[tuple], feats: Dict[str, torch.Tensor], labels: torch.Tensor):
+        super().__init__()
+        self.heads, self.keys, self.feats, self.labels = heads, keys, feats, labels
+
+    def forward(self, idx: torch.Tensor) -> Dict[str, torch.Tensor]:
+        y = self.labels[idx]
+        loss = 0.0
+        for i, (name, _lr) in enumerate(self.keys):
+            loss = loss + F.cross_entropy(self.heads[str(i)](self.feats[name][idx]), y)
+        return {"loss": loss}
+
+
+class LinearProbeSweepTask(Task):
+    """The fast probe grid as a task of :class:`fdistill.engine.trainer.Trainer`: every
+    (feature, lr) head trained in one pass over cached features, all evaluated after the last
+    epoch (no run folder: a sweep of cached features is cheap to redo)."""
+
+    name = "linprobe sweep"
+
+    def __init__(self, heads: nn.ModuleDict, keys: List[tuple], train: Dict[str, torch.Tensor], labels: torch.Tensor,
+                 val: Dict[str, torch.Tensor], val_labels: torch.Tensor):
+        self.model, self.keys = heads, keys
+        self.train, self.labels, self.val, self.val_labels = train, labels, val, val_labels
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return _SweepLoss(model, self.keys, self.train, self.labels)
+
+    def evaluate(self, model, ema, epoch: int, step: int) -> Dict[str, Any]:
+        heads = {key: model[str(i)] for i, key in enumerate(self.keys)}
+        res = _evaluate_heads(heads, {key: self.val[key[0]] for key in heads}, self.val_labels)
+        return {"epoch": epoch + 1, "step": step, "grid": [dict(feature=n, lr=lr, **res[(n, lr)]) for (n, lr) in heads]}
+
+
 def linear_probe_sweep(
     train: FeatureSet,
     val: FeatureSet,
@@ -290,6 +357,9 @@ def linear_probe_sweep(
 ) -> Dict[str, Any]:
     """Train one head per (feature, lr) on cached features, all in one pass; evaluate each.
 
+    The loop is the project's :class:`~fdistill.engine.trainer.Trainer` (task
+    :class:`LinearProbeSweepTask`, no run folder): SGD + momentum, warm-up + cosine to 0 per step.
+
     Args:
         train, val: :class:`FeatureSet` s with the same feature names (e.g. from
             :func:`fdistill.eval.features.extract_features`).
@@ -299,11 +369,9 @@ def linear_probe_sweep(
         ``grid``: a list of ``{feature, lr, top1, top5}``; ``best``: the grid cell with the
         highest top-1 (ties: the first); ``top1``/``top5``/``feature``/``lr`` of that cell.
     """
-    from tqdm.auto import tqdm
+    from ..engine.trainer import Trainer, TrainerConfig
 
     device = torch.device(device)
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
     torch.manual_seed(seed)
     names = list(train.feats)
     if set(names) != set(val.feats):
@@ -313,36 +381,24 @@ def linear_probe_sweep(
     if train.classes:
         C = max(C, len(train.classes))
     xtr = {k: v.to(device).float() for k, v in train.feats.items()}
-    ytr = train.labels.to(device)
-    heads, groups = {}, []
-    for name in names:
-        for lr in lrs:
-            h = LinearProbeHead(xtr[name].shape[1], C).to(device)
-            heads[(name, float(lr))] = h
-            groups.append(dict(params=list(h.parameters()), lr_scale=float(lr)))
+    keys = [(name, float(lr)) for name in names for lr in lrs]
+    heads = nn.ModuleDict({str(i): LinearProbeHead(xtr[name].shape[1], C).to(device) for i, (name, _) in enumerate(keys)})
     # base lr 1: the scheduler multiplies each group's schedule value by its lr_scale (= its lr)
-    opt = torch.optim.SGD(groups, lr=1.0, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD([dict(params=list(heads[str(i)].parameters()), lr_scale=lr) for i, (_, lr) in enumerate(keys)],
+                          lr=1.0, momentum=momentum, weight_decay=weight_decay)
     bs = min(batch_size, n)
     steps_per_epoch = max(n // bs, 1)
     total = epochs * steps_per_epoch
     sched = _scheduler(opt, total, int(round(warmup_epochs * steps_per_epoch)))
-    step = 0
-    for epoch in tqdm(range(epochs), desc="linprobe sweep", unit="epoch", disable=not progress, dynamic_ncols=True):
-        perm = torch.randperm(n, generator=g).to(device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            y = ytr[idx]
-            loss = 0.0
-            for (name, lr), h in heads.items():
-                loss = loss + F.cross_entropy(h(xtr[name][idx]), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # heads are independent: the sum's gradient is each head's own
-            opt.step()
-            step += 1
-            sched.step_update(step)
     xva = {k: v.to(device).float() for k, v in val.feats.items()}
-    res = _evaluate_heads(heads, {key: xva[key[0]] for key in heads}, val.labels.to(device))
-    grid = [dict(feature=name, lr=lr, **res[(name, lr)]) for (name, lr) in heads]
+    task = LinearProbeSweepTask(heads, keys, xtr, train.labels.to(device), xva, val.labels.to(device))
+    batches = _FeatureBatches(n, bs, steps_per_epoch, seed, device)
+    trainer = Trainer(task, optimizer=opt, scheduler=sched, loader=batches, sampler=None, output_dir=None,
+                      recipe={}, config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
+                                                      batch_size=bs, eval_interval=epochs, progress=progress,
+                                                      log_interval=max(1, min(50, steps_per_epoch)), seed=seed))
+    result = trainer.fit()
+    grid = result.history[-1]["grid"]
     best = max(grid, key=lambda c: c["top1"])
     return dict(top1=best["top1"], **({"top5": best["top5"]} if "top5" in best else {}), feature=best["feature"], lr=best["lr"], best=best,
-                grid=grid, epochs=epochs, steps=step, train_images=n, val_images=len(val))
+                grid=grid, epochs=epochs, steps=result.step, train_images=n, val_images=len(val))
