@@ -262,7 +262,6 @@ def pretrain_clip(
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
-    from ..engine.checkpoint import list_checkpoints
     from ..engine.distributed import DistEnv
     from ..engine.errors import RunError
     from ..engine.lock import hold_run_lock
@@ -305,9 +304,7 @@ def pretrain_clip(
                                                log_interval=log_every, ckpt_interval=ckpt_interval,
                                                progress=progress))
         if trainer.resume(resume) is None:  # starting over: nothing of an earlier run may mix in
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-            for p in list_checkpoints(out):
-                p.unlink()
+            trainer.start_over()
         result = trainer.fit()
         if result.stopped_by is not None:
             raise RunError(f"pre-training stopped by {result.stopped_by} at step {result.step}/{run_steps}; "

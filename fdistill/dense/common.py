@@ -151,7 +151,6 @@ def train_dense(task, cfg, *, optimizer_model: nn.Module, train_ds, output_dir: 
     returns ``(TrainResult, steps_per_epoch)``. Starting over clears what an earlier run left in
     the folder (its weights, logs and checkpoints), resuming keeps them."""
     from ..data import DataError, ResumableDistributedSampler
-    from ..engine.checkpoint import list_checkpoints
     from ..engine.trainer import Trainer, TrainerConfig
     from ..eval.data import make_loader
 
@@ -178,12 +177,8 @@ def train_dense(task, cfg, *, optimizer_model: nn.Module, train_ds, output_dir: 
                                            ckpt_interval=cfg.ckpt_interval, keep_last=cfg.keep_last,
                                            max_nonfinite=cfg.max_nonfinite, tensorboard=cfg.tensorboard,
                                            progress=progress))
-    resumed = trainer.resume(resume)
-    if env.is_main and resumed is None:  # starting over: nothing of an earlier run may mix in
-        for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors", "metrics.jsonl", "curves.png"):
-            (output_dir / f).unlink(missing_ok=True)
-        for p in list_checkpoints(output_dir):
-            p.unlink()
+    if trainer.resume(resume) is None:  # starting over: nothing of an earlier run may mix in
+        trainer.start_over(("log.jsonl", "model_best.safetensors", "model_last.safetensors", "curves.png"))
     return trainer.fit(), steps_per_epoch
 
 

@@ -51,7 +51,7 @@ from .checkpoint import clean_partial_writes
 from .distributed import DistEnv, barrier, init_distributed, shutdown
 from .errors import RunError
 from .lock import hold_run_lock
-from .resume import check_resume_compatible, resolve_resume, saved_layout, saved_position
+from .resume import find_checked_resume, saved_layout, saved_position
 from .rng import seed_everything
 from .trainer import Task, Trainer, TrainerConfig
 
@@ -220,12 +220,11 @@ def _run(cfg: DistillConfig, env: DistEnv, resume: str, on_step, on_batch=None) 
     barrier(env)
 
     # resume target: checked against the config before anything expensive is built
-    ckpt_path, ckpt = resolve_resume(resume, run_dir, env, task="distill")
     cfg_dict = to_dict(cfg)
-    if ckpt is not None:  # the global batch too: data.batch_size/optim.accum_steps may follow the world size
-        layout = saved_layout(ckpt)
-        check_resume_compatible(ckpt["config"], cfg_dict, where=str(ckpt_path),
-                                saved_world_size=layout["world_size"], world_size=env.world_size)
+    # the global batch too: data.batch_size/optim.accum_steps may follow the world size
+    ckpt_path, ckpt = find_checked_resume(resume, run_dir, env, task="distill", recipe=cfg_dict,
+                                          safe_keys=RESUME_SAFE_KEYS, batch_keys=RESUME_GLOBAL_BATCH_KEYS)
+    layout = saved_layout(ckpt) if ckpt is not None else None
     if env.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
 

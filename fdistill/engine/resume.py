@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..config import diff_configs
-from ..config.distill import RESUME_GLOBAL_BATCH_KEYS, RESUME_SAFE_KEYS, global_batch_of
+from ..config.distill import global_batch_of
 from ..data.sampler import split_position
 from .checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
 from .distributed import DistEnv, broadcast_object
@@ -29,7 +29,7 @@ from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_resume", "check_resume_compatible", "resume_position", "saved_layout", "saved_position",
+__all__ = ["find_checked_resume", "resolve_resume", "check_resume_compatible", "resume_position", "saved_layout", "saved_position",
            "rederived_seed", "no_loadable_checkpoint"]
 
 
@@ -87,12 +87,24 @@ def no_loadable_checkpoint(run_dir: Path, task: Optional[str] = None) -> Optiona
               "another --output folder")
 
 
+def find_checked_resume(resume: Optional[str], run_dir: Path, env: DistEnv, *, task: str, recipe: Dict[str, Any],
+                        safe_keys: Sequence[str], batch_keys: Sequence[str] = ()
+                        ) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
+    """:func:`resolve_resume`, then :func:`check_resume_compatible` of the checkpoint's recipe
+    against ``recipe``: the checkpoint a run continues from, or (None, None) to start over."""
+    path, ck = resolve_resume(resume, run_dir, env, task=task)
+    if ck is not None:
+        check_resume_compatible(ck["config"], recipe, where=str(path), safe_keys=safe_keys, batch_keys=batch_keys,
+                                saved_world_size=saved_layout(ck)["world_size"], world_size=env.world_size)
+    return path, ck
+
+
 def check_resume_compatible(saved: Dict[str, Any], current: Dict[str, Any], where: str = "checkpoint", *,
                             saved_world_size: Optional[int] = None, world_size: Optional[int] = None,
-                            safe_keys: Sequence[str] = RESUME_SAFE_KEYS,
-                            batch_keys: Sequence[str] = RESUME_GLOBAL_BATCH_KEYS) -> None:
+                            safe_keys: Sequence[str], batch_keys: Sequence[str] = ()) -> None:
     """Refuse a checkpoint whose recipe differs in keys that change the model, data or
-    optimisation (anything not in ``safe_keys``; a distillation run's: :data:`RESUME_SAFE_KEYS`).
+    optimisation (anything not in ``safe_keys``; a distillation run's:
+    :data:`fdistill.config.distill.RESUME_SAFE_KEYS`).
 
     Given both world sizes (the checkpoint's ``progress["world_size"]`` and this run's), the
     keys of the global batch (``batch_keys``: ``data.batch_size``, ``optim.accum_steps``) may

@@ -43,11 +43,12 @@ import torch
 import torch.nn as nn
 
 from ..data.sampler import split_position
-from .checkpoint import FORMAT, VERSION, checkpoint_path, prune_checkpoints, save_checkpoint, set_aside_later_checkpoints
+from .checkpoint import (FORMAT, VERSION, checkpoint_path, list_checkpoints, prune_checkpoints, save_checkpoint,
+                         set_aside_later_checkpoints)
 from .distributed import DistEnv, any_rank, any_ranks, barrier, gather_objects, unwrap, wrap_ddp
 from .errors import RunError
 from .metrics import NonFiniteGuard, RunLog, StepMetrics
-from .resume import check_resume_compatible, rederived_seed, resolve_resume, resume_position, saved_layout
+from .resume import find_checked_resume, rederived_seed, resume_position
 from .rng import capture_rng_state, restore_rng_state, seed_everything
 from .signals import StopRequest, StopWhileWaiting
 from .step import TrainStep
@@ -229,12 +230,6 @@ class Trainer:
         self._rng_state = None  # restored once the resumed epoch's iterator exists
         self._rng_seed: Optional[int] = None  # instead, when the saved states do not map 1:1 to the ranks
 
-    def _hook(self, name: str):
-        """The task's method ``name``, or :class:`Task`'s default for a task that does not
-        subclass it (a duck-typed task supplies only what it needs)."""
-        own = getattr(self.task, name, None)
-        return own if own is not None else getattr(Task, name).__get__(self.task)
-
     # -- checkpoints ------------------------------------------------------------------------------------
     def find_resume(self, resume: Optional[str]) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
         """The checkpoint ``resume`` names (see :func:`~fdistill.engine.resume.resolve_resume`),
@@ -243,12 +238,8 @@ class Trainer:
             return None, None
         if self.out is None:
             raise ValueError("a Trainer without output_dir keeps no checkpoints to resume from")
-        path, ck = resolve_resume(resume, self.out, self.env, task=self.task.name)
-        if ck is not None:
-            check_resume_compatible(ck["config"], self.recipe, where=str(path), safe_keys=self.resume_safe,
-                                    batch_keys=self.resume_batch_keys,
-                                    saved_world_size=saved_layout(ck)["world_size"], world_size=self.env.world_size)
-        return path, ck
+        return find_checked_resume(resume, self.out, self.env, task=self.task.name, recipe=self.recipe,
+                                   safe_keys=self.resume_safe, batch_keys=self.resume_batch_keys)
 
     def resume(self, resume: Optional[str]) -> Optional[Path]:
         """None: start over; ``"none"``: start over, refused if the run folder holds checkpoints;
@@ -259,12 +250,22 @@ class Trainer:
             self.restore(path, ck)
         return path
 
+    def start_over(self, files: Sequence[str] = ()) -> None:
+        """Remove an earlier run's checkpoints, ``metrics.jsonl`` and the task's ``files`` from
+        the run folder (rank 0), so nothing of it mixes into a run that starts from step 0."""
+        if self.out is None or not self.env.is_main:
+            return
+        for f in ("metrics.jsonl", *files):
+            (self.out / f).unlink(missing_ok=True)
+        for p in list_checkpoints(self.out):
+            p.unlink()
+
     def restore(self, path: Path, ck: Dict[str, Any]) -> None:
         """Load a (checked, :meth:`find_resume`) checkpoint into the freshly built task and loop."""
         from ..weights import WeightsError, load_into
 
         try:
-            for part, module in self._hook("checkpoint_parts")().items():
+            for part, module in self.task.checkpoint_parts().items():
                 if part not in ck["model"]:
                     raise WeightsError(f"the checkpoint has no {part!r} part (it holds {sorted(ck['model'])})")
                 load_into(unwrap(module), ck["model"][part], what=part)
@@ -313,8 +314,8 @@ class Trainer:
                                else (self.epoch, self.step_in_epoch))
             save_checkpoint(path, {
                 "format": FORMAT, "version": VERSION, "task": self.task.name, "config": self.recipe,
-                **self._hook("checkpoint_extra")(),
-                "model": {k: unwrap(m).state_dict() for k, m in self._hook("checkpoint_parts")().items()},
+                **self.task.checkpoint_extra(),
+                "model": {k: unwrap(m).state_dict() for k, m in self.task.checkpoint_parts().items()},
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": {"per_rank": rngs},
@@ -326,7 +327,7 @@ class Trainer:
                              "batch_size": cfg.batch_size, "accum_steps": cfg.accum_steps,
                              "num_workers": int(getattr(self.loader, "num_workers", 0) or 0),
                              "total_batch": self.total_batch, "steps_per_epoch": cfg.steps_per_epoch,
-                             "total_steps": cfg.total_steps, **self._hook("progress_extra")()},
+                             "total_steps": cfg.total_steps, **self.task.progress_extra()},
             })
             prune_checkpoints(self.out, cfg.keep_last, protect=path)  # never what this run just wrote
         barrier(self.env)
@@ -368,13 +369,13 @@ class Trainer:
         model = wrap_ddp(task.model, env)
         step_fn = TrainStep(task.loss_module(model), self.optimizer, precision=cfg.precision,
                             clip_grad=cfg.clip_grad, accum_steps=cfg.accum_steps, scaler=self.scaler,
-                            params=self._hook("grad_norm_params")(), sync_module=model, compile=cfg.compile)
+                            params=self.task.grad_norm_params(), sync_module=model, compile=cfg.compile)
         runlog = RunLog(self.out, enabled=env.is_main, total_steps=cfg.total_steps, start_step=self.step,
                         tensorboard=cfg.tensorboard, desc=task.name, progress=cfg.progress)
-        line = self._hook("describe")(self)
+        line = self.task.describe(self)
         if line:
             runlog.message(line)
-        metrics = StepMetrics(self.device, parts=getattr(task, "metric_parts", ()), extra=getattr(task, "metric_extra", ()))
+        metrics = StepMetrics(self.device, parts=task.metric_parts, extra=task.metric_extra)
         stopped_by: Optional[str] = None
         record: Dict[str, Any] = {}
         trained_any = False
@@ -383,7 +384,7 @@ class Trainer:
         self.eval_time = 0.0
 
         nonfinite = NonFiniteGuard(metrics, cfg.max_nonfinite, option=cfg.nonfinite_option, start_step=self.step)
-        prepare = self._hook("prepare")
+        prepare = self.task.prepare
         try:
             with StopRequest() as stop:
                 while self.step < cfg.total_steps and (cfg.epochs is None or self.epoch < cfg.epochs):
@@ -417,7 +418,7 @@ class Trainer:
                             stopped_by = stop.signame or "a stop request"
                             break
                         if exhausted:
-                            empty = self._hook("empty_epoch_error")(self.epoch) if self.step_in_epoch == first == 0 else None
+                            empty = self.task.empty_epoch_error(self.epoch) if self.step_in_epoch == first == 0 else None
                             if empty:
                                 raise RunError(empty)
                             if not cfg.short_epochs or self.step_in_epoch == first == 0:

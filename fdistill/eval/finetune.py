@@ -242,7 +242,6 @@ def finetune(
     from timm.scheduler import CosineLRScheduler
 
     from ..data import DataError, ResumableDistributedSampler
-    from ..engine.checkpoint import list_checkpoints
     from ..engine.distributed import DistEnv
     from ..engine.lock import hold_run_lock
     from ..engine.optim import no_weight_decay_patterns
@@ -325,14 +324,10 @@ def finetune(
                                                ckpt_interval=ckpt_interval, keep_last=keep_last,
                                                max_nonfinite=max_nonfinite, ema_decay=ema_decay,
                                                tensorboard=tensorboard, progress=progress))
-        resumed = trainer.resume(resume)
+        if trainer.resume(resume) is None:  # starting over: nothing of an earlier run in this folder may mix in
+            trainer.start_over(("log.jsonl", "model_best.safetensors", "model_last.safetensors"))
         if env.is_main:
             save_classifier_spec(spec, classes, out)
-            if resumed is None:  # starting over: nothing of an earlier run in this folder may mix in
-                for f in ("log.jsonl", "model_best.safetensors", "model_last.safetensors", "metrics.jsonl"):
-                    (out / f).unlink(missing_ok=True)
-                for p in list_checkpoints(out):
-                    p.unlink()
         result = trainer.fit()
         history, best, step = result.history, task.best, result.step
         stopped = result.stopped_by is not None
