@@ -13,7 +13,10 @@ from PIL import Image
 from fdistill.data import DataError
 from fdistill.data.segmentation import (IGNORE_INDEX, SegmentationFolder, build_segmentation_dataset,
                                         segmentation_transform)
-from fdistill.eval.segmentation import confusion_matrix, seg_linear_probe, segmentation_scores, token_map
+from fdistill.engine.checkpoint import list_checkpoints, load_checkpoint
+from fdistill.errors import RunError
+from fdistill.eval.segmentation import (SegLinearHead, confusion_matrix, seg_linear_probe, segmentation_scores,
+                                        token_map)
 from fdistill.diagnostics.plots import figure_png_ok
 from fdistill.teachers.base import Teacher, TeacherTokens
 
@@ -197,10 +200,46 @@ def test_all_ignored_batches_train_nothing_and_nan_inputs_stop_the_probe(tmp_pat
             t = super()._forward_tokens(x)
             return TeacherTokens(None, t.patches * float("nan"), t.grid)
 
+    # the engine's policy (the same as fine-tuning's and distillation's): a non-finite step is
+    # skipped, max_nonfinite in a row stop the probe with an error; the head is never updated
     tr = build_segmentation_dataset(str(_cells_folder(tmp_path / "ok", "training", 8, 2)), "train", 32, train=True,
                                     num_classes=3)
-    with pytest.raises(DataError, match="non-finite training loss in epoch 1"):
-        seg_linear_probe(NaNTokens(), tr, tr, epochs=2, batch_size=4, num_workers=0, progress=False)
+    with pytest.raises(RunError, match=r"3 optimizer steps in a row had a non-finite loss .*stopped at step 3"):
+        seg_linear_probe(NaNTokens(), tr, tr, epochs=2, batch_size=4, num_workers=0, progress=False,
+                         max_nonfinite=3, output_dir=tmp_path / "nan")
+    ck = load_checkpoint(list_checkpoints(tmp_path / "nan")[-1], task="segprobe")
+    assert ck["progress"]["step"] == 2  # the end of epoch 1
+    saved = ck["model"]["model"]
+    # no update was applied: one AdamW step on these NaN gradients would make every weight NaN
+    # (BatchNorm's running statistics are updated by the forward itself, before the step is
+    # known to be non-finite, so only the parameters are checked)
+    params = [k for k, _ in SegLinearHead(3, 3).named_parameters()]
+    assert len(params) == 4 and all(bool(torch.isfinite(saved[k]).all()) for k in params)
+
+
+def test_probe_stops_and_resumes_exactly(tmp_path):
+    """On the training engine: a probe stopped mid-epoch (as by SIGTERM) checkpoints the head,
+    AdamW state, RNG and sampler position; resumed, it ends with the same head, confusion
+    matrix and loss curve as a probe that never stopped; another recipe is refused."""
+    root = _cells_folder(tmp_path / "cells", "training", 24, 0, cell=16)
+    _cells_folder(root, "validation", 6, 1, cell=16)
+    (root / "classes.txt").write_text("red\ngreen\nblue\n")
+    tr = build_segmentation_dataset(str(root), "train", 32, train=True, scale=(0.6, 1.0))
+    va = build_segmentation_dataset(str(root), "val", 32, train=False)
+    kw = dict(epochs=3, lr=0.05, warmup_epochs=1, batch_size=8, num_workers=0, progress=False)
+    full = seg_linear_probe(PatchColour(), tr, va, output_dir=tmp_path / "a", **kw)
+    part = seg_linear_probe(PatchColour(), tr, va, output_dir=tmp_path / "b", on_step=lambda s: s == 4, **kw)
+    assert part["stopped_early"] and part["steps"] == 4 and "miou" not in part  # stopped before the scoring
+    rest = seg_linear_probe(PatchColour(), tr, va, output_dir=tmp_path / "b", **kw)
+    assert rest["steps"] == full["steps"] == 9 and not rest["stopped_early"]
+    assert rest["miou"] == full["miou"] and rest["per_class_iou"] == full["per_class_iou"]
+    head = lambda d: load_checkpoint(list_checkpoints(d)[-1], task="segprobe")["model"]["model"]  # noqa: E731
+    ref, got = head(tmp_path / "a"), head(tmp_path / "b")
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)  # BatchNorm statistics too
+    assert [c["step"] for c in full["curve"]] == [3, 6, 9] and [c["step"] for c in rest["curve"]] == [3, 4, 6, 9]
+    assert rest["train_loss"] == pytest.approx(full["train_loss"], rel=1e-9)  # the same steps' losses, regrouped
+    with pytest.raises(RunError, match="another recipe"):
+        seg_linear_probe(PatchColour(), tr, va, output_dir=tmp_path / "b", **dict(kw, lr=0.01))
 
 
 def test_a_fixed_size_model_and_a_bigger_recipe_fail_before_any_data_is_read(tmp_path):

@@ -270,12 +270,15 @@ class SegprobeConfig:
     weight_decay: float = 1e-4
     #: training crops: RandomResizedCrop scale range (+ horizontal flip); evaluation resizes the whole image
     scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    #: stop after this many optimizer steps in a row with a non-finite loss (each is skipped)
+    max_nonfinite: int = 20
     precision: Precision = "auto"
     device: Device = "auto"
     seed: int = 0
 
     def __post_init__(self):
         _check(self.num_classes is None or self.num_classes >= 2, "num_classes must be >= 2")
+        _check(self.max_nonfinite >= 1, "max_nonfinite must be >= 1")
         _check(self.epochs >= 1, "epochs must be >= 1")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
         _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs must be in [0, epochs]")

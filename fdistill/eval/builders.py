@@ -83,4 +83,4 @@ def build_segprobe_recipe(cfg: SegprobeConfig, *, device_type: str = "cpu") -> D
     """Keyword arguments of :func:`fdistill.eval.segmentation.seg_linear_probe`."""
     return dict(epochs=cfg.epochs, max_steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 warmup_epochs=cfg.warmup_epochs, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                precision=_precision(cfg.precision, device_type), seed=cfg.seed)
+                precision=_precision(cfg.precision, device_type), seed=cfg.seed, max_nonfinite=cfg.max_nonfinite)

@@ -345,11 +345,11 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     ``output``, ``predictions.png`` shows a few validation images, label maps and predictions."""
     from .builders import build_segprobe_data_args, build_segprobe_recipe
     from ..data.segmentation import build_segmentation_dataset
+    from ..engine.distributed import init_distributed, shutdown
     from .segmentation import seg_linear_probe
 
     t0 = time.time()
     val = val or train  # a folder's / synthetic's own val split
-    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)  # randomly initialised models (tests, baselines) are reproducible
     adapter = load_eval_model(model, model_kwargs)
     size = _img_size(cfg.data.img_size, adapter)
@@ -360,9 +360,15 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     train_ds = build_segmentation_dataset(train, "train", size, train=True, **data_args)
     val_ds = build_segmentation_dataset(val, "val", size, train=False, **data_args)
     figure = Path(output) / "predictions.png" if output else None
-    res = seg_linear_probe(adapter, train_ds, val_ds, device=device, figure=figure,
-                           **build_segprobe_recipe(cfg, device_type=device.type))
-    metrics = _record("segprobe", model, model_kwargs, train, val, cfg, device, t0, **res)
+    env = init_distributed(cfg.device)  # on the training engine: checkpoints in OUTPUT, resume, torchrun
+    try:
+        res = seg_linear_probe(adapter, train_ds, val_ds, device=env.device, env=env, output_dir=output, figure=figure,
+                               **build_segprobe_recipe(cfg, device_type=env.device.type))
+    finally:
+        shutdown(env)
+    metrics = _record("segprobe", model, model_kwargs, train, val, cfg, env.device, t0, **res)
+    if not env.is_main:
+        return metrics
     return _finish(metrics, output, ["miou", "aacc", "macc", "steps"], echo)
 
 

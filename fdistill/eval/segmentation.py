@@ -12,9 +12,12 @@ truth left out, as mmsegmentation does), pixel accuracy (aAcc) and mean class ac
 Written here rather than taken from mmsegmentation: that would add mmcv/mmengine and their
 config system for what is a few dozen lines on top of fdistill's adapters (every teacher and FD
 student gives ``forward_tokens``). Tokens are computed on the fly under ``no_grad`` each step (augmented crops).
+The loop is the project's :class:`~fdistill.engine.trainer.Trainer` (:class:`SegProbeTask`): checkpoints,
+exact resume, ``torchrun``, the one non-finite policy.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Dict, List, Optional
@@ -23,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine.trainer import Task
 from ..teachers.base import Teacher
-from .data import frozen_forward, probe_loaders
+from .data import frozen_forward, make_loader
 
-__all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "seg_linear_probe"]
+__all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "SegProbeTask", "seg_linear_probe"]
 
 
 class SegLinearHead(nn.Module):
@@ -82,6 +86,61 @@ def _logits(head: nn.Module, fmap: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(head(fmap.float()), size=size, mode="bilinear", align_corners=False)
 
 
+class _SegLoss(nn.Module):
+    """Per-pixel cross-entropy of the upsampled logits, the mean over labelled pixels (a batch
+    with none, all ignored, gives 0, not NaN)."""
+
+    def __init__(self, head: nn.Module, ignore_index: int):
+        super().__init__()
+        self.head, self.ignore = head, ignore_index
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        fmap, y = batch  # (B, C, gh, gw) frozen tokens, (B, H, W) labels
+        loss = F.cross_entropy(_logits(self.head, fmap, y.shape[-2:]), y, ignore_index=self.ignore,
+                               reduction="sum") / (y != self.ignore).sum().clamp_min(1)
+        return {"loss": loss}
+
+
+class SegProbeTask(Task):
+    """The linear segmentation probe as a task of :class:`~fdistill.engine.trainer.Trainer`: the
+    head is the trained model; each batch's token map comes from the frozen backbone in
+    :meth:`prepare`; scored (confusion matrix summed over ranks) after the last epoch."""
+
+    name = "segprobe"
+
+    def __init__(self, head: SegLinearHead, fmap_of, val_loader, *, num_classes: int, ignore_index: int,
+                 env, device: torch.device, figure_images: int = 0):
+        self.model, self.fmap_of, self.val_loader = head, fmap_of, val_loader
+        self.K, self.ignore, self.env, self.device = num_classes, ignore_index, env, device
+        self.figure_images = figure_images
+        self.conf: Optional[torch.Tensor] = None
+        self.shown: List[tuple] = []  # (images, masks, predictions) on the CPU, for the figure
+
+    def loss_module(self, model: nn.Module) -> nn.Module:
+        return _SegLoss(model, self.ignore)
+
+    def prepare(self, batch):
+        images, masks = batch
+        return self.fmap_of(images), masks.to(self.device, non_blocking=True)  # (B, C, gh, gw), (B, H, W)
+
+    @torch.no_grad()
+    def evaluate(self, model, ema, epoch: int, step: int) -> Dict[str, Any]:
+        from ..engine.distributed import all_reduce_sum_
+
+        model.eval()
+        conf = torch.zeros(self.K, self.K, dtype=torch.long, device=self.device)
+        self.shown = []
+        for images, masks in self.val_loader:
+            y = masks.to(self.device, non_blocking=True)
+            pred = _logits(model, self.fmap_of(images), y.shape[-2:]).argmax(1)
+            conf += confusion_matrix(pred, y, self.K, self.ignore)
+            if sum(len(b[0]) for b in self.shown) < self.figure_images:
+                self.shown.append((images.cpu(), masks.cpu(), pred.cpu()))
+        model.train()
+        self.conf = all_reduce_sum_(conf, self.env).cpu()  # every rank scored its share of the images
+        return {"epoch": epoch + 1, "step": step}
+
+
 def seg_linear_probe(
     adapter: Teacher,
     train_ds,
@@ -97,7 +156,12 @@ def seg_linear_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     max_steps: Optional[int] = None,
+    max_nonfinite: int = 20,
+    output_dir: Optional[str | os.PathLike] = None,
+    resume: Optional[str] = "auto",
+    env=None,
     progress: bool = True,
+    on_step=None,
     figure: Optional[str | os.PathLike] = None,
     figure_images: int = 6,
 ) -> Dict[str, Any]:
@@ -105,88 +169,89 @@ def seg_linear_probe(
 
     ``train_ds`` / ``val_ds`` give (uint8 image (3, S, S), int64 mask (S, S)) with ``classes``
     and ``ignore_index`` (:func:`fdistill.data.segmentation.build_segmentation_dataset`). AdamW at
-    ``lr`` with linear warm-up and cosine decay (per step). With ``figure``, the first
+    ``lr`` with linear warm-up and cosine decay (per step); ``batch_size`` is per process
+    (``torchrun``: ``env``). ``output_dir`` gets ``checkpoints/`` and ``metrics.jsonl`` (a stopped
+    probe resumes exactly with ``resume="auto"``); None: a temporary folder, removed afterwards.
+    A step with a non-finite loss is skipped; ``max_nonfinite`` in a row stop the probe with a
+    :class:`~fdistill.errors.RunError` (the engine's policy). With ``figure``, the first
     ``figure_images`` validation images, their label maps and the predictions are drawn there
     (:func:`fdistill.eval.segmentation_figure.plot_segmentation_examples`)."""
-    from tqdm.auto import tqdm
+    import contextlib
+    import tempfile
+    from pathlib import Path
 
-    from ..data import DataError
+    from ..data import DataError, ResumableDistributedSampler
+    from ..engine.distributed import DistEnv
+    from ..engine.lock import hold_run_lock
     from ..engine.schedule import create_warmup_cosine
+    from ..engine.trainer import Trainer, TrainerConfig
 
     device = torch.device(device)
-    torch.manual_seed(seed)
+    env = env or DistEnv(device=device)
+    torch.manual_seed(seed + env.rank)
     classes = list(train_ds.classes)
     if list(val_ds.classes) != classes:
         raise DataError(f"train and val classes differ ({len(classes)} vs {len(val_ds.classes)})")
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise DataError("the training loader gave no batches" if len(train_ds) == 0 else "the validation set is empty")
     ignore = int(getattr(train_ds, "ignore_index", 255))
     K = len(classes)
     adapter = adapter.to(device).eval()
-    train_loader, val_loader = probe_loaders(train_ds, val_ds, batch_size=batch_size, num_workers=num_workers,
-                                             seed=seed, device=device)
+    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+    drop_last = sampler.num_samples > batch_size  # a last partial batch dropped; one small set: one batch
+    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler,
+                               num_workers=num_workers, drop_last=drop_last, seed=seed, device=device)
+    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
+    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
     fmap_of = frozen_forward(adapter, lambda a, x: token_map(a, x).float(), device=device, precision=precision)
+    steps_per_epoch = sampler.num_samples // batch_size if drop_last else 1
+    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
 
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise DataError("the training loader gave no batches")
-    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
-    head: Optional[SegLinearHead] = None
-    step, loss_sum, curve = 0, torch.zeros((), device=device), []
-    for epoch in range(epochs):
-        bar = tqdm(train_loader, desc=f"segprobe {epoch + 1}/{epochs}", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        epoch_loss = torch.zeros((), device=device)
-        n_epoch = 0
-        for images, masks in bar:
-            f = fmap_of(images)  # (B, C, gh, gw)
-            if head is None:  # the token width is known after the first batch
-                head = SegLinearHead(f.shape[1], K).to(device)
-                opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-                sched = create_warmup_cosine(opt, peak_lr=lr, total_steps=total,
-                                             warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
-                                             warmup_lr=lr * 1e-3, min_lr=0.0)
-                sched.step_update(0)
-            y = masks.to(device, non_blocking=True)
-            # mean over the labelled pixels; a batch with none (all ignored) gives 0, not NaN
-            loss = F.cross_entropy(_logits(head, f, y.shape[-2:]), y, ignore_index=ignore, reduction="sum") \
-                / (y != ignore).sum().clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sched.step_update(step)
-            loss_sum += loss.detach()
-            epoch_loss += loss.detach()
-            n_epoch += 1
-            if step >= total:
-                break
-        bar.close()
-        mean_loss = float(epoch_loss) / max(n_epoch, 1)  # one host sync per epoch, none per step
-        if not math.isfinite(mean_loss):
-            raise DataError(f"segprobe: non-finite training loss in epoch {epoch + 1} (lower the lr; check the "
-                            "images for NaN)")
-        curve.append(dict(epoch=epoch + 1, step=step, train_loss=mean_loss))
-        if step >= total:
-            break
-    head.eval()
-    conf = torch.zeros(K, K, dtype=torch.long, device=device)
-    shown: List[tuple] = []  # (images, masks, predictions) on the CPU, for the figure
-    with torch.no_grad():
-        for images, masks in tqdm(val_loader, desc="segprobe eval", unit="batch", disable=not progress, leave=False):
-            y = masks.to(device, non_blocking=True)
-            pred = _logits(head, fmap_of(images), y.shape[-2:]).argmax(1)
-            conf += confusion_matrix(pred, y, K, ignore)
-            if figure is not None and sum(len(b[0]) for b in shown) < figure_images:
-                shown.append((images.cpu(), masks.cpu(), pred.cpu()))
-    res = segmentation_scores(conf.cpu(), classes)
-    if figure is not None and shown:
+    width = fmap_of(torch.as_tensor(val_ds[0][0])[None]).shape[1]  # from one evaluation image: no random draw
+    head = SegLinearHead(width, K).to(device)
+    if env.distributed and device.type == "cuda":
+        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)  # the statistics of the global batch
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = create_warmup_cosine(opt, peak_lr=lr, total_steps=total, warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
+                                 warmup_lr=lr * 1e-3, min_lr=0.0)
+    recipe = dict(model=str(getattr(adapter, "name", "model")), epochs=epochs, warmup_epochs=warmup_epochs, lr=lr,
+                  weight_decay=weight_decay, batch_size=batch_size, world_size=env.world_size, precision=precision,
+                  seed=seed, max_steps=max_steps, train_images=len(train_ds), num_classes=K, ignore_index=ignore)
+    task = SegProbeTask(head, fmap_of, val_loader, num_classes=K, ignore_index=ignore, env=env, device=device,
+                        figure_images=figure_images if figure is not None and env.is_main else 0)
+    with contextlib.ExitStack() as stack:
+        if output_dir is None:
+            out, resume = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fdistill-segprobe-"))), None
+        else:
+            out = Path(output_dir)
+            stack.enter_context(hold_run_lock(out, env))
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(task, optimizer=opt, scheduler=sched, loader=train_loader, sampler=sampler, output_dir=out,
+                          recipe=recipe, resume_safe=("epochs", "max_steps"), env=env, on_step=on_step,
+                          config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
+                                               batch_size=batch_size, eval_interval=epochs, max_nonfinite=max_nonfinite,
+                                               # the head in fp32 (the backbone runs in ``precision`` in prepare)
+                                               log_interval=steps_per_epoch, keep_last=1, progress=progress, seed=seed))
+        trainer.resume(resume)
+        result = trainer.fit()
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if env.is_main else []
+    # the per-epoch means (a record at each epoch end; the last one also where max_steps ended the run)
+    curve = [dict(epoch=math.ceil(r["epoch"] - 1e-9), step=r["step"], train_loss=r["loss"]) for r in records]
+    res = segmentation_scores(task.conf, classes) if task.conf is not None else {}
+    if figure is not None and task.shown and env.is_main:
         from .segmentation_figure import plot_segmentation_examples
 
-        imgs, gts, prs = (torch.cat(t)[:figure_images] for t in zip(*shown))
+        imgs, gts, prs = (torch.cat(t)[:figure_images] for t in zip(*task.shown))
         name = str(getattr(adapter, "name", "model"))
         name = name if len(name) <= 48 else "..." + name[-45:]  # a run's checkpoint path can be long
         res["figure"] = str(plot_segmentation_examples(
             imgs, gts, prs, classes, figure, ignore_index=ignore,
             title=f"{name}: linear segmentation probe, mIoU {res['miou']:.1f} (first {len(imgs)} val images)"))
-    return dict(res, num_classes=K, lr=lr, steps=step, epochs_done=step / steps_per_epoch,
-                train_loss=float(loss_sum) / max(step, 1), curve=curve, train_images=len(train_ds),
-                val_images=len(val_ds), ignore_index=ignore)
+    starts = [0] + [c["step"] for c in curve]  # each record's mean covers the steps since the one before
+    train_loss = (sum(c["train_loss"] * (c["step"] - s0) for c, s0 in zip(curve, starts)) / curve[-1]["step"]
+                  if curve else math.nan)
+    return dict(res, num_classes=K, lr=lr, steps=result.step, epochs_done=result.step / steps_per_epoch,
+                train_loss=train_loss, curve=curve, train_images=len(train_ds), val_images=len(val_ds),
+                ignore_index=ignore, stopped_early=result.stopped_by is not None)
