@@ -234,7 +234,7 @@ class Trainer:
     def find_resume(self, resume: Optional[str]) -> Tuple[Optional[Path], Optional[Dict[str, Any]]]:
         """The checkpoint ``resume`` names (see :func:`~fdistill.engine.resume.resolve_resume`),
         checked against this run's recipe; ``(None, None)`` to start over."""
-        if resume is None or resume == "none" and self.out is None:
+        if resume is None or (resume == "none" and self.out is None):
             return None, None
         if self.out is None:
             raise ValueError("a Trainer without output_dir keeps no checkpoints to resume from")
