@@ -17,19 +17,13 @@ import torch.nn.functional as F
 
 from .losses import GRANULARITIES, NORMS, feature_distill_loss_parts
 from .models.masking import MASK_TYPES, make_mask, num_masked
+from .images import normalize_images, to_float_images  # (normalize_images re-exported here)
 from .models.projector import TokenProjector
 from .models.student import visible_index
 from .teachers.base import Teacher, TeacherError, to_2tuple
 
 ALIGN_MODES = ("auto", "resize", "interpolate", "none")
 CLS_TARGETS = ("auto", "teacher", "gap", "none")
-
-
-def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (x - mean) / std, in the images' dtype."""
-    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - m) / s
 
 
 def register_input_stats(module: nn.Module, who: str, mean, std) -> None:
@@ -44,10 +38,7 @@ def register_input_stats(module: nn.Module, who: str, mean, std) -> None:
 def normalize_with(module: nn.Module, who: str, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> ``(x - mean) / std`` with ``module``'s ``who`` buffers
     (:func:`register_input_stats`), in the images' dtype; the values of :func:`normalize_images`."""
-    mean, std = getattr(module, f"_{who}_mean"), getattr(module, f"_{who}_std")
-    if mean.device != images.device:  # a module not moved with its inputs: stay correct
-        mean, std = mean.to(images.device), std.to(images.device)
-    return (images - mean.to(images.dtype)) / std.to(images.dtype)
+    return normalize_images(images, getattr(module, f"_{who}_mean"), getattr(module, f"_{who}_std"))
 
 
 def student_mask(mask_type: str, batch: int, grid: Tuple[int, int], ratio: float, device) -> Optional[torch.Tensor]:
@@ -376,7 +367,7 @@ class FeatureDistiller(nn.Module):
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """One FD step's forward: (B, 3, H, W) pixels in [0, 1] (or uint8) -> ``loss`` and parts."""
         if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
+            images = to_float_images(images)
         B = images.shape[0]
         mask = self.make_mask(B, images.device)
         target = self.teacher_targets(images, mask)  # (B, P+N, Ct)

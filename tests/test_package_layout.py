@@ -63,3 +63,32 @@ def test_builders_live_beside_the_loops():
     assert not [n for n in dir(cf) if n.startswith("build_")]
     assert {"build_distiller", "build_teacher", "build_student", "build_loader"} <= set(builders.__all__)
     assert {"build_finetune_recipe", "build_segprobe_recipe"} <= set(eval_builders.__all__)
+
+
+def _image_normalisations(path: Path):
+    """Lines of ``path`` that standardise or rescale pixels by hand: ``(x - <..mean..>) / <..std..>``
+    or a division of a value by 255."""
+    def name(n):
+        return ast.unparse(n).lower()
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            if isinstance(node.left, ast.BinOp) and isinstance(node.left.op, ast.Sub) and "mean" in name(node.left.right) \
+                    and "std" in name(node.right):
+                yield node.lineno
+            elif isinstance(node.right, ast.Constant) and node.right.value in (255, 255.0):
+                yield node.lineno
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("div", "div_") \
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in (255, 255.0):
+            yield node.lineno
+
+
+def test_one_image_normaliser():
+    """Pixels are scaled and standardised in ``fdistill/images.py`` only (issue 12: image
+    normalisation was written six times). The per-channel statistics of teacher *features*
+    (``multi/normalize.py``) are another concept."""
+    found = {(str(f.relative_to(PKG)), line) for f in sorted(PKG.rglob("*.py")) for line in _image_normalisations(f)
+             if f.relative_to(PKG).as_posix() not in ("images.py", "multi/normalize.py")}
+    assert not found, f"image normalisation written outside fdistill/images.py: {sorted(found)}"
+    assert len(list(_image_normalisations(PKG / "images.py"))) == 2  # the oracle: it finds both of the one
+    assert not list(_package_imports(PKG / "images.py"))  # a leaf module

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..engine.trainer import Task
+from ..images import normalize_images, to_float_images
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ def class_caption_fn(dataset: Dataset) -> Callable[[int], str]:
 
 
 def _lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """open_clip's ``cosine_lr`` (``open_clip_train/scheduler.py``: warm-up ``lr * (step + 1) /
+    warmup``, then half-cosine) with a floor ``min_lr``, which open_clip's lacks. Not
+    :func:`fdistill.engine.schedule.create_warmup_cosine`: timm's warm-up starts from
+    ``warmup_lr`` and adds ``s * (peak - warmup_lr) / W``, which no setting makes equal to
+    open_clip's ``(s + 1) / W`` ramp, and the shipped teacher (``fdistill/assets/clip_mini``)
+    was trained with this one (its first steps are re-run in ``tests/test_assets.py``)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -154,7 +161,7 @@ class _ClipLossModule(nn.Module):
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         images_u8, tokens = batch
         device = self.mean.device
-        x = (images_u8.to(device).float().div_(255) - self.mean) / self.std
+        x = normalize_images(to_float_images(images_u8.to(device)), self.mean, self.std)
         img_f, txt_f, scale = self.model(x, tokens.to(device))
         loss = self.loss_fn(img_f, txt_f, scale)
         self.record(loss.detach())
@@ -359,9 +366,8 @@ def clip_zero_shot_accuracy(model, tokenizer, images_u8: torch.Tensor, labels: t
     """Top-1 of "a photo of a {class}" prompts (a quick check of the teacher's semantics)."""
     text = model.encode_text(tokenizer([f"a photo of a {c}" for c in class_names]).to(device))
     text = F.normalize(text, dim=-1)
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-    img = F.normalize(model.encode_image((images_u8.to(device).float() / 255 - mean) / std), dim=-1)
+    img = F.normalize(model.encode_image(normalize_images(to_float_images(images_u8.to(device)), CLIP_MEAN, CLIP_STD)),
+                      dim=-1)
     return float(((img @ text.T).argmax(1).cpu() == labels).float().mean())
 
 

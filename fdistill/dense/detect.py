@@ -22,6 +22,7 @@ import torch.nn as nn
 from .common import (BestTracker, check_datasets, display_name, plot_dense_curves, recipe_config, run_folder,
                      run_metrics, train_dense)
 from ..engine.trainer import Task
+from ..images import to_float_images
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,7 @@ __all__ = ["build_detector", "evaluate_detector", "DetectTask", "finetune_detect
 def _images(images, device) -> List[torch.Tensor]:
     """uint8 (3, H, W) images -> floats in [0, 1] on ``device`` (torchvision's detection transform
     normalises them with the backbone's mean / std and resizes them)."""
-    return [(im.to(device, non_blocking=True).float() / 255.0) if im.dtype == torch.uint8 else im.to(device).float()
-            for im in images]
+    return [to_float_images(im.to(device, non_blocking=True)) for im in images]
 
 
 @torch.no_grad()

@@ -8,19 +8,29 @@ multinomial logistic regression fitted by full-batch L-BFGS on those frozen feat
 problem, so the fit is deterministic and needs no learning-rate schedule). The landscape then
 perturbs backbone and head together, like any classifier.
 
-The evaluation package's linear probes (:mod:`fdistill.eval.linear_probe`) are not reused: they
-are accuracy benchmarks (LARS schedules, a learning-rate grid picked on the evaluation split) that
-return scores rather than the fitted head; the landscape needs one head, fitted without looking at
-the images it is evaluated on. The pooling is the same as their default (``cls``, else ``avg``).
+The features are the evaluation's (:func:`fdistill.eval.features.extract_features`, default
+pooling). Its linear probes (:mod:`fdistill.eval.linear_probe`) are not reused: they are accuracy
+benchmarks (LARS schedules, a learning-rate grid picked on the evaluation split) that return
+scores rather than the fitted head; the landscape needs one head, fitted without looking at the
+images it is evaluated on.
+
+The fit is a solver call, not a training loop, so it does not run on the training engine
+(:class:`fdistill.engine.trainer.Trainer`): ``torch.optim.LBFGS.step(closure)`` re-evaluates the
+full-batch loss as often as its line search needs within one call, which the engine's step (one
+forward and backward per update, then clip and skip) cannot express; and a fit of a few hundred
+cached features finishes in well under a second, so checkpoints, resume, signals and a progress
+bar would have nothing to protect. It is ``sklearn``'s ``LogisticRegression.fit`` in torch.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..eval.features import default_pool, pool_tokens
+from ..images import normalize_images, to_float_images
 from ..teachers.base import Teacher
 
 
@@ -37,28 +47,19 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        return self.model((x - self.mean) / self.std)
-
-
-def pooled_features(backbone: Teacher, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, C): the first prefix token, else the patch-token mean."""
-    tok = backbone.forward_tokens(images)
-    return tok.prefix[:, 0] if tok.prefix is not None else tok.patches.mean(dim=1)
+        return self.model(normalize_images(to_float_images(images), self.mean, self.std))
 
 
 class BackboneWithHead(nn.Module):
-    """An adapter (frozen backbone) + linear head: normalised images -> logits."""
+    """An adapter (frozen backbone) + linear head: normalised images -> logits, the head on the
+    ``pool`` feature of the final token map (:func:`fdistill.eval.features.pool_tokens`)."""
 
-    def __init__(self, backbone: Teacher, head: nn.Linear):
+    def __init__(self, backbone: Teacher, head: nn.Linear, pool: str):
         super().__init__()
-        self.backbone = backbone
-        self.head = head
+        self.backbone, self.head, self.pool = backbone, head, pool
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(pooled_features(self.backbone, images))
+        return self.head(pool_tokens(self.backbone.forward_tokens(images), self.pool))
 
 
 def fit_linear_head(
@@ -97,34 +98,20 @@ def fit_linear_head(
     return head
 
 
-@torch.no_grad()
-def extract_features(backbone: Teacher, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                     device: Optional[torch.device | str] = None,
-                     progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of ``batches`` of (uint8 or [0, 1] images, labels)."""
-    from tqdm.auto import tqdm
-
-    feats, labels = [], []
-    total = len(batches) if hasattr(batches, "__len__") else None
-    for images, y in tqdm(batches, total=total, desc=f"features {backbone.name}", unit="batch",
-                          disable=not progress, leave=False):
-        if device is not None:
-            images = images.to(device, non_blocking=True)
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        feats.append(pooled_features(backbone, backbone.normalize(x)))
-        labels.append(y.to(feats[-1].device))
-    if not feats:
-        raise ValueError("no images to extract features from")
-    return torch.cat(feats), torch.cat(labels)
-
-
 def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, *,
                             device: Optional[torch.device | str] = None, weight_decay: float = 1e-3,
                             progress: bool = True) -> Tuple[BackboneWithHead, float]:
-    """Fit a linear head on ``backbone``'s frozen features; returns the classifier (over
-    normalised images) and the head's training accuracy."""
-    feats, labels = extract_features(backbone, train_batches, device, progress=progress)
+    """Fit a linear head on ``backbone``'s frozen features (the evaluation's
+    :func:`~fdistill.eval.features.extract_features`, its default pooling); returns the
+    classifier (over normalised images) and the head's training accuracy."""
+    from ..eval.features import extract_features
+
+    pool = default_pool(backbone)
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    fs = extract_features(backbone, train_batches, features=[pool], device=device, store_device=device,
+                          desc=f"features {backbone.name}", progress=progress)
+    feats, labels = fs.feats[pool], fs.labels
     head = fit_linear_head(feats, labels, num_classes, weight_decay=weight_decay)
     with torch.no_grad():
         train_acc = float((head(feats).argmax(1) == labels).float().mean())
-    return BackboneWithHead(backbone, head), train_acc
+    return BackboneWithHead(backbone, head, pool), train_acc

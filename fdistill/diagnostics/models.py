@@ -48,12 +48,9 @@ class DiagnosticModel:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] images -> normalised with the model's mean/std (float32)."""
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        from ..images import normalize_images, to_float_images
+
+        return normalize_images(to_float_images(images), self.mean, self.std)
 
     def to(self, device) -> "DiagnosticModel":
         self.module.to(device)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distiller import resample_patch_grid
+from ..images import to_float_images
 from .plots import _caption, _title, pyplot, save_figure, save_json_atomic
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def resolution_similarity(adapter, batches, sizes: Sequence[int], *, device: tor
     summary_sum = {s: 0.0 for s in sizes}
     n = 0
     for images, _ in tqdm(batches, desc=f"resolution {adapter.name}", unit="batch", disable=not progress):
-        x = images.to(device).float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        x = to_float_images(images.to(device))  # (B, 3, H, W) in [0, 1]
 
         def features(hw):
             xs = x if tuple(x.shape[-2:]) == tuple(hw) else \

@@ -19,6 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.workers import worker_options
+from ..images import normalize_images, to_float_images
+
+normalize = normalize_images  # the package's one image normaliser (fdistill.images), by its older name here
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
            "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
@@ -95,23 +98,11 @@ def make_loader(ds: Dataset, *, batch_size: int, shuffle: bool, num_workers: int
     )
 
 
-def to_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (0..255) or float images -> float in [0, 1] scale."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, 3, H, W) pixels in [0, 1] -> (x - mean) / std."""
-    m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
 def model_inputs(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  device: torch.device) -> torch.Tensor:
     """A loader's batch (uint8, or floats in [0, 1]; (B, 3, H, W)) -> a model's normalised float
     input on ``device``: each model normalises with its own statistics (module docstring)."""
-    return normalize(to_float_images(images.to(device, non_blocking=True)), mean, std)
+    return normalize_images(to_float_images(images.to(device, non_blocking=True)), mean, std)
 
 
 def autocast(device: str | torch.device, precision: str):

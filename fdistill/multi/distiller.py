@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..distiller import TeacherTargets, normalize_with, register_input_stats, student_mask
+from ..images import to_float_images
 from ..losses import feature_distill_loss_parts
 from ..models.masking import MASK_TYPES
 from ..models.projector import TokenProjector
@@ -221,7 +222,7 @@ class MultiTeacherDistiller(nn.Module):
         seen = 0
         for images in batches:
             if images.dtype == torch.uint8:
-                images = images.float().div_(255.0)
+                images = to_float_images(images)
             for n in names:
                 tokens = self.targets[n](images)  # (B, P+N, C)
                 stats[n].update(self._target_tokens(n, tokens).float())
@@ -270,7 +271,7 @@ class MultiTeacherDistiller(nn.Module):
         """One step's forward: (B, 3, H, W) pixels -> ``loss`` (the balanced total) and, per
         teacher ``t``, ``loss_t`` (its unweighted loss)."""
         if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
+            images = to_float_images(images)
         B = images.shape[0]
         student_images, grid = images, self.student_grid
         if self.resolution is not None and self.training:

@@ -141,9 +141,9 @@ class Teacher(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> normalised with the teacher's own mean/std."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return (images - mean) / std
+        from ..images import normalize_images
+
+        return normalize_images(images, self.mean, self.std)
 
     def _forward_tokens(self, images: torch.Tensor) -> TeacherTokens:
         raise NotImplementedError
