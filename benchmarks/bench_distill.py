@@ -272,7 +272,7 @@ def skipped_drop_path_keep(v: Variant, device: torch.device):
     samples (FDBlock on CPU, eager); None where every sample is computed."""
     from timm.layers import DropPath
 
-    from fdistill.models.student import FDBlock
+    from fdistill.speed import FDBlock
 
     if device.type != "cpu" or v.compiled:
         return None

@@ -9,7 +9,7 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from fdistill.runtime import tune_cpu_allocator  # noqa: E402
+from fdistill.speed import tune_cpu_allocator  # noqa: E402
 
 tune_cpu_allocator()  # the CLI does this too: no page-fault storm on every large tensor
 

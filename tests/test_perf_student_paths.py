@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fdistill import create_student
 from fdistill.models.masking import random_mask
-from fdistill.models.student import FDAttention, FDBlock, sdpa_ready_bias
+from fdistill.models.student import sdpa_ready_bias
+from fdistill.speed import FDAttention, FDBlock
 
 
 class OpNames(TorchDispatchMode):

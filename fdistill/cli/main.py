@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from ..runtime import tune_cpu_allocator
+    from ..speed import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:

@@ -79,7 +79,3 @@ def create_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.05, bet
               len(params), n_no)
     return opt
 
-
-def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
-    """True when ``optimizer.step()`` honours a device-side ``found_inf`` flag (fused Adam/AdamW)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

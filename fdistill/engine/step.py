@@ -8,8 +8,9 @@ accum_steps`` (DDP all-reduces only on the last micro-batch). Then the update: u
 clip the global gradient norm, and skip the update if that norm is not finite.
 
 No host sync: the skip is a device-side flag that fused AdamW reads (``optimizer.found_inf``,
-the mechanism GradScaler uses), so the CPU can queue the next step while the GPU works. Only
-optimizers without that kernel (``optim.fused: false``) pay one ``bool(ok)`` sync per step.
+the mechanism GradScaler uses; :func:`fdistill.speed.fused_step`), so the CPU can queue the next
+step while the GPU works. Optimizers without that kernel (``optim.fused: false``), or the speed
+paths switched off (``FDISTILL_SPEED_PATHS=0``), pay one ``bool(ok)`` sync per step.
 
 ``torch.compile`` (``compile=True``) wraps the distiller's forward (teacher, student,
 projector, loss in one graph); if compiling or the compiled graph fails on the first step, the
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .optim import supports_found_inf
+from ..speed import fused_skip_supported, fused_step
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TrainStep:
         self.params: List[torch.Tensor] = (list(params) if params is not None else
                                            [p for g in optimizer.param_groups for p in g["params"]])
         self.sync_module = sync_module if sync_module is not None else getattr(distiller, "branch", distiller)
-        self.device_skip = supports_found_inf(optimizer) and not self.scaler.is_enabled()
+        self.device_skip = fused_skip_supported(optimizer) and not self.scaler.is_enabled()
         self.forward = torch.compile(distiller) if compile else distiller
         self._compile_checked = not compile
 
@@ -111,10 +112,8 @@ class TrainStep:
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips (and lowers the scale) on inf/nan by itself
             self.scaler.update()
-        elif self.device_skip:
-            self.optimizer.found_inf = (~ok).float()  # fused AdamW skips on this flag: no host sync
-            self.optimizer.grad_scale = None
-            self.optimizer.step()
+        elif self.device_skip:  # fused AdamW skips on a device flag: no host sync (fdistill.speed)
+            fused_step(self.optimizer, ok)
         elif bool(ok):  # other optimizers cannot skip on a device flag: one host sync
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

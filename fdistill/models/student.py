@@ -10,7 +10,9 @@ checkpointing). We subclass it only to add what FD needs on top:
 * an MAE-style path that drops masked tokens from the encoder (cost falls with the ratio);
 * ``forward_tokens`` returning the full normalised token map (B, 1+N, C), at the student's own
   input size or at any other multiple of the patch size (multi-resolution training, RADIO v2.5);
-* two CPU speed paths that keep the values (:class:`FDAttention`, :class:`FDBlock`).
+
+The CPU speed paths that keep the values (``FDAttention``, ``FDBlock``) live in
+:mod:`fdistill.speed`, behind its one switch; :func:`create_student` applies them.
 
 Because the parameters keep BEiT's names, an exported student loads with
 ``timm.create_model("beit_*", ...)`` (see :func:`timm_model_args`).
@@ -23,11 +25,11 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
-from timm.models.beit import Attention as BeitAttention
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.beit import Beit
-from timm.models.beit import Block as BeitBlock
 from torch.utils.checkpoint import checkpoint
+
+from ..speed import apply_student_speed_paths
 
 POS_EMBEDS = ("shared_rpb", "rpb", "ape")
 #: ``official``: the FD/BEiT initialisation (:meth:`FDStudent.official_init_`); ``timm``: timm's Beit
@@ -41,76 +43,6 @@ STUDENT_SIZES: Dict[str, Tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
-
-
-class FDAttention(BeitAttention):
-    """timm's BEiT attention, taking its explicit path where that is the faster one.
-
-    SDPA gets the relative position bias as an additive mask. On CUDA the memory-efficient
-    kernel also returns the bias's gradient. On CPU no fused kernel does: with a bias that needs
-    a gradient SDPA falls back to its math path (q and k scaled separately, a "safe" softmax with
-    three extra passes over the (B, H, T, T) logits), slower than timm's explicit path (measured in
-    benchmarks/RESULTS.md). So on CPU, when the
-    bias needs a gradient, this runs the explicit path; everywhere else (GPU, evaluation, a
-    frozen bias, inside ``torch.compile``) SDPA. A module set to ``fused_attn = False`` by its
-    user (e.g. attention capture) stays explicit."""
-
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.fused_attn and x.device.type == "cpu" and torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling() and self._bias_needs_grad(shared_rel_pos_bias):
-            self.fused_attn = False
-            try:
-                return super().forward(x, shared_rel_pos_bias)
-            finally:
-                self.fused_attn = True
-        return super().forward(x, shared_rel_pos_bias)
-
-    def _bias_needs_grad(self, shared: Optional[torch.Tensor]) -> bool:
-        table = self.relative_position_bias_table
-        return (shared is not None and shared.requires_grad) or (table is not None and table.requires_grad)
-
-
-class FDBlock(BeitBlock):
-    """timm's BEiT block that, on CPU, does not compute the samples drop path drops.
-
-    Stochastic depth zeroes a residual branch for a random subset of the batch; timm computes
-    the branch for every sample and multiplies by the 0/1 mask. Here (CPU, training) the same
-    Bernoulli draw picks the kept samples and the branch runs on them only: with the recipes'
-    drop-path rates (0.1-0.3, linear in depth) that skips 5-15% of the student's block compute.
-    The result is timm's: ``x + (gamma * branch(x)) * mask / keep`` on kept samples, ``x`` on
-    dropped ones, from the same random draws. Not on GPU: the kept count is data the host would
-    have to wait for (a sync per block), and not inside ``torch.compile``."""
-
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not (self.training and x.device.type == "cpu" and isinstance(self.drop_path1, DropPath)
-                and self.drop_path1.drop_prob > 0 and not torch.compiler.is_compiling()):
-            return super().forward(x, shared_rel_pos_bias)
-        x = _kept_residual(x, lambda h, b: self.attn(self.norm1(h), shared_rel_pos_bias=b), self.gamma_1,
-                           self.drop_path1, shared_rel_pos_bias)
-        return _kept_residual(x, lambda h, b: self.mlp(self.norm2(h)), self.gamma_2, self.drop_path2, None)
-
-
-def _kept_residual(x, branch, gamma, drop_path: DropPath, bias):
-    """``x + drop_path(gamma * branch(x))`` computing ``branch`` on the kept samples only."""
-    B = x.shape[0]
-    keep_prob = 1.0 - drop_path.drop_prob
-    scale = x.new_empty((B,) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # timm's drop_path draw
-    if keep_prob > 0.0 and drop_path.scale_by_keep:
-        scale.div_(keep_prob)
-    kept = scale.view(B).nonzero().view(-1)  # CPU tensor: no device to wait for
-    n = kept.numel()
-    if n == 0:
-        return x
-    if n == B:
-        out = branch(x, bias)
-    else:
-        if bias is not None and bias.shape[0] == B and B > 1:  # per-sample bias (dropped masked tokens)
-            bias = bias.index_select(0, kept)
-        out = branch(x.index_select(0, kept), bias)
-    if gamma is not None:
-        out = gamma * out
-    out = out * (scale if n == B else scale.index_select(0, kept))
-    return x + out if n == B else x.index_add(0, kept, out)
 
 
 def _pos_embed_flags(pos_embed: str) -> dict:
@@ -158,9 +90,6 @@ class FDStudent(Beit):
         kwargs.setdefault("num_classes", 0)
         kwargs.setdefault("global_pool", "token")  # keeps the final norm on the token map
         super().__init__(**_pos_embed_flags(pos_embed), **kwargs)
-        for blk in self.blocks:  # timm's block and attention with the CPU speed paths (same parameters)
-            blk.__class__ = FDBlock
-            blk.attn.__class__ = FDAttention
         self.pos_embed_type = pos_embed
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
@@ -421,6 +350,7 @@ def create_student(
         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, init_values=init_values, drop_path_rate=drop_path_rate,
     )
     model = FDStudent(pos_embed=pos_embed, **args)
+    apply_student_speed_paths(model)  # fdistill.speed: CPU paths with the same values (off: FDISTILL_SPEED_PATHS=0)
     if init == "official":
         model.official_init_()
     model.set_grad_checkpointing(grad_checkpointing)
