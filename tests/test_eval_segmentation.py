@@ -236,6 +236,8 @@ def test_probe_stops_and_resumes_exactly(tmp_path):
     head = lambda d: load_checkpoint(list_checkpoints(d)[-1], task="segprobe")["model"]["model"]  # noqa: E731
     ref, got = head(tmp_path / "a"), head(tmp_path / "b")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)  # BatchNorm statistics too
+    last = load_checkpoint(list_checkpoints(tmp_path / "b")[-1], task="segprobe")["history"][-1]
+    assert last["step"] == 9 and last["miou"] == full["miou"]  # the scores are in the run's history too
     assert [c["step"] for c in full["curve"]] == [3, 6, 9] and [c["step"] for c in rest["curve"]] == [3, 4, 6, 9]
     assert rest["train_loss"] == pytest.approx(full["train_loss"], rel=1e-9)  # the same steps' losses, regrouped
     with pytest.raises(RunError, match="another recipe"):

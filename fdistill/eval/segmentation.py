@@ -138,7 +138,8 @@ class SegProbeTask(Task):
                 self.shown.append((images.cpu(), masks.cpu(), pred.cpu()))
         model.train()
         self.conf = all_reduce_sum_(conf, self.env).cpu()  # every rank scored its share of the images
-        return {"epoch": epoch + 1, "step": step}
+        scores = segmentation_scores(self.conf)
+        return {"epoch": epoch + 1, "step": step, **{k: scores[k] for k in ("miou", "aacc", "macc")}}
 
 
 def seg_linear_probe(
