@@ -12,11 +12,14 @@ loader serves a CLIP teacher and an ImageNet-normalised student side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional, Sequence, Tuple
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.workers import worker_options
 from ..images import normalize_images, to_float_images
@@ -24,7 +27,7 @@ from ..images import normalize_images, to_float_images
 normalize = normalize_images  # the package's one image normaliser (fdistill.images), by its older name here
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
-           "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "frozen_forward"]
+           "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "probe_run_folder", "frozen_forward"]
 
 #: the evaluation precisions: fp32, or bf16 / fp16 autocast
 from ..precision import PRECISIONS, amp_dtype  # noqa: E402  (the one precision module)
@@ -113,13 +116,41 @@ def autocast(device: str | torch.device, precision: str):
 
 
 def probe_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                  device: str | torch.device) -> Tuple[DataLoader, DataLoader]:
-    """(train, val) loaders of a head trained on a frozen model: training shuffled (dropping a
-    last partial batch when there is more than one), evaluation in order."""
-    train = make_loader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, seed=seed,
-                        device=device, drop_last=len(train_ds) > batch_size)
-    val = make_loader(val_ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    return train, val
+                  device: str | torch.device, env) -> Tuple[Any, DataLoader, DataLoader, int]:
+    """``(sampler, train loader, val loader, steps per epoch)`` of a head trained on a frozen model
+    by the training engine (the linear and segmentation probes). Training: this rank's share of
+    each epoch in the resumable sampler's order, ``batch_size`` per process, a last partial batch
+    dropped when there is more than one; evaluation: this rank's share (every ``world_size``-th
+    image), in order."""
+    from ..data import DataError, ResumableDistributedSampler
+
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise DataError("the training loader gave no batches" if len(train_ds) == 0 else "the validation set is empty")
+    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+    drop_last = sampler.num_samples > batch_size  # MAE drops a last partial batch; one small set: one batch
+    train = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                        drop_last=drop_last, seed=seed, device=device)
+    val_sub = val_ds if not env.distributed else Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
+    val = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+    return sampler, train, val, (sampler.num_samples // batch_size if drop_last else 1)
+
+
+@contextlib.contextmanager
+def probe_run_folder(output_dir, env, prefix: str) -> Iterator[Path]:
+    """A probe's run folder: ``output_dir`` held with the run lock, or (None) a temporary folder
+    removed afterwards (a probe without ``--output`` keeps nothing, and so cannot resume)."""
+    from ..engine.lock import hold_run_lock
+
+    with contextlib.ExitStack() as stack:
+        if output_dir is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        else:
+            out = Path(output_dir)
+            stack.enter_context(hold_run_lock(out, env))
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        yield out
 
 
 def frozen_forward(adapter, fn: Callable, *, device: torch.device, precision: str) -> Callable:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -208,16 +207,12 @@ def linear_probe(
     ``output_dir`` gets ``checkpoints/`` (the head, LARS state, RNG, sampler position: a stopped
     probe resumes exactly with ``resume="auto"``) and ``metrics.jsonl``; None: a temporary folder,
     removed afterwards (no resume). ``train_loss`` is the last log interval's mean loss."""
-    import contextlib
-    import tempfile
-
     from timm.optim import Lars
 
-    from ..data import DataError, ResumableDistributedSampler
+    from ..data import DataError
     from ..engine.distributed import DistEnv
-    from ..engine.lock import hold_run_lock
     from ..engine.trainer import Trainer, TrainerConfig
-    from .data import make_loader
+    from .data import probe_loaders, probe_run_folder
 
     device = torch.device(device)
     env = env or DistEnv(device=device)
@@ -226,18 +221,9 @@ def linear_probe(
     classes = dataset_classes(train_ds)
     if dataset_classes(val_ds) != classes:
         raise DataError("train and val classes differ")
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise DataError("the training loader gave no batches" if len(train_ds) == 0 else "the validation set is empty")
+    sampler, train_loader, val_loader, steps_per_epoch = probe_loaders(
+        train_ds, val_ds, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, env=env)
     adapter = adapter.to(device).eval()
-
-    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-    drop_last = sampler.num_samples > batch_size  # MAE drops a last partial batch; one small set: one batch
-    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                               drop_last=drop_last, seed=seed, device=device)
-    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
-    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
-    steps_per_epoch = sampler.num_samples // batch_size if drop_last else 1
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
 
     # the feature width, from one evaluation image (deterministic: no random draw)
@@ -252,14 +238,9 @@ def linear_probe(
                   momentum=momentum, batch_size=batch_size, world_size=env.world_size, precision=precision, seed=seed,
                   max_steps=max_steps, train_images=len(train_ds), num_classes=len(classes))
     task = LinearProbeTask(probe, val_loader, precision=precision, env=env, device=device)
-    with contextlib.ExitStack() as stack:
-        if output_dir is None:
-            out, resume = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fdistill-linprobe-"))), None
-        else:
-            out = Path(output_dir)
-            stack.enter_context(hold_run_lock(out, env))
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+    if output_dir is None:
+        resume = None  # a temporary folder holds no earlier run
+    with probe_run_folder(output_dir, env, "fdistill-linprobe-") as out:
         trainer = Trainer(task, optimizer=optimizer, scheduler=scheduler, loader=train_loader, sampler=sampler,
                           output_dir=out, recipe=recipe, resume_safe=("epochs", "max_steps"), env=env, on_step=on_step,
                           config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,

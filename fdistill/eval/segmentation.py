@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..engine.trainer import Task
 from ..teachers.base import Teacher
-from .data import frozen_forward, make_loader
+from .data import frozen_forward, probe_loaders, probe_run_folder
 
 __all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "SegProbeTask", "seg_linear_probe"]
 
@@ -177,13 +177,8 @@ def seg_linear_probe(
     :class:`~fdistill.errors.RunError` (the engine's policy). With ``figure``, the first
     ``figure_images`` validation images, their label maps and the predictions are drawn there
     (:func:`fdistill.eval.segmentation_figure.plot_segmentation_examples`)."""
-    import contextlib
-    import tempfile
-    from pathlib import Path
-
-    from ..data import DataError, ResumableDistributedSampler
+    from ..data import DataError
     from ..engine.distributed import DistEnv
-    from ..engine.lock import hold_run_lock
     from ..engine.schedule import create_warmup_cosine
     from ..engine.trainer import Trainer, TrainerConfig
 
@@ -193,20 +188,12 @@ def seg_linear_probe(
     classes = list(train_ds.classes)
     if list(val_ds.classes) != classes:
         raise DataError(f"train and val classes differ ({len(classes)} vs {len(val_ds.classes)})")
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise DataError("the training loader gave no batches" if len(train_ds) == 0 else "the validation set is empty")
     ignore = int(getattr(train_ds, "ignore_index", 255))
     K = len(classes)
     adapter = adapter.to(device).eval()
-    sampler = ResumableDistributedSampler(len(train_ds), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=seed, drop_last=True)
-    drop_last = sampler.num_samples > batch_size  # a last partial batch dropped; one small set: one batch
-    train_loader = make_loader(train_ds, batch_size=batch_size, shuffle=False, sampler=sampler,
-                               num_workers=num_workers, drop_last=drop_last, seed=seed, device=device)
-    val_sub = val_ds if not env.distributed else torch.utils.data.Subset(val_ds, range(env.rank, len(val_ds), env.world_size))
-    val_loader = make_loader(val_sub, batch_size=batch_size, shuffle=False, num_workers=num_workers, device=device)
+    sampler, train_loader, val_loader, steps_per_epoch = probe_loaders(
+        train_ds, val_ds, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, env=env)
     fmap_of = frozen_forward(adapter, lambda a, x: token_map(a, x).float(), device=device, precision=precision)
-    steps_per_epoch = sampler.num_samples // batch_size if drop_last else 1
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
 
     width = fmap_of(torch.as_tensor(val_ds[0][0])[None]).shape[1]  # from one evaluation image: no random draw
@@ -221,14 +208,9 @@ def seg_linear_probe(
                   seed=seed, max_steps=max_steps, train_images=len(train_ds), num_classes=K, ignore_index=ignore)
     task = SegProbeTask(head, fmap_of, val_loader, num_classes=K, ignore_index=ignore, env=env, device=device,
                         figure_images=figure_images if figure is not None and env.is_main else 0)
-    with contextlib.ExitStack() as stack:
-        if output_dir is None:
-            out, resume = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fdistill-segprobe-"))), None
-        else:
-            out = Path(output_dir)
-            stack.enter_context(hold_run_lock(out, env))
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+    if output_dir is None:
+        resume = None  # a temporary folder holds no earlier run
+    with probe_run_folder(output_dir, env, "fdistill-segprobe-") as out:
         trainer = Trainer(task, optimizer=opt, scheduler=sched, loader=train_loader, sampler=sampler, output_dir=out,
                           recipe=recipe, resume_safe=("epochs", "max_steps"), env=env, on_step=on_step,
                           config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total,
