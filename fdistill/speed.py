@@ -20,6 +20,7 @@ them fails here with an error naming the switch, and in tests/test_speed.py, not
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import logging
 import os
@@ -126,6 +127,14 @@ _BLOCK_ATTRS = ("norm1", "attn", "gamma_1", "drop_path1", "norm2", "mlp", "gamma
 _ATTN_ATTRS = ("fused_attn", "relative_position_bias_table")
 
 
+@functools.lru_cache(maxsize=None)
+def _timm_signature_problems() -> tuple:
+    """What is missing from timm's BEiT ``forward`` signatures (the classes are fixed per process:
+    inspected once, not once per block)."""
+    return tuple(f"{cls.__qualname__}.forward takes no shared_rel_pos_bias" for cls in (BeitBlock, BeitAttention)
+                 if "shared_rel_pos_bias" not in inspect.signature(cls.forward).parameters)
+
+
 def check_timm_beit(block: nn.Module) -> None:
     """Raise unless ``block`` is timm's BEiT block as :class:`FDBlock` / :class:`FDAttention`
     were written for: the classes themselves (not a subclass that may override ``forward``),
@@ -140,9 +149,7 @@ def check_timm_beit(block: nn.Module) -> None:
         problems.append(f"its attention is {type(attn).__qualname__}, not timm.models.beit.Attention")
     problems += [f"no block.{a}" for a in _BLOCK_ATTRS if not hasattr(block, a)]
     problems += [f"no attn.{a}" for a in _ATTN_ATTRS if attn is not None and not hasattr(attn, a)]
-    for cls in (BeitBlock, BeitAttention):
-        if "shared_rel_pos_bias" not in inspect.signature(cls.forward).parameters:
-            problems.append(f"{cls.__qualname__}.forward takes no shared_rel_pos_bias")
+    problems += _timm_signature_problems()
     if problems:
         raise RuntimeError(f"fdistill.speed: timm {timm.__version__}'s BEiT is not what the CPU speed paths were "
                            f"written for ({'; '.join(problems)}); run with FDISTILL_SPEED_PATHS=0 and report it")

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..images import normalize_images, to_float_images
 from ..teachers.base import Teacher, TeacherError, to_2tuple
 
 Size2 = Tuple[int, int]
@@ -48,8 +49,6 @@ class DiagnosticModel:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] images -> normalised with the model's mean/std (float32)."""
-        from ..images import normalize_images, to_float_images
-
         return normalize_images(to_float_images(images), self.mean, self.std)
 
     def to(self, device) -> "DiagnosticModel":

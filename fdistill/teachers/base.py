@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import TeacherError  # the one hierarchy: fdistill.errors
+from ..images import normalize_images
 from .provenance import UNKNOWN_LICENSE
 
 Size2 = Tuple[int, int]
@@ -141,8 +142,6 @@ class Teacher(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> normalised with the teacher's own mean/std."""
-        from ..images import normalize_images
-
         return normalize_images(images, self.mean, self.std)
 
     def _forward_tokens(self, images: torch.Tensor) -> TeacherTokens:
