@@ -335,7 +335,7 @@ def capture_attention(
     model runs inside the ``with`` block.
 
     Args:
-        model: a :class:`~fdistill.teachers.Teacher` adapter or any ``nn.Module`` containing
+        model: a :class:`~fdistill.backbone.Backbone` or any ``nn.Module`` containing
             supported attention modules (see module docstring).
         callback: called once per layer and forward pass with the layer index (0 = first to run)
             and the detached (B, H, T, T) post-softmax probabilities (rows = queries); for windowed

@@ -23,43 +23,15 @@ bar would have nothing to protect. It is ``sklearn``'s ``LogisticRegression.fit`
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..eval.features import default_pool, pool_tokens
-from ..images import normalize_images, to_float_images
-from ..teachers.base import Teacher
-
-
-class ImageClassifier(nn.Module):
-    """Wraps a classifier over normalised images so it takes raw images: uint8 (B, 3, H, W) or
-    float in [0, 1] -> normalised with ``mean``/``std`` -> ``model`` -> (B, K) logits.
-
-    Lets the landscape keep its images as uint8 (4x less memory than float) on the device."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize_images(to_float_images(images), self.mean, self.std))
-
-
-class BackboneWithHead(nn.Module):
-    """An adapter (frozen backbone) + linear head: normalised images -> logits, the head on the
-    ``pool`` feature of the final token map (:func:`fdistill.eval.features.pool_tokens`)."""
-
-    def __init__(self, backbone: Teacher, head: nn.Linear, pool: str):
-        super().__init__()
-        self.backbone, self.head, self.pool = backbone, head, pool
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(pool_tokens(self.backbone.forward_tokens(images), self.pool))
+from ..backbone import Backbone
+from ..eval.classifier import Classifier
+from ..eval.features import default_pool
 
 
 def fit_linear_head(
@@ -98,12 +70,13 @@ def fit_linear_head(
     return head
 
 
-def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, *,
+def linear_probe_classifier(backbone: Backbone, train_batches, num_classes: int, *,
                             device: Optional[torch.device | str] = None, weight_decay: float = 1e-3,
-                            progress: bool = True) -> Tuple[BackboneWithHead, float]:
+                            progress: bool = True) -> Tuple[Classifier, float]:
     """Fit a linear head on ``backbone``'s frozen features (the evaluation's
     :func:`~fdistill.eval.features.extract_features`, its default pooling); returns the
-    classifier (over normalised images) and the head's training accuracy."""
+    classifier (:class:`~fdistill.eval.classifier.Classifier` without ``fc_norm``, over
+    normalised images) and the head's training accuracy."""
     from ..eval.features import extract_features
 
     pool = default_pool(backbone)
@@ -114,4 +87,5 @@ def linear_probe_classifier(backbone: Teacher, train_batches, num_classes: int, 
     head = fit_linear_head(feats, labels, num_classes, weight_decay=weight_decay)
     with torch.no_grad():
         train_acc = float((head(feats).argmax(1) == labels).float().mean())
-    return BackboneWithHead(backbone, head, pool), train_acc
+    global_pool = "token" if pool == "cls" else "avg"  # the same feature, in timm's name
+    return Classifier(backbone, num_classes, global_pool, fc_norm=False, head=head), train_acc

@@ -357,7 +357,7 @@ def landscape_for_model(dm: DiagnosticModel, data: DataOptions, opts: LandscapeO
                         device: torch.device, progress: bool = True) -> Dict[str, Any]:
     """The loss landscape of one model (see :mod:`fdistill.diagnostics.landscape`); a non-classifier
     first gets a linear head on its frozen features (:mod:`fdistill.diagnostics.classifier`)."""
-    from .classifier import ImageClassifier, linear_probe_classifier
+    from .classifier import linear_probe_classifier
     from .data import image_batches
 
     dm.to(device)
@@ -374,19 +374,19 @@ def landscape_for_model(dm: DiagnosticModel, data: DataOptions, opts: LandscapeO
 
             raise DataError(f"{data.data} has no class labels: a loss landscape needs a labelled dataset")
         torch.manual_seed(data.seed)
-        clf, train_acc = linear_probe_classifier(dm.adapter, fit, len(fit.classes), device=device,
+        clf, train_acc = linear_probe_classifier(dm.backbone, fit, len(fit.classes), device=device,
                                                  weight_decay=opts.head_weight_decay, progress=progress)
         how = (f"frozen backbone + linear head fitted on {fit.num_images} {opts.head_split} images "
                f"(train accuracy {100 * train_acc:.1f}%)")
         head_info = dict(head_split=opts.head_split, head_images=fit.num_images, head_train_accuracy=train_acc)
-    wrapped = ImageClassifier(clf, dm.mean, dm.std).to(device)
-    cached = batches.materialize()  # revisited at every point of the sweep
+    clf.to(device)
+    cached = batches.materialize()  # revisited at every point of the sweep; uint8, normalised per batch
     with torch.no_grad():
-        out = wrapped(cached[0][0][:1].to(device))
+        out = clf(dm.normalize(cached[0][0][:1].to(device)))
     _check_classes(dm, batches.classes, int(out.shape[-1]))
-    res = loss_landscape(wrapped, cached, seeds=[data.seed + i for i in range(opts.directions)],
+    res = loss_landscape(clf, cached, seeds=[data.seed + i for i in range(opts.directions)],
                          alphas=alpha_grid(opts.num_alphas, opts.alpha_range), device=device, progress=progress,
-                         desc=f"landscape {dm.label}")
+                         desc=f"landscape {dm.label}", prepare=dm.normalize)
     d = res.to_dict()
     d.update(classifier=how, **head_info)
     return d

@@ -16,7 +16,7 @@ they do not load models or data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -61,8 +61,11 @@ def filter_normalized_direction(model: nn.Module, seed: int) -> Dict[str, torch.
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                        device: torch.device | str | None = None) -> Tuple[float, float]:
-    """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``batches`` of (inputs, labels).
+                        device: torch.device | str | None = None,
+                        prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[float, float]:
+    """Mean cross-entropy and accuracy (in [0, 1]) of ``model`` on ``batches`` of (inputs, labels);
+    ``prepare`` (e.g. uint8 images -> normalised float) is applied to each batch's inputs on the
+    device before the model.
 
     Sums stay on the device; one host sync at the end."""
     loss_sum = correct = None
@@ -70,7 +73,7 @@ def evaluate_classifier(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, 
     for x, y in batches:
         if device is not None:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)  # (B, K)
+        logits = model(x if prepare is None else prepare(x))  # (B, K)
         if logits.dim() != 2:
             raise ValueError(f"classifier must return (B, num_classes) logits, got {tuple(logits.shape)}")
         ls = F.cross_entropy(logits.float(), y, reduction="sum").double()
@@ -127,6 +130,7 @@ def loss_landscape(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "loss landscape",
+    prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> LandscapeResult:
     """Loss and accuracy of ``model`` at ``theta + alpha * d`` for each direction and alpha.
 
@@ -140,6 +144,9 @@ def loss_landscape(
         alphas: step sizes (default :func:`alpha_grid`: 51 points in [-1, 1]).
         device: where batches are moved (the model must already be there).
         progress: tqdm bar over all points.
+        prepare: applied to each batch's inputs before the model, e.g. uint8 images -> normalised
+            float (:meth:`~fdistill.diagnostics.models.DiagnosticModel.normalize`), so the cached
+            images can stay uint8 on the device (4x less memory than float).
     """
     from tqdm.auto import tqdm
 
@@ -156,7 +163,7 @@ def loss_landscape(
     loss = [[0.0] * len(alphas) for _ in seeds]
     acc = [[0.0] * len(alphas) for _ in seeds]
     try:
-        loss0, acc0 = evaluate_classifier(model, batches, device)
+        loss0, acc0 = evaluate_classifier(model, batches, device, prepare)
         bar = tqdm(total=len(seeds) * len(alphas), desc=desc, unit="pt", disable=not progress, leave=False)
         for di, seed in enumerate(seeds):
             direction = filter_normalized_direction(model, seed)
@@ -166,7 +173,7 @@ def loss_landscape(
                         p.copy_(w0)  # exactly the original, not w0 + 0 * d
                     else:
                         torch.add(w0, direction[name], alpha=a, out=p)
-                loss[di][ai], acc[di][ai] = evaluate_classifier(model, batches, device)
+                loss[di][ai], acc[di][ai] = evaluate_classifier(model, batches, device, prepare)
                 bar.update(1)
             del direction
         bar.close()

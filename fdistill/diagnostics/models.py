@@ -1,11 +1,10 @@
 """Models for the diagnostics: anything ``load_model`` loads, plus fine-tuned classifier folders.
 
-A :class:`DiagnosticModel` gives each diagnostic what it needs, whatever the model is:
-
-* ``run(images)``: normalised images through the network (attention is captured while it runs);
-* the token geometry (patch size, prefix tokens, grid) for distances and maps;
-* ``classifier`` (normalised images -> logits) when the model is a fine-tuned classifier;
-  otherwise ``adapter`` (a :class:`~fdistill.teachers.Teacher`) for a linear head to be fitted.
+A :class:`DiagnosticModel` is a record, not a wrapper: a model's label and spec, its
+:class:`~fdistill.backbone.Backbone` (token geometry, mean/std, ``forward_tokens``), and, for a
+fine-tuning output folder, the classifier that runs (normalised images -> logits). A timm or
+BEiT classifier gets its backbone as a :class:`~fdistill.teachers.timm_teacher.TimmTeacher`
+over the same network (shared weights), so its geometry is found the way any timm model's is.
 """
 from __future__ import annotations
 
@@ -17,35 +16,56 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..backbone import Backbone, to_2tuple
+from ..errors import TeacherError
 from ..images import normalize_images, to_float_images
-from ..teachers.base import Teacher, TeacherError, to_2tuple
 
 Size2 = Tuple[int, int]
 
 
 @dataclass
 class DiagnosticModel:
-    """One model under diagnosis (see module docstring)."""
+    """One model under diagnosis (see module docstring). ``img_size``: the input size it is
+    diagnosed at; ``grid``: its patch-token grid there."""
 
     label: str
     spec: str
-    module: nn.Module  # everything that runs (moved to the device)
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
+    backbone: Backbone
     img_size: Size2
-    patch_size: Optional[int]
-    num_prefix_tokens: int
     grid: Optional[Size2]
-    adapter: Optional[Teacher] = None
     classifier: Optional[nn.Module] = None
     classes: List[str] = field(default_factory=list)
-    kind: str = "adapter"  # "adapter" | "classifier"
+
+    @property
+    def module(self) -> nn.Module:
+        """Everything that runs (attention is captured inside it; moved to the device)."""
+        return self.classifier if self.classifier is not None else self.backbone
+
+    @property
+    def kind(self) -> str:
+        return "classifier" if self.classifier is not None else "adapter"
+
+    @property
+    def mean(self) -> Tuple[float, ...]:
+        return self.backbone.mean
+
+    @property
+    def std(self) -> Tuple[float, ...]:
+        return self.backbone.std
+
+    @property
+    def patch_size(self) -> Optional[int]:
+        return self.backbone.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.backbone.num_prefix_tokens
 
     def run(self, images: torch.Tensor):
         """(B, 3, H, W) normalised images -> the network's output (tokens or logits)."""
         if self.classifier is not None:
             return self.classifier(images)
-        return self.adapter.forward_tokens(images)
+        return self.backbone.forward_tokens(images)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] images -> normalised with the model's mean/std (float32)."""
@@ -67,24 +87,15 @@ def _is_classifier_path(path: Path) -> bool:
     return path.suffix == ".safetensors" and (path.parent / "classifier.json").is_file()
 
 
-def _timm_geometry(model: nn.Module, img_size: Size2) -> Tuple[Optional[int], int, Optional[Size2]]:
-    """(patch size, prefix tokens, grid) of a timm ViT-like classifier (ViT, BEiT, EVA)."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or not hasattr(pe, "patch_size"):
-        return None, 0, None
-    ps = to_2tuple(pe.patch_size)
-    if hasattr(pe, "dynamic_feat_size"):
-        grid = tuple(pe.dynamic_feat_size(img_size))
-    else:
-        grid = (img_size[0] // ps[0], img_size[1] // ps[1])
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if prefix is None:
-        prefix = int(getattr(model, "cls_token", None) is not None)
-    return ps[0], int(prefix), grid
+def _classifier_backbone(model: nn.Module, spec: str, mean, std) -> Backbone:
+    """The backbone inside a rebuilt classifier: a :class:`~fdistill.eval.classifier.Classifier`'s
+    own, or a timm classifier seen as a timm backbone (the same network, its weights shared)."""
+    inner = next((m for m in model.modules() if isinstance(m, Backbone)), None)
+    if inner is not None:
+        return inner
+    from ..teachers.timm_teacher import TimmTeacher
 
-
-def _find_adapter(module: nn.Module) -> Optional[Teacher]:
-    return next((m for m in module.modules() if isinstance(m, Teacher)), None)
+    return TimmTeacher(model, name=str(spec), mean=tuple(mean), std=tuple(std))
 
 
 def load_diagnostic_model(spec: str, *, kwargs: Optional[Dict[str, Any]] = None, label: Optional[str] = None,
@@ -105,22 +116,23 @@ def load_diagnostic_model(spec: str, *, kwargs: Optional[Dict[str, Any]] = None,
         for p in model.parameters():
             p.requires_grad_(False)
         img_size = to_2tuple(lc.img_size)
-        inner = _find_adapter(model)
-        if inner is not None:
-            ps, prefix, grid = inner.patch_size, inner.num_prefix_tokens, inner.grid_size(img_size)
-        else:
-            ps, prefix, grid = _timm_geometry(model, img_size)
-        return DiagnosticModel(label=label or _short_label(str(spec)), spec=str(spec), module=model,
-                               mean=tuple(lc.mean), std=tuple(lc.std), img_size=img_size, patch_size=ps,
-                               num_prefix_tokens=prefix, grid=grid, classifier=model, adapter=inner,
-                               classes=list(lc.classes), kind="classifier")
-    adapter = load_model(str(spec), frozen=True, **kwargs)
-    adapter.to(device)
-    grid = adapter.grid_size(adapter.img_size)
-    return DiagnosticModel(label=label or _short_label(str(spec)), spec=str(spec), module=adapter,
-                           mean=tuple(adapter.mean), std=tuple(adapter.std), img_size=tuple(adapter.img_size),
-                           patch_size=adapter.patch_size, num_prefix_tokens=adapter.num_prefix_tokens, grid=grid,
-                           adapter=adapter, kind="adapter")
+        backbone = _classifier_backbone(model, spec, lc.mean, lc.std)
+        return DiagnosticModel(label=label or _short_label(str(spec)), spec=str(spec), backbone=backbone,
+                               img_size=img_size, grid=_grid_or_none(backbone, img_size), classifier=model,
+                               classes=list(lc.classes))
+    backbone = load_model(str(spec), frozen=True, **kwargs)
+    backbone.to(device)
+    return DiagnosticModel(label=label or _short_label(str(spec)), spec=str(spec), backbone=backbone,
+                           img_size=tuple(backbone.img_size), grid=backbone.grid_size(backbone.img_size))
+
+
+def _grid_or_none(backbone: Backbone, img_size: Size2) -> Optional[Size2]:
+    """The token grid at ``img_size``; None for a network whose output is not a token map or a
+    spatial map (a classifier whose trunk gives pooled features only)."""
+    try:
+        return backbone.grid_size(img_size)
+    except TeacherError:
+        return None
 
 
 def _short_label(spec: str) -> str:

@@ -47,26 +47,26 @@ def _to_grid(patches: torch.Tensor, grid, ref_grid) -> torch.Tensor:
 
 
 @torch.no_grad()
-def resolution_similarity(adapter, batches, sizes: Sequence[int], *, device: torch.device,
+def resolution_similarity(backbone, batches, sizes: Sequence[int], *, device: torch.device,
                           progress: bool = False) -> Dict[str, Any]:
-    """Mean patch / summary cosine similarity of ``adapter``'s features (a
-    :class:`~fdistill.teachers.Teacher`) at each of ``sizes`` (pixels, square) against its own
+    """Mean patch / summary cosine similarity of ``backbone``'s features (a
+    :class:`~fdistill.backbone.Backbone`) at each of ``sizes`` (pixels, square) against its own
     input size. ``batches``: (uint8 images (B, 3, H, W), labels) at the largest size or above."""
     from tqdm.auto import tqdm
 
-    ref = tuple(adapter.img_size)
+    ref = tuple(backbone.img_size)
     sizes = sorted({int(s) for s in sizes} | {ref[0]}) if ref[0] == ref[1] else sorted({int(s) for s in sizes})
-    ref_grid = adapter.grid_size(ref)
+    ref_grid = backbone.grid_size(ref)
     patch_sum = {s: 0.0 for s in sizes}
     summary_sum = {s: 0.0 for s in sizes}
     n = 0
-    for images, _ in tqdm(batches, desc=f"resolution {adapter.name}", unit="batch", disable=not progress):
+    for images, _ in tqdm(batches, desc=f"resolution {backbone.name}", unit="batch", disable=not progress):
         x = to_float_images(images.to(device))  # (B, 3, H, W) in [0, 1]
 
         def features(hw):
             xs = x if tuple(x.shape[-2:]) == tuple(hw) else \
                 F.interpolate(x, size=tuple(hw), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-            out = adapter.forward_tokens(adapter.normalize(xs))
+            out = backbone.forward_tokens(backbone.normalize(xs))
             patches = _to_grid(out.patches, out.grid, ref_grid)  # (B, N_ref, C)
             has_prefix = out.prefix is not None and out.prefix.shape[1] > 0
             summary = out.prefix[:, 0].float() if has_prefix else out.patches.float().mean(1)  # (B, C)
@@ -122,9 +122,9 @@ def run_resolution_consistency(models, data, out_dir, *, sizes: Sequence[int], d
     rows: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     for dm in _each_model(refs, dev):
-        adapter = dm.adapter
-        bad = [s for s in sizes if adapter is None or not adapter.accepts_size((s, s))]
-        if adapter is None or dm.classifier is not None or bad:
+        backbone = dm.backbone
+        bad = [s for s in sizes if not backbone.accepts_size((s, s))]
+        if dm.classifier is not None or bad:
             why = "a fine-tuned classifier (give its backbone)" if dm.classifier is not None else \
                 f"takes {dm.img_size[0]}x{dm.img_size[1]} inputs only (asked {bad})"
             skipped.append(dict(label=dm.label, spec=dm.spec, reason=why))
@@ -133,7 +133,7 @@ def run_resolution_consistency(models, data, out_dir, *, sizes: Sequence[int], d
         top = max(sizes + [dm.img_size[0]])
         batches = image_batches(data.data, split=data.split, img_size=(top, top), num_images=data.images,
                                 batch_size=data.batch_size, seed=data.seed, num_workers=data.num_workers)
-        rows.append(dict(dm.describe(), **resolution_similarity(adapter, batches, sizes, device=dev,
+        rows.append(dict(dm.describe(), **resolution_similarity(backbone, batches, sizes, device=dev,
                                                                  progress=progress)))
     js = dict(diagnostic="resolution", data=data.data, split=data.split, seed=data.seed, sizes=sizes,
               models=rows, skipped=skipped)

@@ -3,7 +3,7 @@ returns, and rebuilt from a fine-tuning output folder (:func:`load_classifier`).
 
 Three constructions (:func:`build_classifier`):
 
-* **FD student** (:class:`~fdistill.models.loading.StudentAdapter`): rebuilt as a timm ``Beit``
+* **FD student** (:class:`~fdistill.models.loading.StudentBackbone`): rebuilt as a timm ``Beit``
   with a *per-layer* relative position bias and mean pooling, as the official FD fine-tuning
   configs do (``USE_RPB: True, USE_SHARED_RPB: False, USE_MEAN_POOLING: True``). The shared table
   is copied into every block's ``attn.relative_position_bias_table`` (official
@@ -12,8 +12,8 @@ Three constructions (:func:`build_classifier`):
   loader, which drops the pre-trained final norm when mean pooling). Drop path is the recipe's.
 * **timm teacher**: the timm model itself, ``reset_classifier(num_classes, global_pool)``, the new
   head initialised small (std 2e-5, as MAE), drop path set on its blocks.
-* **anything else** (open_clip, HF, ``python:`` models): :class:`AdapterClassifier`, a head over
-  the adapter's ``forward_tokens``: mean of the patch tokens -> LayerNorm (``avg``) or the first
+* **anything else** (open_clip, HF, ``python:`` models): :class:`Classifier`, a head over
+  the backbone's token map: mean of the patch tokens -> LayerNorm (``avg``) or the first
   prefix token (``token``) -> Linear. Layer decay still works on it (blocks are found by
   parameter name, :mod:`fdistill.eval.layer_decay`); drop path only where its blocks have
   timm-style ``drop_path`` slots.
@@ -32,17 +32,19 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..teachers.base import Teacher, TeacherError
+from ..backbone import GLOBAL_POOLS, Backbone, TokenMap
+from ..errors import TeacherError
+
 from ..weights import WeightsError, load_state_dict_file
+from .features import pool_tokens
 from .layer_decay import set_drop_path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["beit_from_student", "AdapterClassifier", "build_classifier", "save_classifier_spec",
+__all__ = ["beit_from_student", "Classifier", "AdapterClassifier", "build_classifier", "save_classifier_spec",
            "load_classifier", "LoadedClassifier", "CLASSIFIER_FORMAT", "rebuild_classifier"]
 
 CLASSIFIER_FORMAT = "fdistill-classifier"
-GLOBAL_POOLS = ("avg", "token")
 #: teacher-factory keywords that do not change a timm network's architecture
 _TIMM_TEACHER_ONLY = ("pretrained", "checkpoint", "after_norm", "mean", "std", "dynamic_img_size")
 
@@ -127,93 +129,114 @@ def beit_from_student(student: nn.Module, *, num_classes: int, global_pool: str 
     return model, args
 
 
-# -- generic head over an adapter ----------------------------------------------------------------------
-class AdapterClassifier(nn.Module):
-    """A linear classifier over any adapter's token map: ``avg`` = mean of the patch tokens ->
-    LayerNorm (BEiT/MAE mean pooling), ``token`` = first prefix token. Input: images normalised
-    with ``adapter.mean``/``adapter.std``."""
+# -- the one classifier over a backbone --------------------------------------------------------------
+class Classifier(nn.Module):
+    """A linear classifier over any :class:`~fdistill.backbone.Backbone`'s token map, in timm's
+    contract: ``forward_features`` (B, P+N, C) token map -> ``forward_head``: pooled feature
+    (``avg`` = mean of the patch tokens, ``token`` = first prefix token) -> ``fc_norm`` -> ``head``.
 
-    def __init__(self, adapter: Teacher, num_classes: int, global_pool: str = "avg"):
+    Fine-tuning builds it with ``fc_norm=True`` (a LayerNorm after mean pooling, BEiT/MAE) and a
+    fresh head (std 2e-5, as MAE); the loss landscape with ``fc_norm=False`` and the linear head
+    it fitted on the frozen features. Input: images normalised with ``backbone.mean``/``std``."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, global_pool: str = "avg", *, fc_norm: bool = True,
+                 head: Optional[nn.Linear] = None):
         super().__init__()
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-        if global_pool == "token" and adapter.num_prefix_tokens == 0:
-            raise TeacherError(f"{adapter.name} has no prefix token; use global_pool=avg")
-        self.backbone = adapter
+        if global_pool == "token" and backbone.num_prefix_tokens == 0:
+            raise TeacherError(f"{backbone.name} has no prefix token; use global_pool=avg")
+        self.backbone = backbone
         self.global_pool = global_pool
-        self.fc_norm = nn.LayerNorm(adapter.embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
-        self.head = nn.Linear(adapter.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        _init_head(self.head)
+        self.num_classes = int(num_classes)
+        use_norm = fc_norm and global_pool == "avg"
+        self.fc_norm = nn.LayerNorm(backbone.embed_dim, eps=1e-6) if use_norm else nn.Identity()
+        if head is None:
+            head = nn.Linear(backbone.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            _init_head(head)
+        self.head = head
+
+    def pool(self, tokens: TokenMap) -> torch.Tensor:
+        """(B, C) feature of a token map, after ``fc_norm``."""
+        return self.fc_norm(pool_tokens(tokens, "cls" if self.global_pool == "token" else "avg"))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.backbone.forward_tokens(x)
-        if self.global_pool == "avg":
-            return self.fc_norm(t.patches.mean(dim=1))  # (B, C)
-        return t.prefix[:, 0]  # (B, C)
+        return self.backbone.forward_features(x)  # (B, P+N, C)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, P+N, C) token map -> (B, num_classes) logits, or the (B, C) feature with ``pre_logits``."""
+        P = self.backbone.num_prefix_tokens
+        f = self.pool(TokenMap(x[:, :P] if P else None, x[:, P:], (1, x.shape[1] - P)))
+        return f if pre_logits else self.head(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))  # (B, num_classes)
+        # forward_tokens, not forward_features: the split token map, without concatenating it first
+        return self.head(self.pool(self.backbone.forward_tokens(x)))  # (B, num_classes)
+
+
+#: the older name of :class:`Classifier`, kept for code that imports it
+AdapterClassifier = Classifier
 
 
 # -- one entry point -------------------------------------------------------------------------------------
 def build_classifier(
-    adapter: Teacher,
+    backbone: Backbone,
     num_classes: int,
     *,
     global_pool: str = "avg",
     drop_path_rate: float = 0.1,
     source: Optional[Dict[str, Any]] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """A trainable classifier for ``adapter`` (see module docstring) and the ``spec`` dict that
+    """A trainable classifier for ``backbone`` (see module docstring) and the ``spec`` dict that
     :func:`rebuild_classifier` needs.
 
     Args:
-        adapter: from ``load_model`` (frozen or not; the classifier is trainable).
+        backbone: from ``load_model`` (frozen or not; the classifier is trainable).
         num_classes: number of classes.
         global_pool: ``avg`` (mean of patch tokens) or ``token`` ([CLS]).
         drop_path_rate: stochastic depth of the last block.
-        source: ``{"spec": ..., "kwargs": {...}}`` the adapter was loaded with (needed to rebuild
+        source: ``{"spec": ..., "kwargs": {...}}`` the backbone was loaded with (needed to rebuild
             timm and generic classifiers later).
     """
-    from ..models.loading import StudentAdapter
+    from ..models.loading import StudentBackbone
 
     source = dict(source or {})
-    base = dict(num_classes=int(num_classes), global_pool=global_pool, mean=list(adapter.mean),
-                std=list(adapter.std), img_size=list(adapter.img_size), source=source)
-    if isinstance(adapter, StudentAdapter) and hasattr(adapter.model, "timm_model_args"):
-        model, args = beit_from_student(adapter.model, num_classes=num_classes, global_pool=global_pool,
+    base = dict(num_classes=int(num_classes), global_pool=global_pool, mean=list(backbone.mean),
+                std=list(backbone.std), img_size=list(backbone.img_size), source=source)
+    if isinstance(backbone, StudentBackbone) and hasattr(backbone.model, "timm_model_args"):
+        model, args = beit_from_student(backbone.model, num_classes=num_classes, global_pool=global_pool,
                                         drop_path_rate=drop_path_rate)
         return model, dict(base, kind="beit", args=args)
-    timm_name, model = _timm_backbone(adapter)
+    timm_name, model = _timm_backbone(backbone)
     if timm_name is not None:
         for p in model.parameters():
             p.requires_grad_(True)
         pool = "token" if global_pool == "token" else "avg"
-        if pool == "token" and adapter.num_prefix_tokens == 0:
-            raise TeacherError(f"{adapter.name} has no class token; use global_pool=avg")
+        if pool == "token" and backbone.num_prefix_tokens == 0:
+            raise TeacherError(f"{backbone.name} has no class token; use global_pool=avg")
         model.reset_classifier(int(num_classes), pool)
         _init_head(model.get_classifier())
         if drop_path_rate > 0 and set_drop_path(model, drop_path_rate) == 0:
-            log.warning("%s has no drop-path slots; drop_path_rate=%s is ignored", adapter.name, drop_path_rate)
+            log.warning("%s has no drop-path slots; drop_path_rate=%s is ignored", backbone.name, drop_path_rate)
         kwargs = {k: v for k, v in dict(source.get("kwargs") or {}).items() if k not in _TIMM_TEACHER_ONLY}
         return model.train(), dict(base, kind="timm", name=timm_name, model_kwargs=kwargs,
-                                   dynamic_img_size=bool(adapter.dynamic_img_size), model_args=_timm_model_args(model))
-    adapter.unfreeze()
-    model = AdapterClassifier(adapter, num_classes, global_pool)
-    if drop_path_rate > 0 and set_drop_path(adapter.model, drop_path_rate) == 0:
-        log.warning("%s has no timm-style drop-path slots; drop_path_rate=%s is ignored", adapter.name,
+                                   dynamic_img_size=bool(backbone.dynamic_img_size), model_args=_timm_model_args(model))
+    backbone.unfreeze()
+    model = Classifier(backbone, num_classes, global_pool)
+    if drop_path_rate > 0 and set_drop_path(backbone.model, drop_path_rate) == 0:
+        log.warning("%s has no timm-style drop-path slots; drop_path_rate=%s is ignored", backbone.name,
                     drop_path_rate)
     return model.train(), dict(base, kind="adapter")
 
 
-def _timm_backbone(adapter: Teacher) -> Tuple[Optional[str], Optional[nn.Module]]:
+def _timm_backbone(backbone: Backbone) -> Tuple[Optional[str], Optional[nn.Module]]:
     """(timm model name, timm model) of a ``timm:`` teacher or of an FD student that is a timm
     backbone (``student.arch: timm:<model>``, e.g. a Swin); (None, None) otherwise."""
     from ..teachers.timm_teacher import TimmTeacher
 
-    if isinstance(adapter, TimmTeacher) and adapter.name.startswith("timm:"):
-        return adapter.name[len("timm:"):], adapter.model
-    inner = getattr(adapter, "model", None)
+    if isinstance(backbone, TimmTeacher) and backbone.name.startswith("timm:"):
+        return backbone.name[len("timm:"):], backbone.model
+    inner = getattr(backbone, "model", None)
     if hasattr(inner, "timm_model") and str(getattr(inner, "name", "")).startswith("timm:"):
         return inner.name[len("timm:"):], inner.timm_model()
     return None, None
@@ -259,8 +282,8 @@ def rebuild_classifier(spec: Dict[str, Any], *, trust_recorded_spec: bool = Fals
         from ..teachers.trust import check_recorded_spec
 
         check_recorded_spec(src["spec"], src.get("kwargs"), where="classifier.json", trusted=trust_recorded_spec)
-        adapter = load_model(src["spec"], frozen=False, **(src.get("kwargs") or {}))
-        return AdapterClassifier(adapter, n, pool)
+        backbone = load_model(src["spec"], frozen=False, **(src.get("kwargs") or {}))
+        return Classifier(backbone, n, pool)
     raise WeightsError(f"unknown classifier kind {kind!r} in classifier.json")
 
 

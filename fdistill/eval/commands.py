@@ -21,10 +21,11 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
+from ..backbone import Backbone
 from ..config import to_dict
 from ..engine.rng import seed_everything
-from ..errors import UsageError
-from ..teachers.base import Teacher, TeacherError
+from ..errors import TeacherError, UsageError
+
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def load_eval_model(model: str, model_kwargs: Optional[Dict[str, Any]] = None) -> Teacher:
+def load_eval_model(model: str, model_kwargs: Optional[Dict[str, Any]] = None) -> Backbone:
     """``load_model`` with a clear error for keyword arguments the model's factory does not take."""
     from ..models.loading import load_model
 
@@ -96,8 +97,8 @@ def _val_spec(train: str, val: Optional[str]) -> str:
     return train
 
 
-def _img_size(cfg_size: Optional[int], adapter: Teacher):
-    return cfg_size if cfg_size is not None else tuple(adapter.img_size)
+def _img_size(cfg_size: Optional[int], backbone: Backbone):
+    return cfg_size if cfg_size is not None else tuple(backbone.img_size)
 
 
 def _eval_tf(size, crop_pct, interpolation):
@@ -141,14 +142,14 @@ def run_finetune(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
         # torch seeds its generator from the OS at start-up: without this, a randomly initialised
         # model (pretrained: false, baselines, tests) differs from process to process
         seed_everything(cfg.seed)
-        adapter = load_eval_model(model, model_kwargs)
-        size = _img_size(cfg.data.img_size, adapter)
-        tf = train_transform(size, mean=adapter.mean, std=adapter.std, **build_train_transform_args(cfg))
+        backbone = load_eval_model(model, model_kwargs)
+        size = _img_size(cfg.data.img_size, backbone)
+        tf = train_transform(size, mean=backbone.mean, std=backbone.std, **build_train_transform_args(cfg))
         train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
         val_ds = load_dataset(val, "val", _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation),
                               download=cfg.data.download)
         recipe = build_finetune_recipe(cfg, world_size=env.world_size, device_type=env.device.type)
-        res = finetune(adapter, train_ds, val_ds, output_dir=output, resume=resume, device=env.device, env=env,
+        res = finetune(backbone, train_ds, val_ds, output_dir=output, resume=resume, device=env.device, env=env,
                        source={"spec": str(model), "kwargs": dict(model_kwargs or {})}, **recipe)
     finally:
         shutdown(env)
@@ -172,8 +173,8 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     val = _val_spec(train, val)
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
-    adapter = load_eval_model(model, model_kwargs)
-    size = _img_size(cfg.data.img_size, adapter)
+    backbone = load_eval_model(model, model_kwargs)
+    size = _img_size(cfg.data.img_size, backbone)
     eval_tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
     val_ds = load_dataset(val, "val", eval_tf, download=cfg.data.download)
     if cfg.mode == "standard":  # on the training engine: checkpoints in OUTPUT, resume, torchrun
@@ -183,7 +184,7 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
         train_ds = load_dataset(train, "train", train_tf, download=cfg.data.download)
         env = init_distributed(cfg.device)
         try:
-            res = linear_probe(adapter, train_ds, val_ds, device=env.device, env=env, output_dir=output,
+            res = linear_probe(backbone, train_ds, val_ds, device=env.device, env=env, output_dir=output,
                                **build_linprobe_recipe(cfg, world_size=env.world_size, device_type=env.device.type))
         finally:
             shutdown(env)
@@ -191,14 +192,14 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
             return _record("linprobe", model, model_kwargs, train, val, cfg, env.device, t0, mode=cfg.mode, **res)
     else:
         train_ds = load_dataset(train, "train", eval_tf, download=cfg.data.download)
-        feats = available_features(adapter, cfg.sweep.features)
+        feats = available_features(backbone, cfg.sweep.features)
         amp = _feature_amp(cfg.precision, device)
         kw = dict(features=feats, device=device, amp_dtype=amp,
                   store_device=device if device.type == "cuda" else None)
         mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False,
                                     num_workers=cfg.data.num_workers, device=device)
-        ftr = extract_features(adapter, mk(train_ds), desc="features train", **kw)
-        fva = extract_features(adapter, mk(val_ds), desc="features val", **kw)
+        ftr = extract_features(backbone, mk(train_ds), desc="features train", **kw)
+        fva = extract_features(backbone, mk(val_ds), desc="features val", **kw)
         res = linear_probe_sweep(ftr, fva, device=device, **build_sweep_recipe(cfg))
     metrics = _record("linprobe", model, model_kwargs, train, val, cfg, device, t0, mode=cfg.mode, **res)
     cols = ["top1", "top5", "feature", "lr"]
@@ -222,19 +223,19 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
     val = _val_spec(train, val)
     device = _device(cfg.device)
     seed_everything(getattr(cfg, "seed", 0))  # randomly initialised models are reproducible
-    adapter = load_eval_model(model, model_kwargs)
-    size = _img_size(cfg.data.img_size, adapter)
+    backbone = load_eval_model(model, model_kwargs)
+    size = _img_size(cfg.data.img_size, backbone)
     tf = _eval_tf(size, cfg.data.crop_pct, cfg.data.interpolation)
     train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
     val_ds = load_dataset(val, "val", tf, download=cfg.data.download)
-    feature = available_features(adapter, [cfg.feature])[0]
+    feature = available_features(backbone, [cfg.feature])[0]
     amp = _feature_amp(cfg.precision, device)
     store = device if device.type == "cuda" else None
     mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                                 device=device)
-    ftr = extract_features(adapter, mk(train_ds), features=[feature], device=device, amp_dtype=amp,
+    ftr = extract_features(backbone, mk(train_ds), features=[feature], device=device, amp_dtype=amp,
                            store_device=store, desc="features train")
-    fva = extract_features(adapter, mk(val_ds), features=[feature], device=device, amp_dtype=amp,
+    fva = extract_features(backbone, mk(val_ds), features=[feature], device=device, amp_dtype=amp,
                            store_device=store, desc="features val")
     rec = build_knn_recipe(cfg)
     C = len(ftr.classes) or int(ftr.labels.max()) + 1
@@ -251,7 +252,7 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
 
 
 # -- zero-shot ------------------------------------------------------------------------------------------
-def _teacher_of(student, cfg, info: Optional[Dict[str, Any]] = None) -> Teacher:
+def _teacher_of(student, cfg, info: Optional[Dict[str, Any]] = None) -> Backbone:
     """The teacher ``cfg.teacher`` names, else the one the run recorded (``info``: one head's
     teacher of a multi-teacher run)."""
     from ..teachers import create_teacher
@@ -275,7 +276,7 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
     """``fdistill zeroshot``: CLIP zero-shot on ``val``; for an FD student, the student through its
     projector and the teacher's projection, with the teacher side by side."""
     from .builders import build_zeroshot_recipe
-    from ..models.loading import HeadAdapter, StudentAdapter
+    from ..models.loading import HeadAdapter, StudentBackbone
     from ..teachers import create_teacher
     from .data import dataset_classes, load_dataset, make_loader
     from .zeroshot import head_clip_view, load_templates, resolve_classnames, zero_shot, zero_shot_student
@@ -283,7 +284,7 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
     t0 = time.time()
     device = _device(cfg.device)
     seed_everything(getattr(cfg, "seed", 0))  # randomly initialised models are reproducible
-    adapter = load_eval_model(model, model_kwargs)
+    backbone = load_eval_model(model, model_kwargs)
     rec = build_zeroshot_recipe(cfg)
     templates = load_templates(rec["templates"])
     text_model = create_teacher(cfg.text_model, **dict(cfg.text_model_kwargs)) if cfg.text_model else None
@@ -293,32 +294,32 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
                                 device=device)
     ds_for = lambda m: load_dataset(val, "val", _eval_tf(_img_size(cfg.data.img_size, m), cfg.data.crop_pct,
                                                          cfg.data.interpolation), download=cfg.data.download)
-    if isinstance(adapter, HeadAdapter):  # a multi-teacher student through its CLIP head, the teacher beside it
-        teacher = _teacher_of(adapter, cfg, info=adapter.head_info)
-        s_ds, t_ds = ds_for(adapter), ds_for(teacher)
+    if isinstance(backbone, HeadAdapter):  # a multi-teacher student through its CLIP head, the teacher beside it
+        teacher = _teacher_of(backbone, cfg, info=backbone.head_info)
+        s_ds, t_ds = ds_for(backbone), ds_for(teacher)
         classnames = resolve_classnames(dataset_classes(t_ds), rec["classnames"])
         kw = dict(classnames=classnames, templates=templates, text_model=text_model, device=device,
                   precision=precision)
-        student = zero_shot(adapter, mk(s_ds), view=head_clip_view(adapter, teacher.to(device).eval(),
+        student = zero_shot(backbone, mk(s_ds), view=head_clip_view(backbone, teacher.to(device).eval(),
                                                                    text_model), **kw)
         teach = zero_shot(teacher, mk(t_ds), **kw)
         res = dict(top1=student["top1"], top5=student.get("top5"), teacher_top1=teach["top1"],
-                   teacher_top5=teach.get("top5"), head=adapter.head_name, templates=len(templates),
+                   teacher_top5=teach.get("top5"), head=backbone.head_name, templates=len(templates),
                    num_classes=len(classnames))
         cols = ["top1", "top5", "teacher_top1", "teacher_top5"]
-    elif isinstance(adapter, StudentAdapter):
-        teacher = _teacher_of(adapter, cfg)
-        dcfg = (adapter.config or {}).get("distill", {})
+    elif isinstance(backbone, StudentBackbone):
+        teacher = _teacher_of(backbone, cfg)
+        dcfg = (backbone.config or {}).get("distill", {})
         norm, cls_target = dcfg.get("norm", "standardize"), dcfg.get("cls_target", "auto")
         if cls_target in ("gap", "none"):
             raise TeacherError(f"{model}: the student's [CLS] was not distilled from the teacher's [CLS] "
                                f"(distill.cls_target={cls_target}); its zero-shot would be meaningless")
-        s_ds, t_ds = ds_for(adapter), ds_for(teacher)
+        s_ds, t_ds = ds_for(backbone), ds_for(teacher)
         classnames = resolve_classnames(dataset_classes(t_ds), rec["classnames"])
         t_loader = mk(t_ds)
-        s_loader = t_loader if _img_size(cfg.data.img_size, adapter) == _img_size(cfg.data.img_size, teacher) \
+        s_loader = t_loader if _img_size(cfg.data.img_size, backbone) == _img_size(cfg.data.img_size, teacher) \
             else mk(s_ds)
-        r = zero_shot_student(adapter, teacher, t_loader, s_loader, classnames=classnames, templates=templates,
+        r = zero_shot_student(backbone, teacher, t_loader, s_loader, classnames=classnames, templates=templates,
                               norm=norm, text_model=text_model, device=device, precision=precision)
         res = dict(top1=r["student"]["top1"], student=r["student"], teacher=r["teacher"],
                    teacher_top1=r["teacher"]["top1"], denormalization=r["stats"], templates=len(templates),
@@ -327,9 +328,9 @@ def run_zeroshot(cfg, *, model: str, model_kwargs=None, val: str, output: Option
             res.update(top5=r["student"]["top5"], teacher_top5=r["teacher"]["top5"])
         cols = ["top1", "top5", "teacher_top1", "teacher_top5"]
     else:
-        v_ds = ds_for(adapter)
+        v_ds = ds_for(backbone)
         classnames = resolve_classnames(dataset_classes(v_ds), rec["classnames"])
-        res = zero_shot(adapter, mk(v_ds), classnames=classnames, templates=templates, text_model=text_model,
+        res = zero_shot(backbone, mk(v_ds), classnames=classnames, templates=templates, text_model=text_model,
                         device=device, precision=precision)
         res.pop("model", None)
         cols = ["top1", "top5"]
@@ -351,18 +352,18 @@ def run_segprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     t0 = time.time()
     val = val or train  # a folder's / synthetic's own val split
     torch.manual_seed(cfg.seed)  # randomly initialised models (tests, baselines) are reproducible
-    adapter = load_eval_model(model, model_kwargs)
-    size = _img_size(cfg.data.img_size, adapter)
-    if not adapter.accepts_size(size):  # before any data is read: e.g. a fixed-size CLIP and a 512 px recipe
-        raise TeacherError(f"{model} takes {adapter.img_size[0]}x{adapter.img_size[1]} inputs only, but the recipe "
-                           f"asks for {size}; set data.img_size={adapter.img_size[0]} (or null: the model's own size)")
+    backbone = load_eval_model(model, model_kwargs)
+    size = _img_size(cfg.data.img_size, backbone)
+    if not backbone.accepts_size(size):  # before any data is read: e.g. a fixed-size CLIP and a 512 px recipe
+        raise TeacherError(f"{model} takes {backbone.img_size[0]}x{backbone.img_size[1]} inputs only, but the recipe "
+                           f"asks for {size}; set data.img_size={backbone.img_size[0]} (or null: the model's own size)")
     data_args = build_segprobe_data_args(cfg)
     train_ds = build_segmentation_dataset(train, "train", size, train=True, **data_args)
     val_ds = build_segmentation_dataset(val, "val", size, train=False, **data_args)
     figure = Path(output) / "predictions.png" if output else None
     env = init_distributed(cfg.device)  # on the training engine: checkpoints in OUTPUT, resume, torchrun
     try:
-        res = seg_linear_probe(adapter, train_ds, val_ds, device=env.device, env=env, output_dir=output, figure=figure,
+        res = seg_linear_probe(backbone, train_ds, val_ds, device=env.device, env=env, output_dir=output, figure=figure,
                                **build_segprobe_recipe(cfg, device_type=env.device.type))
     finally:
         shutdown(env)

@@ -153,13 +153,13 @@ def probe_run_folder(output_dir, env, prefix: str) -> Iterator[Path]:
         yield out
 
 
-def frozen_forward(adapter, fn: Callable, *, device: torch.device, precision: str) -> Callable:
-    """``images -> fn(adapter, inputs)`` for a frozen model: the loader's batch normalised with the
+def frozen_forward(backbone, fn: Callable, *, device: torch.device, precision: str) -> Callable:
+    """``images -> fn(backbone, inputs)`` for a frozen model: the loader's batch normalised with the
     adapter's statistics on ``device``, run without gradients under :func:`autocast`."""
 
     def run(images: torch.Tensor):
-        x = model_inputs(images, adapter.mean, adapter.std, device)
+        x = model_inputs(images, backbone.mean, backbone.std, device)
         with torch.no_grad(), autocast(device, precision):
-            return fn(adapter, x)
+            return fn(backbone, x)
 
     return run

@@ -1,6 +1,6 @@
 """Frozen-feature extraction shared by k-NN and the linear probes.
 
-A model is any adapter (:class:`~fdistill.teachers.Teacher`): its ``forward_tokens`` output gives
+A model is any backbone (:class:`~fdistill.backbone.Backbone`): its ``forward_tokens`` output gives
 
 * ``cls``: the first prefix token ([CLS]) of the output token map;
 * ``avg``: the mean of the output patch tokens;
@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..teachers.base import Teacher, TeacherError, TeacherTokens
+from ..backbone import Backbone, TokenMap
+from ..errors import TeacherError
+
 from .data import model_inputs
 from .layer_decay import find_blocks
 
@@ -47,12 +49,12 @@ class FeatureSet:
         return FeatureSet({k: v.to(device) for k, v in self.feats.items()}, self.labels.to(device), self.classes)
 
 
-def default_pool(adapter: Teacher) -> str:
+def default_pool(backbone: Backbone) -> str:
     """``cls`` for models with a prefix token, else ``avg``."""
-    return "cls" if adapter.num_prefix_tokens > 0 else "avg"
+    return "cls" if backbone.num_prefix_tokens > 0 else "avg"
 
 
-def pool_tokens(tokens: TeacherTokens, pool: str) -> torch.Tensor:
+def pool_tokens(tokens: TokenMap, pool: str) -> torch.Tensor:
     """(B, D) features of a token map: ``cls`` | ``avg`` | ``cls+avg`` (concatenated)."""
     if pool == "avg":
         return tokens.patches.mean(dim=1)
@@ -81,8 +83,8 @@ def parse_feature_names(names: Sequence[str]) -> Tuple[List[str], int]:
 
 
 # -- intermediate blocks ---------------------------------------------------------------------------
-def _uses_timm_intermediates(adapter: Teacher) -> bool:
-    m = adapter.model
+def _uses_timm_intermediates(backbone: Backbone) -> bool:
+    m = backbone.model
     return hasattr(m, "forward_intermediates") and hasattr(m, "blocks") and hasattr(m, "patch_embed")
 
 
@@ -136,12 +138,12 @@ class BlockTaps:
         return out
 
 
-def intermediate_pooled(adapter: Teacher, x: torch.Tensor, n: int) -> List[torch.Tensor]:
+def intermediate_pooled(backbone: Backbone, x: torch.Tensor, n: int) -> List[torch.Tensor]:
     """Per-block (B, C) features of the last ``n`` blocks for normalised images ``x`` (through
     timm's ``forward_intermediates`` where the model has it, else :class:`BlockTaps`)."""
-    P = adapter.num_prefix_tokens
-    if _uses_timm_intermediates(adapter):
-        outs = adapter.model.forward_intermediates(
+    P = backbone.num_prefix_tokens
+    if _uses_timm_intermediates(backbone):
+        outs = backbone.model.forward_intermediates(
             x, indices=n, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=P > 0)
         res = []
         for o in outs:
@@ -151,22 +153,22 @@ def intermediate_pooled(adapter: Teacher, x: torch.Tensor, n: int) -> List[torch
             else:
                 res.append(o.float().mean(dim=1))
         return res
-    with BlockTaps(adapter.model, n) as taps:
-        adapter.forward_tokens(x)
+    with BlockTaps(backbone.model, n) as taps:
+        backbone.forward_tokens(x)
     return taps.pooled(x.shape[0], P)
 
 
 # -- extraction ----------------------------------------------------------------------------------------
-def batch_features(adapter: Teacher, x: torch.Tensor, features: Sequence[str]) -> Dict[str, torch.Tensor]:
+def batch_features(backbone: Backbone, x: torch.Tensor, features: Sequence[str]) -> Dict[str, torch.Tensor]:
     """``{name: (B, D) float32}`` for normalised images ``x`` (names as in the module docstring)."""
     pools, n_last = parse_feature_names(features)
     out: Dict[str, torch.Tensor] = {}
     if pools:
-        tokens = adapter.forward_tokens(x)
+        tokens = backbone.forward_tokens(x)
         for p in pools:
             out[p] = pool_tokens(tokens, p).float()
     if n_last:
-        per_block = intermediate_pooled(adapter, x, n_last)
+        per_block = intermediate_pooled(backbone, x, n_last)
         for name in features:
             m = re.fullmatch(r"last(\d+)", name)
             if m:
@@ -176,7 +178,7 @@ def batch_features(adapter: Teacher, x: torch.Tensor, features: Sequence[str]) -
 
 @torch.no_grad()
 def extract_features(
-    adapter: Teacher,
+    backbone: Backbone,
     loader,
     *,
     features: Sequence[str] = ("cls",),
@@ -189,7 +191,7 @@ def extract_features(
     """Features of every image of ``loader`` (batches of (images in [0, 1] or uint8, labels)).
 
     Args:
-        adapter: the model (frozen; put on ``device`` here).
+        backbone: the model (frozen; put on ``device`` here).
         features: names among ``cls``, ``avg``, ``cls+avg``, ``last<n>`` (module docstring).
         amp_dtype: autocast dtype on CUDA (e.g. ``torch.bfloat16``); None for full precision.
         store_device: where the features are kept (default: CPU).
@@ -199,14 +201,14 @@ def extract_features(
     parse_feature_names(features)  # fail early on a bad name
     device = torch.device(device)
     store = torch.device(store_device) if store_device is not None else torch.device("cpu")
-    adapter = adapter.to(device).eval()
+    backbone = backbone.to(device).eval()
     buf: Dict[str, List[torch.Tensor]] = {name: [] for name in features}
     labels: List[torch.Tensor] = []
     use_amp = amp_dtype is not None and device.type == "cuda"
     for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-        x = model_inputs(images, adapter.mean, adapter.std, device)
+        x = model_inputs(images, backbone.mean, backbone.std, device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
-            out = batch_features(adapter, x, features)
+            out = batch_features(backbone, x, features)
         for name, f in out.items():
             buf[name].append(f.to(store, non_blocking=True))
         labels.append(torch.as_tensor(y).to(store, non_blocking=True))

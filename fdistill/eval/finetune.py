@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..teachers.base import Teacher
+from ..backbone import Backbone
+
 from ..weights import save_model_weights
 from .classifier import build_classifier, save_classifier_spec
 from .data import PRECISIONS, autocast, dataset_classes, model_inputs
@@ -155,7 +156,7 @@ class FinetuneTask(Task):
 
 
 def finetune(
-    adapter: Teacher,
+    backbone: Backbone,
     train_ds,
     val_ds,
     *,
@@ -194,10 +195,10 @@ def finetune(
     progress: bool = True,
     on_step: Optional[Callable[[int], bool]] = None,
 ) -> Dict[str, Any]:
-    """Fine-tune ``adapter`` as an image classifier; returns the metrics.
+    """Fine-tune ``backbone`` as an image classifier; returns the metrics.
 
     Args:
-        adapter: the pre-trained model (from :func:`fdistill.models.loading.load_model`); the
+        backbone: the pre-trained model (from :func:`fdistill.models.loading.load_model`); the
             classifier is built by :func:`fdistill.eval.classifier.build_classifier`.
         train_ds: labelled dataset of *normalised* augmented images (the model's mean/std; see
             :func:`fdistill.eval.data.train_transform`), with ``classes``.
@@ -226,7 +227,7 @@ def finetune(
         tensorboard: also write the training records to ``output_dir/tensorboard``.
         resume: ``"auto"`` (continue from the newest loadable ``output_dir/checkpoints/ckpt_*.pt``
             when present), a checkpoint path, or None (start over, overwriting).
-        source: ``{"spec", "kwargs"}`` the adapter was loaded with (recorded for rebuilding).
+        source: ``{"spec", "kwargs"}`` the backbone was loaded with (recorded for rebuilding).
         env: a :class:`fdistill.engine.distributed.DistEnv` for ``torchrun`` runs (default: one process).
         on_step: called with the step number after every optimizer step; returning True stops the
             run like SIGTERM does (checkpoint, return with ``stopped_early``).
@@ -256,7 +257,7 @@ def finetune(
     with hold_run_lock(out, env), run_log_file(out, env.is_main):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-        recipe = dict(model=(source or {}).get("spec") or adapter.name, global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
+        recipe = dict(model=(source or {}).get("spec") or backbone.name, global_pool=global_pool, drop_path_rate=drop_path_rate, epochs=epochs, warmup_epochs=warmup_epochs,
                       max_steps=max_steps, batch_size=batch_size, world_size=env.world_size, num_workers=num_workers,
                       lr=lr, warmup_lr=warmup_lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                       decay_rel_pos_bias=decay_rel_pos_bias, betas=list(betas), eps=eps, clip_grad=clip_grad,
@@ -290,12 +291,12 @@ def finetune(
         warmup_steps = min(int(round(warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
 
         # -- model, optimizer, schedule -------------------------------------------------------------------
-        model, spec = build_classifier(adapter, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
+        model, spec = build_classifier(backbone, num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
                                        source=source)
         model = model.to(device)
         if spec["kind"] == "adapter" and not (source or {}).get("spec"):
             log.warning("no source spec given: load_classifier will not be able to rebuild this %s classifier "
-                        "(pass source={'spec': ..., 'kwargs': ...})", adapter.name)
+                        "(pass source={'spec': ..., 'kwargs': ...})", backbone.name)
         nwd = no_weight_decay_patterns(model, decay_rel_pos_bias=decay_rel_pos_bias)
         groups = param_groups_layer_decay(model, layer_decay=layer_decay, weight_decay=weight_decay, no_weight_decay=nwd)
         optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
@@ -315,7 +316,7 @@ def finetune(
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
         task = FinetuneTask(model, criterion, mixup_fn, spec=spec, classes=classes, val_loader=val_loader,
-                            mean=adapter.mean, std=adapter.std, precision=precision, env=env, out=out)
+                            mean=backbone.mean, std=backbone.std, precision=precision, env=env, out=out)
         trainer = Trainer(task, optimizer=optimizer, scheduler=scheduler, loader=train_loader, sampler=sampler,
                           output_dir=out, recipe=recipe, resume_safe=RESUME_SAFE, env=env, on_step=on_step,
                           config=TrainerConfig(epochs=epochs, steps_per_epoch=steps_per_epoch, total_steps=total_steps,

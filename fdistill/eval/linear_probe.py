@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.trainer import Task
-from ..teachers.base import Teacher, TeacherError
+from ..backbone import Backbone
+from ..errors import TeacherError
+
 from .data import dataset_classes, model_inputs
 from .features import FeatureSet, batch_features, default_pool
 from .knn import topk_accuracy
@@ -67,8 +69,8 @@ def lars_param_groups(module: nn.Module, *, weight_decay: float = 0.0, lr_scale:
     return groups
 
 
-def available_features(adapter: Teacher, names: Sequence[str]) -> List[str]:
-    """``names`` that apply to ``adapter`` (``auto`` resolved): without the [CLS]-based ones for a
+def available_features(backbone: Backbone, names: Sequence[str]) -> List[str]:
+    """``names`` that apply to ``backbone`` (``auto`` resolved): without the [CLS]-based ones for a
     model with no prefix token, and without ``last<n>`` beyond its number of blocks."""
     import re
 
@@ -76,20 +78,20 @@ def available_features(adapter: Teacher, names: Sequence[str]) -> List[str]:
 
     out, depth = [], None
     for n in names:
-        n = default_pool(adapter) if n == "auto" else n
-        if adapter.num_prefix_tokens == 0 and n in ("cls", "cls+avg"):
-            log.info("%s has no [CLS] token: skipping feature %r", adapter.name, n)
+        n = default_pool(backbone) if n == "auto" else n
+        if backbone.num_prefix_tokens == 0 and n in ("cls", "cls+avg"):
+            log.info("%s has no [CLS] token: skipping feature %r", backbone.name, n)
             continue
         m = re.fullmatch(r"last(\d+)", n)
         if m:
-            depth = len(find_blocks(adapter.model)) if depth is None else depth
+            depth = len(find_blocks(backbone.model)) if depth is None else depth
             if int(m.group(1)) > depth:
-                log.info("%s has %d blocks: skipping feature %r", adapter.name, depth, n)
+                log.info("%s has %d blocks: skipping feature %r", backbone.name, depth, n)
                 continue
         if n not in out:
             out.append(n)
     if not out:
-        raise TeacherError(f"none of the features {list(names)} applies to {adapter.name}")
+        raise TeacherError(f"none of the features {list(names)} applies to {backbone.name}")
     return out
 
 
@@ -119,13 +121,13 @@ class _ProbeClassifier(nn.Module):
     (B, num_classes). The features are taken without gradients under the step's autocast; the
     head runs in fp32 outside it, as MAE's probe."""
 
-    def __init__(self, adapter: Teacher, head: nn.Module, feature: str):
+    def __init__(self, backbone: Backbone, head: nn.Module, feature: str):
         super().__init__()
-        self.adapter, self.head, self.feature = adapter, head, feature
+        self.backbone, self.head, self.feature = backbone, head, feature
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return batch_features(self.adapter, x, [self.feature])[self.feature]  # (B, C)
+            return batch_features(self.backbone, x, [self.feature])[self.feature]  # (B, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -141,7 +143,7 @@ class _ProbeLoss(nn.Module):
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         images, y = batch
         device = next(self.head.parameters()).device
-        x = model_inputs(images, self.probe.adapter.mean, self.probe.adapter.std, device)
+        x = model_inputs(images, self.probe.backbone.mean, self.probe.backbone.std, device)
         f = self.probe.features(x)  # (B, C), frozen
         with torch.autocast(device.type, enabled=False):
             logits = self.head(f.float())  # (B, num_classes)
@@ -165,7 +167,7 @@ class LinearProbeTask(Task):
     def evaluate(self, model, ema, epoch: int, step: int) -> Dict[str, Any]:
         from .finetune import evaluate_classifier
 
-        a = self.probe.adapter
+        a = self.probe.backbone
         res = evaluate_classifier(self.probe, self.val_loader, mean=a.mean, std=a.std, device=self.device,
                                   precision=self.precision, env=self.env, desc="linprobe eval")
         return {"epoch": epoch + 1, "step": step, "model": res}
@@ -178,7 +180,7 @@ class LinearProbeTask(Task):
 
 
 def linear_probe(
-    adapter: Teacher,
+    backbone: Backbone,
     train_ds,
     val_ds,
     *,
@@ -217,24 +219,24 @@ def linear_probe(
     device = torch.device(device)
     env = env or DistEnv(device=device)
     torch.manual_seed(seed + env.rank)
-    feature = available_features(adapter, [feature])[0]
+    feature = available_features(backbone, [feature])[0]
     classes = dataset_classes(train_ds)
     if dataset_classes(val_ds) != classes:
         raise DataError("train and val classes differ")
     sampler, train_loader, val_loader, steps_per_epoch = probe_loaders(
         train_ds, val_ds, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, env=env)
-    adapter = adapter.to(device).eval()
+    backbone = backbone.to(device).eval()
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
 
     # the feature width, from one evaluation image (deterministic: no random draw)
-    probe = _ProbeClassifier(adapter, nn.Identity(), feature)
-    x0 = model_inputs(torch.as_tensor(val_ds[0][0])[None], adapter.mean, adapter.std, device)
+    probe = _ProbeClassifier(backbone, nn.Identity(), feature)
+    x0 = model_inputs(torch.as_tensor(val_ds[0][0])[None], backbone.mean, backbone.std, device)
     dim = probe.features(x0).shape[1]
     probe.head = LinearProbeHead(dim, len(classes)).to(device)
     optimizer = Lars(lars_param_groups(probe.head, weight_decay=weight_decay), lr=lr, momentum=momentum,
                      trust_coeff=0.001)
     scheduler = _scheduler(optimizer, total, int(round(warmup_epochs * steps_per_epoch)))
-    recipe = dict(model=adapter.name, feature=feature, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
+    recipe = dict(model=backbone.name, feature=feature, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, weight_decay=weight_decay,
                   momentum=momentum, batch_size=batch_size, world_size=env.world_size, precision=precision, seed=seed,
                   max_steps=max_steps, train_images=len(train_ds), num_classes=len(classes))
     task = LinearProbeTask(probe, val_loader, precision=precision, env=env, device=device)

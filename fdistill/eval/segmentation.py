@@ -10,7 +10,7 @@ mIoU (mean over classes of TP / (TP + FP + FN), classes absent from both predict
 truth left out, as mmsegmentation does), pixel accuracy (aAcc) and mean class accuracy (mAcc).
 
 Written here rather than taken from mmsegmentation: that would add mmcv/mmengine and their
-config system for what is a few dozen lines on top of fdistill's adapters (every teacher and FD
+config system for what is a few dozen lines on top of fdistill's backbones (every teacher and FD
 student gives ``forward_tokens``). Tokens are computed on the fly under ``no_grad`` each step (augmented crops).
 The loop is the project's :class:`~fdistill.engine.trainer.Trainer` (:class:`SegProbeTask`): checkpoints,
 exact resume, ``torchrun``, the one non-finite policy.
@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.trainer import Task
-from ..teachers.base import Teacher
+from ..backbone import Backbone
+
 from .data import frozen_forward, probe_loaders, probe_run_folder
 
 __all__ = ["SegLinearHead", "token_map", "confusion_matrix", "segmentation_scores", "SegProbeTask", "seg_linear_probe"]
@@ -47,9 +48,9 @@ class SegLinearHead(nn.Module):
         return self.conv(self.bn(fmap))
 
 
-def token_map(adapter: Teacher, images: torch.Tensor) -> torch.Tensor:
+def token_map(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
     """Normalised images (B, 3, H, W) -> the output patch tokens as a (B, C, gh, gw) map."""
-    t = adapter.forward_tokens(images)  # the adapter checks that the patches fill the grid
+    t = backbone.forward_tokens(images)  # the backbone checks that the patches fill the grid
     (gh, gw), (B, _, C) = t.grid, t.patches.shape
     return t.patches.transpose(1, 2).reshape(B, C, gh, gw)  # row-major tokens -> (B, C, gh, gw)
 
@@ -143,7 +144,7 @@ class SegProbeTask(Task):
 
 
 def seg_linear_probe(
-    adapter: Teacher,
+    backbone: Backbone,
     train_ds,
     val_ds,
     *,
@@ -166,7 +167,7 @@ def seg_linear_probe(
     figure: Optional[str | os.PathLike] = None,
     figure_images: int = 6,
 ) -> Dict[str, Any]:
-    """Train :class:`SegLinearHead` on ``adapter``'s frozen token maps and score it on ``val_ds``.
+    """Train :class:`SegLinearHead` on ``backbone``'s frozen token maps and score it on ``val_ds``.
 
     ``train_ds`` / ``val_ds`` give (uint8 image (3, S, S), int64 mask (S, S)) with ``classes``
     and ``ignore_index`` (:func:`fdistill.data.segmentation.build_segmentation_dataset`). AdamW at
@@ -190,10 +191,10 @@ def seg_linear_probe(
         raise DataError(f"train and val classes differ ({len(classes)} vs {len(val_ds.classes)})")
     ignore = int(getattr(train_ds, "ignore_index", 255))
     K = len(classes)
-    adapter = adapter.to(device).eval()
+    backbone = backbone.to(device).eval()
     sampler, train_loader, val_loader, steps_per_epoch = probe_loaders(
         train_ds, val_ds, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, env=env)
-    fmap_of = frozen_forward(adapter, lambda a, x: token_map(a, x).float(), device=device, precision=precision)
+    fmap_of = frozen_forward(backbone, lambda a, x: token_map(a, x).float(), device=device, precision=precision)
     total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, int(max_steps))
 
     width = fmap_of(torch.as_tensor(val_ds[0][0])[None]).shape[1]  # from one evaluation image: no random draw
@@ -203,7 +204,7 @@ def seg_linear_probe(
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = create_warmup_cosine(opt, peak_lr=lr, total_steps=total, warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
                                  warmup_lr=lr * 1e-3, min_lr=0.0)
-    recipe = dict(model=str(getattr(adapter, "name", "model")), epochs=epochs, warmup_epochs=warmup_epochs, lr=lr,
+    recipe = dict(model=str(getattr(backbone, "name", "model")), epochs=epochs, warmup_epochs=warmup_epochs, lr=lr,
                   weight_decay=weight_decay, batch_size=batch_size, world_size=env.world_size, precision=precision,
                   seed=seed, max_steps=max_steps, train_images=len(train_ds), num_classes=K, ignore_index=ignore)
     task = SegProbeTask(head, fmap_of, val_loader, num_classes=K, ignore_index=ignore, env=env, device=device,
@@ -227,7 +228,7 @@ def seg_linear_probe(
         from .segmentation_figure import plot_segmentation_examples
 
         imgs, gts, prs = (torch.cat(t)[:figure_images] for t in zip(*task.shown))
-        name = str(getattr(adapter, "name", "model"))
+        name = str(getattr(backbone, "name", "model"))
         name = name if len(name) <= 48 else "..." + name[-45:]  # a run's checkpoint path can be long
         res["figure"] = str(plot_segmentation_examples(
             imgs, gts, prs, classes, figure, ignore_index=ignore,

@@ -8,7 +8,7 @@ class by cosine similarity; top-1 / top-5 follow.
 
 Models:
 
-* a CLIP model with its text tower: ``open_clip:`` and ``hf:`` (full ``CLIPModel``) adapters give
+* a CLIP model with its text tower: ``open_clip:`` and ``hf:`` (full ``CLIPModel``) backbones give
   ``encode_text`` / ``encode_image`` / ``embed_tokens`` themselves;
 * a timm CLIP image tower (``timm:vit_base_patch16_clip_quickgelu_224.openai``) with its projection head:
   the image embedding is the tower's own ``forward_head``; the text tower must come from
@@ -35,7 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..teachers.base import Teacher, TeacherError, TeacherTokens
+from ..backbone import Backbone, TokenMap
+from ..errors import TeacherError
+
 from .data import autocast, model_inputs
 from .knn import topk_accuracy
 
@@ -122,61 +124,61 @@ class ClipView:
     after-norm token map -> image embedding) and ``encode_image(x)`` (normalised images ->
     image embedding)."""
 
-    def __init__(self, adapter: Teacher, encode_text, embed_tokens, encode_image):
-        self.adapter, self.encode_text, self.embed_tokens, self.encode_image = adapter, encode_text, embed_tokens, encode_image
+    def __init__(self, backbone: Backbone, encode_text, embed_tokens, encode_image):
+        self.backbone, self.encode_text, self.embed_tokens, self.encode_image = backbone, encode_text, embed_tokens, encode_image
 
 
-def clip_view(adapter: Teacher, text_model: Optional[Teacher] = None) -> ClipView:
-    """The :class:`ClipView` of an adapter (see module docstring for what is supported)."""
+def clip_view(backbone: Backbone, text_model: Optional[Backbone] = None) -> ClipView:
+    """The :class:`ClipView` of a backbone (see module docstring for what is supported)."""
     from ..teachers.timm_teacher import TimmTeacher
 
-    if isinstance(adapter, TimmTeacher):
-        m = adapter.model
-        if not adapter.after_norm:
-            raise TeacherError(f"{adapter.name}: zero-shot needs the tokens after the final norm (after_norm=True)")
+    if isinstance(backbone, TimmTeacher):
+        m = backbone.model
+        if not backbone.after_norm:
+            raise TeacherError(f"{backbone.name}: zero-shot needs the tokens after the final norm (after_norm=True)")
         head = m.get_classifier() if hasattr(m, "get_classifier") else None
         if head is None or isinstance(head, nn.Identity):
-            raise TeacherError(f"{adapter.name} has no image projection head (a CLIP tower loaded with num_classes=0?)")
+            raise TeacherError(f"{backbone.name} has no image projection head (a CLIP tower loaded with num_classes=0?)")
 
-        def embed_tokens(tokens: TeacherTokens) -> torch.Tensor:
+        def embed_tokens(tokens: TokenMap) -> torch.Tensor:
             return m.forward_head(tokens.full())  # pooling + fc_norm + projection, the tower's own
 
         def encode_image(x: torch.Tensor) -> torch.Tensor:
             return m.forward_head(m.forward_features(x))
-    elif hasattr(adapter, "embed_tokens") and hasattr(adapter, "encode_image"):
-        if not getattr(adapter, "after_norm", True):
-            raise TeacherError(f"{adapter.name}: zero-shot needs the tokens after the final norm (after_norm=True)")
-        embed_tokens, encode_image = adapter.embed_tokens, adapter.encode_image
+    elif hasattr(backbone, "embed_tokens") and hasattr(backbone, "encode_image"):
+        if not getattr(backbone, "after_norm", True):
+            raise TeacherError(f"{backbone.name}: zero-shot needs the tokens after the final norm (after_norm=True)")
+        embed_tokens, encode_image = backbone.embed_tokens, backbone.encode_image
     else:
-        raise TeacherError(f"{adapter.name} is not a CLIP image tower (open_clip:, hf: CLIPModel, or a timm CLIP "
+        raise TeacherError(f"{backbone.name} is not a CLIP image tower (open_clip:, hf: CLIPModel, or a timm CLIP "
                            "tower with its projection head)")
     if text_model is not None:
         encode_text = text_model.encode_text
-    elif hasattr(adapter, "encode_text") and getattr(adapter, "clip_model", True) is not None:
-        encode_text = adapter.encode_text
+    elif hasattr(backbone, "encode_text") and getattr(backbone, "clip_model", True) is not None:
+        encode_text = backbone.encode_text
     else:
-        raise TeacherError(f"{adapter.name} has no text tower: give one with --text-model open_clip:<arch>/<tag>")
-    return ClipView(adapter, encode_text, embed_tokens, encode_image)
+        raise TeacherError(f"{backbone.name} has no text tower: give one with --text-model open_clip:<arch>/<tag>")
+    return ClipView(backbone, encode_text, embed_tokens, encode_image)
 
 
-def head_clip_view(adapter: Teacher, teacher: Teacher, text_model: Optional[Teacher] = None) -> ClipView:
+def head_clip_view(backbone: Backbone, teacher: Backbone, text_model: Optional[Backbone] = None) -> ClipView:
     """The :class:`ClipView` of a multi-teacher student through its CLIP head
     (:class:`~fdistill.models.loading.HeadAdapter`): its tokens, back in the CLIP teacher's space
     (an invertible head normalisation: ``phi_s``, ``stats``, ``none``), embedded by the teacher's
     own pooling + projection, and the teacher's (or ``text_model``'s) text tower -- the student is
     then a zero-shot classifier (RADIO's adaptors)."""
-    if not getattr(adapter, "teacher_space", False):
-        raise TeacherError(f"{adapter.name}: the head's normalisation ({getattr(adapter.head, 'norm_kind', '?')}) "
+    if not getattr(backbone, "teacher_space", False):
+        raise TeacherError(f"{backbone.name}: the head's normalisation ({getattr(backbone.head, 'norm_kind', '?')}) "
                            "cannot be inverted, so its outputs are not in the teacher's space; zero-shot through a "
                            "head needs teachers[].norm phi_s or stats")
-    if not getattr(adapter, "trained_prefix", True):
-        raise TeacherError(f"{adapter.name}: the head's [CLS] output was never trained (no [CLS] target); zero-shot "
+    if not getattr(backbone, "trained_prefix", True):
+        raise TeacherError(f"{backbone.name}: the head's [CLS] output was never trained (no [CLS] target); zero-shot "
                            "needs the teacher's [CLS] distilled (targets full or summary)")
-    if adapter.embed_dim != teacher.embed_dim:
-        raise TeacherError(f"{adapter.name} gives {adapter.embed_dim}-d tokens but {teacher.name} has "
+    if backbone.embed_dim != teacher.embed_dim:
+        raise TeacherError(f"{backbone.name} gives {backbone.embed_dim}-d tokens but {teacher.name} has "
                            f"{teacher.embed_dim}: is this the teacher of that head?")
     tv = clip_view(teacher, text_model)
-    return ClipView(adapter, tv.encode_text, tv.embed_tokens, lambda x: tv.embed_tokens(adapter.forward_tokens(x)))
+    return ClipView(backbone, tv.encode_text, tv.embed_tokens, lambda x: tv.embed_tokens(backbone.forward_tokens(x)))
 
 
 def _text_weights(view: ClipView, classnames, templates, device, progress) -> torch.Tensor:
@@ -186,12 +188,12 @@ def _text_weights(view: ClipView, classnames, templates, device, progress) -> to
 
 @torch.no_grad()
 def zero_shot(
-    adapter: Teacher,
+    backbone: Backbone,
     loader,
     *,
     classnames: Sequence[str],
     templates: Sequence[str],
-    text_model: Optional[Teacher] = None,
+    text_model: Optional[Backbone] = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     progress: bool = True,
@@ -203,20 +205,20 @@ def zero_shot(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
-    adapter = adapter.to(device).eval()
+    backbone = backbone.to(device).eval()
     if text_model is not None:
         text_model = text_model.to(device).eval()
-    view = view if view is not None else clip_view(adapter, text_model)
+    view = view if view is not None else clip_view(backbone, text_model)
     W = _text_weights(view, list(classnames), templates, device, progress)  # (D, C)
     scores, labels = [], []
     for images, y in tqdm(loader, desc="zero-shot", unit="batch", disable=not progress, dynamic_ncols=True):
-        x = model_inputs(images, adapter.mean, adapter.std, device)
+        x = model_inputs(images, backbone.mean, backbone.std, device)
         with autocast(device, precision):
             emb = view.encode_image(x)
         scores.append(F.normalize(emb.float(), dim=-1) @ W)
         labels.append(torch.as_tensor(y).to(device))
     res = topk_accuracy(torch.cat(scores), torch.cat(labels))
-    return dict(res, model=adapter.name, templates=len(templates), num_classes=len(classnames))
+    return dict(res, model=backbone.name, templates=len(templates), num_classes=len(classnames))
 
 
 def denormalize_tokens(pred: torch.Tensor, norm: str, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -245,14 +247,14 @@ def _token_stats(t: torch.Tensor, norm: str) -> torch.Tensor:
 @torch.no_grad()
 def zero_shot_student(
     student,
-    teacher: Teacher,
+    teacher: Backbone,
     teacher_loader,
     student_loader,
     *,
     classnames: Sequence[str],
     templates: Sequence[str],
     norm: str = "standardize",
-    text_model: Optional[Teacher] = None,
+    text_model: Optional[Backbone] = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     progress: bool = True,
@@ -261,7 +263,7 @@ def zero_shot_student(
     the teacher evaluated side by side (module docstring).
 
     Args:
-        student: a :class:`~fdistill.models.loading.StudentAdapter` with its ``projector``.
+        student: a :class:`~fdistill.models.loading.StudentBackbone` with its ``projector``.
         teacher: the CLIP teacher it was distilled from (after-norm tokens).
         teacher_loader, student_loader: the same images in the same order, each at its model's
             input size (they may be the same loader).
@@ -315,7 +317,7 @@ def zero_shot_student(
     patch_hat = denormalize_tokens(torch.cat(pred_patch), norm, stats[1, 0], stats[1, 1])
     s_scores = []
     for i in range(0, cls_hat.shape[0], 1024):
-        tok = TeacherTokens(cls_hat[i:i + 1024, None], patch_hat[i:i + 1024, None], (1, 1))
+        tok = TokenMap(cls_hat[i:i + 1024, None], patch_hat[i:i + 1024, None], (1, 1))
         s_scores.append(F.normalize(view.embed_tokens(tok).float(), dim=-1) @ W)
     return {
         "student": dict(topk_accuracy(torch.cat(s_scores), labels), model=student.name),

@@ -1,4 +1,5 @@
-"""``load_model(spec)``: any model fdistill can load, behind the teacher-adapter interface.
+"""``load_model(spec)``: any model fdistill can load, behind one interface
+(:class:`~fdistill.backbone.Backbone`).
 
 Evaluation and diagnostics take "a model" in one of these forms:
 
@@ -6,8 +7,8 @@ Evaluation and diagnostics take "a model" in one of these forms:
 * a distillation run folder (its newest valid checkpoint) or a checkpoint file: the FD student;
 * an exported student folder (``config.json`` + ``model.safetensors``, see ``fdistill export``).
 
-All come back as a :class:`~fdistill.teachers.Teacher` adapter (``forward_tokens``, mean/std,
-grid, prefix tokens), frozen unless ``frozen=False``.
+All come back as a :class:`~fdistill.backbone.Backbone` (``forward_tokens``, ``forward_features``,
+mean/std, grid, prefix tokens), frozen unless ``frozen=False``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..teachers.base import Teacher, TeacherError, TeacherTokens, to_2tuple
+from ..backbone import Backbone, TokenMap, to_2tuple
+from ..errors import TeacherError
+
 from .student import FDStudent
 
 
-class StudentAdapter(Teacher):
-    """An FD student seen through the adapter interface ([CLS] + patch tokens after the norm).
+class StudentBackbone(Backbone):
+    """An FD student seen through the backbone interface ([CLS] + patch tokens after the norm).
 
     ``projector`` (the FD projector, or None) and ``teacher_info`` (the teacher's spec and kwargs
     from the run) ride along for evaluations that need them, e.g. student zero-shot."""
@@ -52,14 +55,18 @@ class StudentAdapter(Teacher):
             return False
         return True
 
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         t = self.model.forward_tokens(x)  # (B, 1+N, C)
         grid = self.model.input_grid(x.shape[-2:]) if self.dynamic_img_size else self.model.grid_size
-        return TeacherTokens(t[:, :1], t[:, 1:], tuple(grid))
+        return TokenMap(t[:, :1], t[:, 1:], tuple(grid))
 
 
-class HeadAdapter(Teacher):
-    """A multi-teacher student (any adapter of it: the run's :class:`StudentAdapter`, or its timm
+#: the older name of :class:`StudentBackbone`, kept for code that imports it
+StudentAdapter = StudentBackbone
+
+
+class HeadAdapter(Backbone):
+    """A multi-teacher student (any backbone of it: the run's :class:`StudentBackbone`, or its timm
     export) seen through one teacher's head (:mod:`fdistill.multi`): tokens = ``head(the base's
     [CLS] + patch tokens)``, mapped back to that teacher's own feature space by the inverse of its
     target normalisation where it has one (``stats``, ``phi_s``, ``none``), else left in the
@@ -67,7 +74,7 @@ class HeadAdapter(Teacher):
     features from the one network. ``head_info``: the run's record of that teacher (``spec``,
     ``kwargs``, ``norm``, ``targets``, ...), e.g. for zero-shot through a CLIP head."""
 
-    def __init__(self, base: Teacher, head: nn.Module, *, head_name: str, trained_prefix: bool = True,
+    def __init__(self, base: Backbone, head: nn.Module, *, head_name: str, trained_prefix: bool = True,
                  head_info: Optional[Dict[str, Any]] = None):
         super().__init__(base.model, name=f"{base.name}[{head_name}]", embed_dim=int(head.norm.dim),
                          patch_size=base.patch_size, num_prefix_tokens=1 if trained_prefix else 0, mean=base.mean,
@@ -81,17 +88,17 @@ class HeadAdapter(Teacher):
         self.trained_prefix = bool(trained_prefix)
         self.teacher_space = head.norm_kind in ("stats", "phi_s", "none")
 
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         t = self.base.forward_tokens(x)
         tokens = torch.cat((t.prefix[:, :1], t.patches), dim=1)  # (B, 1+N, C_student)
         y = self.head(tokens)  # (B, 1+N, C_teacher), the normalised target space
         if self.teacher_space:
             y = self.head.norm.inverse(y)
-        return TeacherTokens(y[:, :1] if self.trained_prefix else None, y[:, 1:], tuple(t.grid))
+        return TokenMap(y[:, :1] if self.trained_prefix else None, y[:, 1:], tuple(t.grid))
 
 
-def with_head(base: Teacher, teachers: Any, heads_state: Dict[str, torch.Tensor], head: str, *, name: str) -> HeadAdapter:
-    """``base`` (a multi-teacher student's adapter) through ``head``: its record in ``teachers``
+def with_head(base: Backbone, teachers: Any, heads_state: Dict[str, torch.Tensor], head: str, *, name: str) -> HeadAdapter:
+    """``base`` (a multi-teacher student's backbone) through ``head``: its record in ``teachers``
     (the run's ``teacher.teachers`` list) and its trained weights + statistics in ``heads_state``
     (the checkpoint's ``projector`` part, or an export's ``heads.safetensors``)."""
     from ..multi.distiller import TeacherHead
@@ -111,7 +118,7 @@ def with_head(base: Teacher, teachers: Any, heads_state: Dict[str, torch.Tensor]
     return HeadAdapter(base, module.eval(), head_name=head, trained_prefix=trained_prefix, head_info=t)
 
 
-def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[str] = None) -> StudentAdapter:
+def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[str] = None) -> StudentBackbone:
     """Rebuild the student (and projector) of an fdistill distillation checkpoint dict
     (the FD ViT, or a ``timm:`` student such as Swin), drop path off; with ``head``, the student
     seen through that teacher's head of a multi-teacher run (:class:`HeadAdapter`)."""
@@ -126,16 +133,16 @@ def student_from_checkpoint(ckpt: Dict[str, Any], *, name: str, head: Optional[s
         w = ckpt["model"]["projector"]["weight"]
         proj = TokenProjector(w.shape[1], w.shape[0])
         proj.load_state_dict(ckpt["model"]["projector"])
-    adapter = StudentAdapter(student, name=name, projector=proj, teacher_info=ckpt.get("teacher"),
+    backbone = StudentBackbone(student, name=name, projector=proj, teacher_info=ckpt.get("teacher"),
                              config=ckpt.get("config"))
     if head is not None:
-        return with_head(adapter, (ckpt.get("teacher") or {}).get("teachers"), ckpt["model"].get("projector", {}),
+        return with_head(backbone, (ckpt.get("teacher") or {}).get("teachers"), ckpt["model"].get("projector", {}),
                          head, name=name)
-    return adapter
+    return backbone
 
 
-def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
-    """Load any model fdistill knows as an adapter (see module docstring).
+def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Backbone:
+    """Load any model fdistill knows as a backbone (see module docstring).
 
     ``kwargs`` go to the teacher factory for teacher specs (e.g. ``weights=``, ``checkpoint=``,
     ``pretrained=``); they are rejected for runs and exports, which describe themselves."""
@@ -148,17 +155,17 @@ def load_model(spec: str | Path, *, frozen: bool = True, **kwargs) -> Teacher:
         if kwargs:
             raise TeacherError(f"{spec_s} describes itself; it takes no keyword arguments but head= "
                                f"(got {sorted(kwargs)})")
-        adapter = _load_path(path, head=head)
+        backbone = _load_path(path, head=head)
     else:
         if ":" not in spec_s:
             raise TeacherError(
                 f"{spec_s!r} is neither an existing path (run folder, checkpoint, export) nor a model spec "
                 "like 'timm:<name>', 'open_clip:<arch>/<tag>', 'hf:<repo>', 'python:<file>:<factory>'")
-        adapter = create_teacher(spec_s, **kwargs)
-    return adapter if frozen else adapter.unfreeze()
+        backbone = create_teacher(spec_s, **kwargs)
+    return backbone if frozen else backbone.unfreeze()
 
 
-def _load_path(path: Path, head: Optional[str] = None) -> Teacher:
+def _load_path(path: Path, head: Optional[str] = None) -> Backbone:
     from ..engine.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     if path.is_dir() and (path / "config.json").is_file():
@@ -180,7 +187,7 @@ def _load_path(path: Path, head: Optional[str] = None) -> Teacher:
     raise TeacherError(f"don't know how to load {path}: expected a run folder, a .pt checkpoint or an export folder")
 
 
-def _export_head(path: Path, base: Teacher, head: str) -> HeadAdapter:
+def _export_head(path: Path, base: Backbone, head: str) -> HeadAdapter:
     """A timm export of a multi-teacher student (``fdistill export``) through one of its heads
     (``heads.safetensors`` + the teachers recorded in ``fdistill_export.json``)."""
     from safetensors.torch import load_file

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Teacher, TeacherError, TeacherTokens, to_2tuple, tokens_from_map
+from .base import Teacher, TeacherError, TokenMap, to_2tuple, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class HFTeacher(Teacher):
         self._tokenizer = None
 
     # -- tokens ---------------------------------------------------------------------------------
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         kw = {}
         if self.takes_interp and tuple(x.shape[-2:]) != self.img_size:
             kw["interpolate_pos_encoding"] = True
@@ -137,7 +137,7 @@ class HFTeacher(Teacher):
                 hook.remove()
         if self.is_map:
             tokens, grid = tokens_from_map(last, "NCHW")
-            return TeacherTokens(None, tokens, grid)
+            return TokenMap(None, tokens, grid)
         if hook is not None:
             last = pre["x"]  # the final norm's input: the last block's output
         elif self.after_norm and not self.tokens_normed and self.final_norm is not None:
@@ -145,7 +145,7 @@ class HFTeacher(Teacher):
         p = self.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         P = self.num_prefix_tokens
-        return TeacherTokens(last[:, :P] if P else None, last[:, P:], grid)
+        return TokenMap(last[:, :P] if P else None, last[:, P:], grid)
 
     # -- the full model, for zero-shot evaluation -----------------------------------------------
     def _apply(self, fn, recurse: bool = True):
@@ -192,7 +192,7 @@ class HFTeacher(Teacher):
         emb = getattr(out, "pooler_output", out)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def embed_tokens(self, tokens: TeacherTokens, normalize: bool = False) -> torch.Tensor:
+    def embed_tokens(self, tokens: TokenMap, normalize: bool = False) -> torch.Tensor:
         """An after-norm token map -> (B, D) image embedding: the model's pooling and projection
         ([CLS] + ``visual_projection`` for CLIP, the attention-pooling ``head`` for SigLIP)."""
         m = self._need_clip()

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..weights import WeightsError, load_into, load_state_dict_file
-from .base import Size2, Teacher, TeacherError, TeacherTokens, tokens_from_map
+from .base import Size2, Teacher, TeacherError, TokenMap, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class OpenClipTeacher(Teacher):
         self._tokenizer = None
 
     # -- tokens ---------------------------------------------------------------------------------
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         v = self.model
         if self.kind == "vit":
             out = v.forward_intermediates(x, indices=1, normalize_intermediates=self.after_norm,
@@ -118,11 +118,11 @@ class OpenClipTeacher(Teacher):
             patches = out["image_intermediates"][-1]  # (B, N, C)
             prefix = out["image_intermediates_prefix"][-1]  # (B, 1, C)
             grid = (x.shape[-2] // v.patch_size[0], x.shape[-1] // v.patch_size[1])
-            return TeacherTokens(prefix, patches, grid)
+            return TokenMap(prefix, patches, grid)
         if self.kind == "resnet":
             fmap = v.forward_intermediates(x, indices=1, intermediates_only=True)["image_intermediates"][-1]
             tokens, grid = tokens_from_map(fmap, "NCHW")  # (B, H*W, C)
-            return TeacherTokens(None, tokens, grid)
+            return TokenMap(None, tokens, grid)
         return self._timm_tokens._forward_tokens(x)
 
     # -- the CLIP model, for zero-shot evaluation -------------------------------------------------
@@ -155,7 +155,7 @@ class OpenClipTeacher(Teacher):
         with torch.no_grad():
             return self.clip_model.encode_image(images, normalize=normalize)
 
-    def embed_tokens(self, tokens: TeacherTokens, normalize: bool = False) -> torch.Tensor:
+    def embed_tokens(self, tokens: TokenMap, normalize: bool = False) -> torch.Tensor:
         """An after-norm token map (as ``forward_tokens`` gives with ``after_norm=True``, or an FD
         student's prediction of it) -> (B, D) CLIP image embedding: the tower's pooling then
         ``visual.proj``, i.e. what the model does after its last block."""

@@ -6,10 +6,10 @@ import os
 import re
 from typing import Any, Dict, Optional
 
+from ..backbone import UNKNOWN_LICENSE  # the licence nobody states (defined beside the backbone)
+
 #: the licence of a teacher whose weights were never loaded: nothing was derived from anyone's weights
 RANDOM_INIT_LICENSE = "none (random init)"
-#: the licence when neither the library, a model card, nor the user says anything
-UNKNOWN_LICENSE = "unknown"
 _NC = re.compile(r"(?<![a-z0-9])nc(?![a-z])|non[-_ ]?commercial", re.IGNORECASE)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..weights import load_into, load_state_dict_file
-from .base import Size2, Teacher, TeacherError, TeacherTokens, to_2tuple, tokens_from_map
+from .base import Size2, Teacher, TeacherError, TokenMap, to_2tuple, tokens_from_map
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,10 @@ class FeatureReader:
         return captured[0]
 
     # -- output -> tokens ----------------------------------------------------------------------
-    def __call__(self, model: nn.Module, x: torch.Tensor) -> TeacherTokens:
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> TokenMap:
         return self.read(model, x)[0]
 
-    def read(self, model: nn.Module, x: torch.Tensor) -> Tuple[TeacherTokens, bool]:
+    def read(self, model: nn.Module, x: torch.Tensor) -> Tuple[TokenMap, bool]:
         """-> (tokens, whether the model gave a spatial map rather than tokens)."""
         out = self.raw(model, x)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
@@ -121,13 +121,13 @@ class FeatureReader:
                 raise TeacherError(f"{self.name}: num_prefix_tokens={self.num_prefix_tokens} but the output is a "
                                    f"spatial map {tuple(out.shape)} without prefix tokens")
             tokens, grid = tokens_from_map(out, self.map_format)  # (B, H*W, C)
-            return TeacherTokens(None, tokens, grid), True
+            return TokenMap(None, tokens, grid), True
         P = self.num_prefix_tokens
         L = out.shape[1]
         if P >= L:
             raise TeacherError(f"{self.name}: {L} tokens cannot hold num_prefix_tokens={P} prefix tokens and patches")
         grid = self.token_grid(L - P, tuple(x.shape[-2:]))
-        return TeacherTokens(out[:, :P] if P else None, out[:, P:], grid), False
+        return TokenMap(out[:, :P] if P else None, out[:, P:], grid), False
 
     def token_grid(self, n: int, img: Size2) -> Size2:
         """The (H, W) grid of ``n`` patch tokens for an ``img`` input."""
@@ -178,7 +178,7 @@ class PythonTeacher(Teacher):
                          dynamic_img_size=dynamic_img_size)
         self._grid_cache[img] = grid
 
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         return self.reader(self.model, x)
 
     def extra_repr(self) -> str:

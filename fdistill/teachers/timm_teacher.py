@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import Teacher, TeacherError, TeacherTokens, tokens_from_map
+from .base import Teacher, TeacherError, TokenMap, tokens_from_map
 from .offline import prefer_offline_when_unreachable, pretrained_error
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TimmTeacher(Teacher):
             dynamic_img_size=dynamic_img_size,
         )
 
-    def _forward_tokens(self, x: torch.Tensor) -> TeacherTokens:
+    def _forward_tokens(self, x: torch.Tensor) -> TokenMap:
         m, P = self.model, self.num_prefix_tokens
         if self.after_norm:
             f = m.forward_features(x)
@@ -54,18 +54,18 @@ class TimmTeacher(Teacher):
                 out = m.forward_intermediates(x, return_prefix_tokens=P > 0, output_fmt="NLC", **kw)[-1]
                 if P > 0:
                     patches, prefix = out
-                    return TeacherTokens(prefix, patches, self._vit_grid(x))
-                return TeacherTokens(None, out, self._vit_grid(x))
+                    return TokenMap(prefix, patches, self._vit_grid(x))
+                return TokenMap(None, out, self._vit_grid(x))
             f = m.forward_intermediates(x, **kw)[-1]  # NCHW
             tokens, grid = tokens_from_map(f, "NCHW")
-            return TeacherTokens(None, tokens, grid)
+            return TokenMap(None, tokens, grid)
         if f.dim() == 4:
             tokens, grid = tokens_from_map(f, self.output_fmt or "NCHW")
-            return TeacherTokens(None, tokens, grid)
+            return TokenMap(None, tokens, grid)
         if f.dim() != 3:
             raise TeacherError(f"{self.name}: forward_features gave shape {tuple(f.shape)}; expected tokens or a map")
         prefix = f[:, :P] if P > 0 else None
-        return TeacherTokens(prefix, f[:, P:], self._vit_grid(x))
+        return TokenMap(prefix, f[:, P:], self._vit_grid(x))
 
     def _vit_grid(self, x: torch.Tensor):
         pe = self.model.patch_embed
