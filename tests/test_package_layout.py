@@ -92,3 +92,29 @@ def test_one_image_normaliser():
     assert not found, f"image normalisation written outside fdistill/images.py: {sorted(found)}"
     assert len(list(_image_normalisations(PKG / "images.py"))) == 2  # the oracle: it finds both of the one
     assert not list(_package_imports(PKG / "images.py"))  # a leaf module
+
+
+def _autocast_regions(path: Path):
+    """Line numbers of ``torch.autocast(...)`` calls that *choose* a precision (a ``dtype``, or an
+    ``enabled`` that is not the constant False); ``enabled=False`` fp32 islands choose none."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "autocast" \
+                and ast.unparse(node.func.value).split(".")[0] == "torch":  # torch.autocast, torch.amp.autocast
+            kw = {k.arg: k.value for k in node.keywords}
+            island = "enabled" in kw and isinstance(kw["enabled"], ast.Constant) and kw["enabled"].value is False
+            if not island:
+                yield node.lineno
+
+
+def test_one_autocast_resolver(tmp_path):
+    """Autocast is entered with a precision in ``fdistill/precision.py`` only (issue 12: precision was
+    resolved in five places; the evaluation had a second autocast until this test)."""
+    found = {(str(f.relative_to(PKG)), line) for f in sorted(PKG.rglob("*.py")) for line in _autocast_regions(f)
+             if f.relative_to(PKG).as_posix() != "precision.py"}
+    assert not found, f"torch.autocast with a precision outside fdistill/precision.py: {sorted(found)}"
+    assert len(list(_autocast_regions(PKG / "precision.py"))) == 1
+    oracle = tmp_path / "m.py"  # the walker finds a second resolver and lets an fp32 island pass
+    oracle.write_text("import torch\nwith torch.autocast('cpu', dtype=torch.bfloat16):\n    pass\n"
+                      "with torch.autocast('cpu', enabled=False):\n    pass\n"
+                      "with torch.autocast('cuda', enabled=use_amp):\n    pass\n")
+    assert list(_autocast_regions(oracle)) == [2, 6]  # and self.autocast() (a method) is not torch's

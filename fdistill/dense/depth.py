@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..eval.data import autocast, model_inputs
+from ..eval.data import model_inputs
+from ..precision import autocast
 from .common import (BestTracker, check_datasets, display_name, plot_dense_curves, recipe_config, run_folder,
                      run_metrics, sync_batch_norm, train_dense)
 from .depth_metrics import DepthMetrics

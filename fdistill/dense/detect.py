@@ -44,7 +44,7 @@ def evaluate_detector(model: nn.Module, loader, coco_gt, *, device: torch.device
     from tqdm.auto import tqdm
 
     from ..engine.distributed import gather_objects
-    from ..eval.data import autocast
+    from ..precision import autocast
     from .coco_eval import CocoEvaluator, contiguous_label_map
 
     was = model.training

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..eval.data import autocast, model_inputs
+from ..eval.data import model_inputs
+from ..precision import autocast
 from ..eval.segmentation import confusion_matrix, segmentation_scores
 from .sliding import sliding_window
 from .common import (BestTracker, check_batch_norm_batch, check_datasets, display_name, plot_dense_curves,

@@ -60,11 +60,11 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], *, firs
     return "\n".join(out)
 
 
-def _feature_amp(precision: str, device: torch.device):
-    """The autocast dtype of frozen-feature extraction (None: fp32)."""
-    from ..precision import amp_dtype, resolve_precision
+def _feature_precision(precision: str, device: torch.device) -> str:
+    """The resolved precision of frozen-feature extraction (``auto``: fp32 on CPU)."""
+    from ..precision import resolve_precision
 
-    return amp_dtype(resolve_precision(precision, device.type))
+    return resolve_precision(precision, device.type)
 
 
 def _device(name: str) -> torch.device:
@@ -193,8 +193,8 @@ def run_linprobe(cfg, *, model: str, model_kwargs=None, train: str, val: Optiona
     else:
         train_ds = load_dataset(train, "train", eval_tf, download=cfg.data.download)
         feats = available_features(backbone, cfg.sweep.features)
-        amp = _feature_amp(cfg.precision, device)
-        kw = dict(features=feats, device=device, amp_dtype=amp,
+        prec = _feature_precision(cfg.precision, device)
+        kw = dict(features=feats, device=device, precision=prec,
                   store_device=device if device.type == "cuda" else None)
         mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False,
                                     num_workers=cfg.data.num_workers, device=device)
@@ -229,13 +229,13 @@ def run_knn(cfg, *, model: str, model_kwargs=None, train: str, val: Optional[str
     train_ds = load_dataset(train, "train", tf, download=cfg.data.download)
     val_ds = load_dataset(val, "val", tf, download=cfg.data.download)
     feature = available_features(backbone, [cfg.feature])[0]
-    amp = _feature_amp(cfg.precision, device)
+    prec = _feature_precision(cfg.precision, device)
     store = device if device.type == "cuda" else None
     mk = lambda ds: make_loader(ds, batch_size=cfg.data.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
                                 device=device)
-    ftr = extract_features(backbone, mk(train_ds), features=[feature], device=device, amp_dtype=amp,
+    ftr = extract_features(backbone, mk(train_ds), features=[feature], device=device, precision=prec,
                            store_device=store, desc="features train")
-    fva = extract_features(backbone, mk(val_ds), features=[feature], device=device, amp_dtype=amp,
+    fva = extract_features(backbone, mk(val_ds), features=[feature], device=device, precision=prec,
                            store_device=store, desc="features val")
     rec = build_knn_recipe(cfg)
     C = len(ftr.classes) or int(ftr.labels.max()) + 1

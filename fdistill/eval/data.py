@@ -23,14 +23,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.workers import worker_options
 from ..images import normalize_images, to_float_images
+from ..precision import autocast
 
 normalize = normalize_images  # the package's one image normaliser (fdistill.images), by its older name here
 
 __all__ = ["train_transform", "load_dataset", "make_loader", "normalize", "dataset_classes",
-           "to_float_images", "model_inputs", "autocast", "PRECISIONS", "probe_loaders", "probe_run_folder", "frozen_forward"]
+           "to_float_images", "model_inputs", "probe_loaders", "probe_run_folder", "frozen_forward"]
 
-#: the evaluation precisions: fp32, or bf16 / fp16 autocast
-from ..precision import PRECISIONS, amp_dtype  # noqa: E402  (the one precision module)
 
 
 def train_transform(
@@ -108,13 +107,6 @@ def model_inputs(images: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return normalize_images(to_float_images(images.to(device, non_blocking=True)), mean, std)
 
 
-def autocast(device: str | torch.device, precision: str):
-    """``torch.autocast`` for ``precision`` ``bf16`` / ``fp16`` on ``device``; for ``fp32`` a
-    disabled one (a no-op). (:mod:`fdistill.precision`'s, as a ``torch.autocast`` object.)"""
-    dt = amp_dtype(precision)
-    return torch.autocast(torch.device(device).type, dtype=dt or torch.bfloat16, enabled=dt is not None)
-
-
 def probe_loaders(train_ds: Dataset, val_ds: Dataset, *, batch_size: int, num_workers: int, seed: int,
                   device: str | torch.device, env) -> Tuple[Any, DataLoader, DataLoader, int]:
     """``(sampler, train loader, val loader, steps per epoch)`` of a head trained on a frozen model
@@ -155,7 +147,8 @@ def probe_run_folder(output_dir, env, prefix: str) -> Iterator[Path]:
 
 def frozen_forward(backbone, fn: Callable, *, device: torch.device, precision: str) -> Callable:
     """``images -> fn(backbone, inputs)`` for a frozen model: the loader's batch normalised with the
-    adapter's statistics on ``device``, run without gradients under :func:`autocast`."""
+    backbone's statistics on ``device``, run without gradients under the one autocast
+    (:func:`fdistill.precision.autocast`)."""
 
     def run(images: torch.Tensor):
         x = model_inputs(images, backbone.mean, backbone.std, device)

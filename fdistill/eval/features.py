@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..backbone import Backbone, TokenMap
 from ..errors import TeacherError
+from ..precision import autocast
 
 from .data import model_inputs
 from .layer_decay import find_blocks
@@ -183,7 +184,7 @@ def extract_features(
     *,
     features: Sequence[str] = ("cls",),
     device: str | torch.device = "cpu",
-    amp_dtype: Optional[torch.dtype] = None,
+    precision: str = "fp32",
     store_device: Optional[str | torch.device] = None,
     desc: str = "features",
     progress: bool = True,
@@ -193,7 +194,8 @@ def extract_features(
     Args:
         backbone: the model (frozen; put on ``device`` here).
         features: names among ``cls``, ``avg``, ``cls+avg``, ``last<n>`` (module docstring).
-        amp_dtype: autocast dtype on CUDA (e.g. ``torch.bfloat16``); None for full precision.
+        precision: a resolved precision (``fp32``, ``bf16``, ``fp16``;
+            :func:`fdistill.precision.resolve_precision`), run under the one autocast.
         store_device: where the features are kept (default: CPU).
     """
     from tqdm.auto import tqdm
@@ -204,10 +206,9 @@ def extract_features(
     backbone = backbone.to(device).eval()
     buf: Dict[str, List[torch.Tensor]] = {name: [] for name in features}
     labels: List[torch.Tensor] = []
-    use_amp = amp_dtype is not None and device.type == "cuda"
     for images, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
         x = model_inputs(images, backbone.mean, backbone.std, device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
+        with autocast(device, precision):
             out = batch_features(backbone, x, features)
         for name, f in out.items():
             buf[name].append(f.to(store, non_blocking=True))

@@ -41,7 +41,8 @@ from ..backbone import Backbone
 
 from ..weights import save_model_weights
 from .classifier import build_classifier, save_classifier_spec
-from .data import PRECISIONS, autocast, dataset_classes, model_inputs
+from ..precision import PRECISIONS, autocast
+from .data import dataset_classes, model_inputs
 from .layer_decay import param_groups_layer_decay
 from ..engine.trainer import Task
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from ..backbone import Backbone, TokenMap
 from ..errors import TeacherError
-
-from .data import autocast, model_inputs
+from ..precision import autocast
+from .data import model_inputs
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
