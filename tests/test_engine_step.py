@@ -52,6 +52,39 @@ def test_nonfinite_gradient_skips_the_update(distiller):
     assert not step.optimizer.state or all(int(s["step"]) == 0 for s in step.optimizer.state.values())
 
 
+class _BNLoss(torch.nn.Module):
+    """A linear layer and a batch norm in training mode; the loss is the mean output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return {"loss": self.bn(self.fc(x)).pow(2).mean()}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["device-skip", "host-skip"])
+def test_skipped_step_leaves_batch_norm_statistics_as_they_were(fused):
+    torch.manual_seed(0)
+    m = _BNLoss().train()
+    step = TrainStep(m, torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused))
+    _, _, ok = step([torch.randn(8, 4)])
+    assert bool(ok)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = torch.randn(8, 4)
+    bad[0, 0] = float("nan")
+    _, _, ok = step([bad])
+    assert not bool(ok)
+    # the forward did update them (to NaN, count + 1); the skipped step put every one back
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert int(m.bn.num_batches_tracked) == 1
+    _, _, ok = step([torch.randn(8, 4)])  # and an applied step still updates them
+    assert bool(ok) and int(m.bn.num_batches_tracked) == 2
+    assert not torch.equal(before["bn.running_mean"], m.bn.running_mean)
+    m.eval()  # eval mode: the statistics are not touched, nothing is copied
+    assert step._running_stats() == []
+
+
 def test_wrong_number_of_micro_batches_is_an_error(distiller):
     step = TrainStep(distiller, create_adamw(distiller.branch, lr=1e-2), accum_steps=2)
     with pytest.raises(ValueError, match="expected 2 micro-batches"):

@@ -211,10 +211,13 @@ def test_all_ignored_batches_train_nothing_and_nan_inputs_stop_the_probe(tmp_pat
     assert ck["progress"]["step"] == 2  # the end of epoch 1
     saved = ck["model"]["model"]
     # no update was applied: one AdamW step on these NaN gradients would make every weight NaN
-    # (BatchNorm's running statistics are updated by the forward itself, before the step is
-    # known to be non-finite, so only the parameters are checked)
     params = [k for k, _ in SegLinearHead(3, 3).named_parameters()]
     assert len(params) == 4 and all(bool(torch.isfinite(saved[k]).all()) for k in params)
+    # and the skipped steps left BatchNorm's running statistics as they were before (the forward
+    # updates them before the step is known to be non-finite; the step puts them back)
+    fresh = SegLinearHead(3, 3).state_dict()
+    stats = [k for k in fresh if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(stats) == 3 and all(torch.equal(saved[k], fresh[k]) for k in stats)
 
 
 def test_probe_stops_and_resumes_exactly(tmp_path):

@@ -7,6 +7,11 @@ For each micro-batch: the forward (for FD: the teacher's targets and the student
 accum_steps`` (DDP all-reduces only on the last micro-batch). Then the update: unscale (fp16),
 clip the global gradient norm, and skip the update if that norm is not finite.
 
+A skipped step leaves no trace: the forward of a batch norm in training mode updates its running
+statistics before anyone knows the gradient is not finite, so the step keeps a copy of those
+buffers and puts them back where the step is skipped (``torch.where`` on the same device flag: no
+sync). Without this a single NaN batch would poison a BatchNorm head's statistics for good.
+
 No host sync: the skip is a device-side flag that fused AdamW reads (``optimizer.found_inf``,
 the mechanism GradScaler uses; :func:`fdistill.speed.fused_step`), so the CPU can queue the next
 step while the GPU works. Optimizers without that kernel (``optim.fused: false``), or the speed
@@ -68,6 +73,9 @@ class TrainStep:
         self.device_skip = fused_skip_supported(optimizer) and not self.scaler.is_enabled()
         self.forward = torch.compile(distiller) if compile else distiller
         self._compile_checked = not compile
+        #: the batch norms whose running statistics a forward in training mode changes
+        self._norms = [m for m in distiller.modules()
+                       if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
 
     # -- pieces ---------------------------------------------------------------------------------
     def autocast(self):
@@ -132,6 +140,19 @@ class TrainStep:
         Returns (list of each micro-batch's loss parts, gradient norm, applied flag)."""
         if len(micro_batches) != self.accum_steps:
             raise ValueError(f"expected {self.accum_steps} micro-batches, got {len(micro_batches)}")
+        stats = self._running_stats()
         outs = [self.micro_step(x, last=i == len(micro_batches) - 1) for i, x in enumerate(micro_batches)]
         grad_norm, ok = self.update()
+        self._restore_if_skipped(stats, ok)
         return outs, grad_norm, ok
+
+    def _running_stats(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of every running statistic this step's forward will update."""
+        return [(b, b.clone()) for m in self._norms if m.training
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+    @staticmethod
+    def _restore_if_skipped(stats: List[Tuple[torch.Tensor, torch.Tensor]], ok: torch.Tensor) -> None:
+        """Put the running statistics back where the update was skipped (``ok`` False), on the device."""
+        for buf, old in stats:
+            buf.copy_(torch.where(ok.to(buf.device), buf, old))
