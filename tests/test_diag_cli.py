@@ -251,3 +251,16 @@ def test_cnn_and_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", "attention-distance", "--model-kwargs", "{}", "--model", "x", *COMMON, "--out", "o"])
     assert "must follow the --model" in capsys.readouterr().err
+
+
+def test_model_kwargs_mistakes_are_usage_errors_in_every_command():
+    """One --model-kwargs parser for the evaluation and diagnostics commands; a command-line
+    mistake is a UsageError, not a TeacherError (issue 12)."""
+    from fdistill.cli.evaluate import parse_model_kwargs
+    from fdistill.errors import TeacherError, UsageError
+
+    assert parse_model_kwargs('{"pretrained": false}') == {"pretrained": False} and parse_model_kwargs(None) == {}
+    for bad in ("[1]", "{pretrained: false}"):
+        with pytest.raises(UsageError, match="--model-kwargs") as e:
+            parse_model_kwargs(bad)
+        assert not isinstance(e.value, TeacherError)

@@ -189,7 +189,7 @@ def register(subparsers) -> None:
 
 def _model_refs(args):
     from ..diagnostics.commands import ModelRef
-    from ..diagnostics.models import parse_model_kwargs
+    from .evaluate import parse_model_kwargs  # the one --model-kwargs parser
 
     return [ModelRef(m["spec"], parse_model_kwargs(m["kwargs"]), m["label"]) for m in args.models]
 

@@ -18,17 +18,21 @@ def _schema(command: str):
     return schemas()[command]
 
 
-def _kwargs_list(raw, n_models: int):
+def parse_model_kwargs(text):
+    """One ``--model-kwargs`` value (a JSON object, every command's) -> dict; {} for none."""
+    if not text:
+        return {}
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--model-kwargs {text!r} is not valid JSON (e.g. '{{\"pretrained\": false}}'): {e}") from e
+    if not isinstance(v, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return v
 
-    parsed = []
-    for r in raw or []:
-        try:
-            v = json.loads(r)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--model-kwargs {r!r} is not valid JSON: {e}") from e
-        if not isinstance(v, dict):
-            raise UsageError(f"--model-kwargs must be a JSON object, got {r!r}")
-        parsed.append(v)
+
+def _kwargs_list(raw, n_models: int):
+    parsed = [parse_model_kwargs(r) for r in raw or []]
     if not parsed:
         return [None] * n_models
     if len(parsed) != n_models:

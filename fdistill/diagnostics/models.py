@@ -8,7 +8,6 @@ over the same network (shared weights), so its geometry is found the way any tim
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -142,16 +141,3 @@ def _short_label(spec: str) -> str:
         parts = p.resolve().parts
         return "/".join(parts[-2:]) if len(parts) >= 2 else spec
     return spec
-
-
-def parse_model_kwargs(text: Optional[str]) -> Dict[str, Any]:
-    """``--model-kwargs`` JSON object -> dict (clear error for anything else)."""
-    if not text:
-        return {}
-    try:
-        val = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"--model-kwargs must be a JSON object, e.g. '{{\"pretrained\": false}}': {e}") from None
-    if not isinstance(val, dict):
-        raise TeacherError(f"--model-kwargs must be a JSON object, got {type(val).__name__}")
-    return val
