@@ -34,7 +34,6 @@ import torch.nn as nn
 
 from ..backbone import GLOBAL_POOLS, Backbone, TokenMap
 from ..errors import TeacherError
-
 from ..weights import WeightsError, load_state_dict_file
 from .features import pool_tokens
 from .layer_decay import set_drop_path
@@ -166,6 +165,7 @@ class Classifier(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, P+N, C) token map -> (B, num_classes) logits, or the (B, C) feature with ``pre_logits``."""
         P = self.backbone.num_prefix_tokens
+        # the split map; pooling never reads the grid, so (1, N) stands in for the spatial one
         f = self.pool(TokenMap(x[:, :P] if P else None, x[:, P:], (1, x.shape[1] - P)))
         return f if pre_logits else self.head(f)
 

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from ..backbone import Backbone, TokenMap
 from ..errors import TeacherError
 from ..precision import autocast
-
 from .data import model_inputs
 from .layer_decay import find_blocks
 
