@@ -31,7 +31,7 @@ import torch.nn as nn
 from .errors import TeacherError
 from .images import normalize_images
 
-__all__ = ["Backbone", "TokenMap", "Size2", "to_2tuple", "tokens_from_map", "GLOBAL_POOLS",
+__all__ = ["Backbone", "TokenMap", "Size2", "to_2tuple", "tokens_from_map", "pool_tokens", "GLOBAL_POOLS",
            "UNKNOWN_LICENSE"]
 
 #: the licence when neither the library, a model card, nor the user says anything (a bare backbone
@@ -71,6 +71,25 @@ class TokenMap:
     def full(self) -> torch.Tensor:
         """(B, P+N, C) with prefix tokens first."""
         return self.patches if self.prefix is None else torch.cat((self.prefix, self.patches), dim=1)
+
+    @classmethod
+    def from_full(cls, x: torch.Tensor, num_prefix_tokens: int) -> "TokenMap":
+        """(B, P+N, C) -> the split map (views, no copy). A flat sequence does not say its grid:
+        it is (1, N), fit for pooling only."""
+        P = int(num_prefix_tokens)
+        return cls(x[:, :P] if P else None, x[:, P:], (1, x.shape[1] - P))
+
+
+def pool_tokens(tokens: TokenMap, pool: str) -> torch.Tensor:
+    """(B, D) features of a token map: ``cls`` (timm's ``token``) | ``avg`` | ``cls+avg`` (concatenated)."""
+    if pool == "avg":
+        return tokens.patches.mean(dim=1)
+    if pool in ("cls", "token", "cls+avg"):
+        if tokens.prefix is None:
+            raise TeacherError("this model has no [CLS] / prefix token; use pool 'avg'")
+        cls = tokens.prefix[:, 0]
+        return cls if pool != "cls+avg" else torch.cat((cls, tokens.patches.mean(dim=1)), dim=1)
+    raise ValueError(f"unknown pool {pool!r}; expected cls, avg, cls+avg or last<n>")
 
 
 
@@ -197,10 +216,7 @@ class Backbone(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's contract: (B, P+N, C) ``forward_features`` output -> (B, C) pooled feature
         (:attr:`global_pool`). A backbone has no classifier, so ``pre_logits`` changes nothing."""
-        P = self.num_prefix_tokens
-        if self.global_pool == "token":
-            return x[:, 0]  # (B, C)
-        return x[:, P:].mean(dim=1)  # (B, C)
+        return pool_tokens(TokenMap.from_full(x, self.num_prefix_tokens), self.global_pool)  # (B, C)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, P+N, C) full token map (``forward_features``)."""

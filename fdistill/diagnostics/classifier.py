@@ -87,5 +87,4 @@ def linear_probe_classifier(backbone: Backbone, train_batches, num_classes: int,
     head = fit_linear_head(feats, labels, num_classes, weight_decay=weight_decay)
     with torch.no_grad():
         train_acc = float((head(feats).argmax(1) == labels).float().mean())
-    global_pool = "token" if pool == "cls" else "avg"  # the same feature, in timm's name
-    return Classifier(backbone, num_classes, global_pool, fc_norm=False, head=head), train_acc
+    return Classifier(backbone, num_classes, backbone.global_pool, fc_norm=False, head=head), train_acc  # pool, by timm's name

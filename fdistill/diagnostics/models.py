@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..backbone import Backbone, to_2tuple
 from ..errors import TeacherError
-from ..images import normalize_images, to_float_images
+from ..images import to_float_images
 
 Size2 = Tuple[int, int]
 
@@ -68,7 +68,7 @@ class DiagnosticModel:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] images -> normalised with the model's mean/std (float32)."""
-        return normalize_images(to_float_images(images), self.mean, self.std)
+        return self.backbone.normalize(to_float_images(images))
 
     def to(self, device) -> "DiagnosticModel":
         self.module.to(device)

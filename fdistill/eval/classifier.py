@@ -32,10 +32,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..backbone import GLOBAL_POOLS, Backbone, TokenMap
+from ..backbone import GLOBAL_POOLS, Backbone, TokenMap, pool_tokens
 from ..errors import TeacherError
 from ..weights import WeightsError, load_state_dict_file
-from .features import pool_tokens
 from .layer_decay import set_drop_path
 
 log = logging.getLogger(__name__)
@@ -157,16 +156,14 @@ class Classifier(nn.Module):
 
     def pool(self, tokens: TokenMap) -> torch.Tensor:
         """(B, C) feature of a token map, after ``fc_norm``."""
-        return self.fc_norm(pool_tokens(tokens, "cls" if self.global_pool == "token" else "avg"))
+        return self.fc_norm(pool_tokens(tokens, self.global_pool))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)  # (B, P+N, C)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, P+N, C) token map -> (B, num_classes) logits, or the (B, C) feature with ``pre_logits``."""
-        P = self.backbone.num_prefix_tokens
-        # the split map; pooling never reads the grid, so (1, N) stands in for the spatial one
-        f = self.pool(TokenMap(x[:, :P] if P else None, x[:, P:], (1, x.shape[1] - P)))
+        f = self.pool(TokenMap.from_full(x, self.backbone.num_prefix_tokens))
         return f if pre_logits else self.head(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backbone import Backbone, TokenMap
+from ..backbone import Backbone, pool_tokens  # pool_tokens: defined beside TokenMap, part of this API too
 from ..errors import TeacherError
 from ..precision import autocast
 from .data import model_inputs
@@ -52,18 +52,6 @@ class FeatureSet:
 def default_pool(backbone: Backbone) -> str:
     """``cls`` for models with a prefix token, else ``avg``."""
     return "cls" if backbone.num_prefix_tokens > 0 else "avg"
-
-
-def pool_tokens(tokens: TokenMap, pool: str) -> torch.Tensor:
-    """(B, D) features of a token map: ``cls`` | ``avg`` | ``cls+avg`` (concatenated)."""
-    if pool == "avg":
-        return tokens.patches.mean(dim=1)
-    if pool in ("cls", "cls+avg"):
-        if tokens.prefix is None:
-            raise TeacherError("this model has no [CLS] / prefix token; use pool 'avg'")
-        cls = tokens.prefix[:, 0]
-        return cls if pool == "cls" else torch.cat((cls, tokens.patches.mean(dim=1)), dim=1)
-    raise ValueError(f"unknown pool {pool!r}; expected cls, avg, cls+avg or last<n>")
 
 
 def parse_feature_names(names: Sequence[str]) -> Tuple[List[str], int]:
